@@ -1,0 +1,320 @@
+"""Model I/O: load from a path, bytes or ModelProto, save atomically, summarize.
+
+Loading never modifies the source; saving writes to a temporary file in the target
+folder and renames it, so a failure leaves no partial output behind. Models whose
+protobuf would exceed the 2 GB limit are written with external data automatically.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import numpy_helper
+
+from onnxopt.errors import ExternalDataError, ModelLoadError
+from onnxopt.graph import iter_graphs, iter_tensors
+
+__all__ = [
+    "PROTOBUF_LIMIT",
+    "ModelSource",
+    "ModelStats",
+    "load_model",
+    "model_stats",
+    "save_model",
+    "serialized_size",
+]
+
+log = logging.getLogger(__name__)
+
+#: Protobuf refuses to serialize a message of 2 GiB or more.
+PROTOBUF_LIMIT = 2**31 - 1
+#: Tensors at least this large go to the external data file when one is written.
+EXTERNAL_TENSOR_MIN_BYTES = 1024
+
+ModelSource = str | os.PathLike | bytes | onnx.ModelProto
+
+
+def load_model(source: ModelSource, *, load_external_data: bool = True) -> onnx.ModelProto:
+    """Load a model from a path, serialized bytes or a ModelProto (which is copied).
+
+    External data is read from the model's folder; a location that resolves outside
+    that folder is refused. Every failure raises a specific :class:`ModelLoadError`.
+    """
+    if isinstance(source, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
+        return model
+    if isinstance(source, bytes | bytearray):
+        if not source:
+            raise ModelLoadError("the model bytes are empty: pass a serialized ONNX model")
+        model = _parse(bytes(source), "<bytes>")
+        _check_structure(model, "<bytes>")
+        return model
+    path = Path(source)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file; check the path to the .onnx model")
+    if path.is_dir():
+        raise ModelLoadError(f"{path} is a directory; pass the .onnx file inside it")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read the file ({exc.strerror})") from exc
+    if not data:
+        raise ModelLoadError(f"{path} is empty (0 bytes); re-export or re-download the model")
+    model = _parse(data, str(path))
+    _check_structure(model, str(path))
+    if load_external_data:
+        _load_external_data(model, path.parent.resolve(), str(path))
+    return model
+
+
+def _parse(data: bytes, label: str) -> onnx.ModelProto:
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise ModelLoadError(
+            f"{label} is not a valid ONNX model (the protobuf does not parse: truncated or "
+            "not ONNX); re-export or re-download it"
+        ) from exc
+    return model
+
+
+def _check_structure(model: onnx.ModelProto, label: str) -> None:
+    """Catch files that parse as protobuf but are not (whole) ONNX models."""
+    if model.ir_version <= 0 or not model.HasField("graph"):
+        raise ModelLoadError(
+            f"{label} is not an ONNX model (no IR version or graph); pass a .onnx file"
+        )
+    if not model.graph.output:
+        raise ModelLoadError(f"{label} has a graph without outputs: the file looks truncated")
+    defined = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
+    defined |= {t.values.name for t in model.graph.sparse_initializer}
+    defined.add("")
+    for node in model.graph.node:
+        missing = [name for name in node.input if name not in defined]
+        if missing:
+            raise ModelLoadError(
+                f"{label}: node {node.name or node.op_type!r} reads {missing[0]!r}, which nothing "
+                "defines (truncated or corrupt file); re-export or re-download the model"
+            )
+        defined.update(node.output)
+    if any(o.name not in defined for o in model.graph.output):
+        raise ModelLoadError(f"{label}: a graph output is never produced (truncated file?)")
+
+
+def _load_external_data(model: onnx.ModelProto, base_dir: Path, label: str) -> None:
+    """Read external tensor data in place, refusing locations outside ``base_dir``."""
+    opened: dict[Path, object] = {}
+    try:
+        for tensor in iter_tensors(model):
+            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            info = {entry.key: entry.value for entry in tensor.external_data}
+            location = info.get("location", "")
+            target = (base_dir / location).resolve()
+            if not location or (target != base_dir and base_dir not in target.parents):
+                raise ExternalDataError(
+                    f"{label}: tensor {tensor.name!r} points to external data {location!r} outside "
+                    "the model's folder; move the data file next to the model"
+                )
+            if not target.is_file():
+                raise ExternalDataError(
+                    f"{label}: external data file {location!r} for tensor {tensor.name!r} is "
+                    "missing; copy it next to the model"
+                )
+            offset = int(info.get("offset", 0))
+            length = int(info["length"]) if "length" in info else None
+            try:
+                handle = opened.get(target)
+                if handle is None:
+                    handle = opened[target] = open(target, "rb")  # noqa: SIM115
+                handle.seek(offset)  # type: ignore[attr-defined]
+                raw = handle.read() if length is None else handle.read(length)  # type: ignore[attr-defined]
+            except OSError as exc:
+                raise ExternalDataError(
+                    f"{label}: cannot read external data {location!r} ({exc.strerror})"
+                ) from exc
+            if length is not None and len(raw) != length:
+                raise ExternalDataError(
+                    f"{label}: external data {location!r} is shorter than tensor {tensor.name!r} "
+                    "needs (truncated data file)"
+                )
+            tensor.raw_data = raw
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+    finally:
+        for handle in opened.values():
+            handle.close()  # type: ignore[attr-defined]
+
+
+def serialized_size(model: onnx.ModelProto) -> int:
+    """Return the protobuf size of the model in bytes (external data excluded)."""
+    return int(model.ByteSize())
+
+
+def save_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+    size_limit: int | None = None,
+) -> Path:
+    """Write ``model`` to ``path`` atomically and return the path.
+
+    ``external_data=None`` chooses external data only when the protobuf would exceed
+    ``size_limit`` (default: the 2 GB protobuf limit). The data file is ``<name>.data``
+    next to the model. The in-memory model is left as it was.
+    """
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    folder.mkdir(parents=True, exist_ok=True)
+    limit = PROTOBUF_LIMIT if size_limit is None else size_limit
+    use_external = serialized_size(model) > limit if external_data is None else external_data
+    tmpdir = Path(tempfile.mkdtemp(prefix=".onnxopt-", dir=folder))
+    try:
+        tmp_model = tmpdir / target.name
+        data_name = target.name + ".data"
+        if use_external:
+            _write_with_external_data(model, tmp_model, data_name)
+            os.replace(tmpdir / data_name, folder / data_name)
+        else:
+            tmp_model.write_bytes(model.SerializeToString())
+        os.replace(tmp_model, target)
+    finally:
+        for leftover in tmpdir.iterdir():
+            leftover.unlink()
+        tmpdir.rmdir()
+    return target
+
+
+def _write_with_external_data(model: onnx.ModelProto, model_path: Path, data_name: str) -> None:
+    """Move large tensors to ``data_name`` while serializing, then restore them in memory."""
+    moved: list[tuple[onnx.TensorProto, bytes]] = []
+    try:
+        with open(model_path.parent / data_name, "wb") as data_file:
+            for tensor in iter_tensors(model):
+                if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                    continue
+                if not tensor.HasField("raw_data"):
+                    if _typed_field_bytes(tensor) < EXTERNAL_TENSOR_MIN_BYTES:
+                        continue
+                    array = numpy_helper.to_array(tensor)
+                    replacement = numpy_helper.from_array(array, tensor.name)
+                    tensor.CopyFrom(replacement)
+                raw = tensor.raw_data
+                if len(raw) < EXTERNAL_TENSOR_MIN_BYTES:
+                    continue
+                offset = data_file.tell()
+                pad = (-offset) % 4096
+                if pad:
+                    data_file.write(b"\0" * pad)
+                    offset += pad
+                data_file.write(raw)
+                moved.append((tensor, raw))
+                tensor.ClearField("raw_data")
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                for key, value in (("location", data_name), ("offset", offset), ("length", len(raw))):
+                    entry = tensor.external_data.add()
+                    entry.key, entry.value = key, str(value)
+        with open(model_path, "wb") as model_file:
+            model_file.write(model.SerializeToString())
+    finally:
+        for tensor, raw in moved:
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.raw_data = raw
+
+
+def _typed_field_bytes(tensor: onnx.TensorProto) -> int:
+    return 8 * max(
+        len(tensor.float_data), len(tensor.int32_data), len(tensor.int64_data),
+        len(tensor.double_data), len(tensor.uint64_data),
+    )
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """Size summary of a model: nodes (subgraphs included), parameters and bytes."""
+
+    nodes: int
+    params: int
+    bytes: int
+    subgraphs: int
+    ops: dict[str, int] = field(default_factory=dict)
+    param_bytes_by_dtype: dict[str, int] = field(default_factory=dict)
+    weights_in_constants: int = 0
+
+    def to_dict(self) -> dict[str, object]:
+        """Return a JSON-ready dictionary."""
+        return {
+            "nodes": self.nodes,
+            "params": self.params,
+            "bytes": self.bytes,
+            "subgraphs": self.subgraphs,
+            "ops": dict(self.ops),
+            "param_bytes_by_dtype": dict(self.param_bytes_by_dtype),
+            "weights_in_constants": self.weights_in_constants,
+        }
+
+
+def model_stats(model: onnx.ModelProto) -> ModelStats:
+    """Count nodes, parameters and bytes of ``model`` (subgraphs included)."""
+    ops: collections.Counter[str] = collections.Counter()
+    graphs = list(iter_graphs(model.graph))
+    params = 0
+    by_dtype: collections.Counter[str] = collections.Counter()
+    in_constants = 0
+    for graph in graphs:
+        for node in graph.node:
+            domain = node.domain if node.domain not in ("", "ai.onnx") else ""
+            ops[f"{domain}::{node.op_type}" if domain else node.op_type] += 1
+            if node.op_type == "Constant" and domain == "":
+                for attr in node.attribute:
+                    if attr.name == "value":
+                        n = _numel(attr.t)
+                        params += n
+                        in_constants += n
+                        by_dtype[_dtype_name(attr.t.data_type)] += n * _itemsize(attr.t.data_type)
+        for tensor in graph.initializer:
+            n = _numel(tensor)
+            params += n
+            by_dtype[_dtype_name(tensor.data_type)] += n * _itemsize(tensor.data_type)
+        for sparse in graph.sparse_initializer:
+            n = _numel(sparse.values)
+            params += n
+            by_dtype[_dtype_name(sparse.values.data_type)] += n * _itemsize(sparse.values.data_type)
+    return ModelStats(
+        nodes=sum(ops.values()),
+        params=params,
+        bytes=serialized_size(model),
+        subgraphs=len(graphs) - 1,
+        ops=dict(ops.most_common()),
+        param_bytes_by_dtype=dict(by_dtype),
+        weights_in_constants=in_constants,
+    )
+
+
+def _numel(tensor: onnx.TensorProto) -> int:
+    return int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
+
+
+def _dtype_name(data_type: int) -> str:
+    with contextlib.suppress(ValueError, KeyError):
+        return str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type)))
+    return onnx.TensorProto.DataType.Name(data_type).lower()
+
+
+def _itemsize(data_type: int) -> int:
+    with contextlib.suppress(ValueError, KeyError, TypeError):
+        return int(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type)).itemsize)
+    return 1

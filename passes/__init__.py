@@ -1,0 +1,62 @@
+"""Built-in passes (installed as ``onnxopt.passes``); importing this registers them.
+
+One module per family: ``cleanup``, ``fusion``, ``quantize``, ``prune``, ``lowrank``.
+The presets are declared here, so the core never names an individual pass.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from onnxopt.pipeline import PipelineSpec, Stage, register_preset
+
+__all__ = ["FUSE_PASSES"]
+
+_FAMILIES = ("cleanup", "fusion", "quantize", "prune", "lowrank")
+
+for _module in _FAMILIES:
+    try:
+        importlib.import_module(f"{__name__}.{_module}")
+    except ModuleNotFoundError as _exc:  # a family not written yet is simply absent
+        if _exc.name != f"{__name__}.{_module}":
+            raise
+
+#: The exact clean-up and fusion passes, in the order the ``fuse`` preset runs them.
+FUSE_PASSES = [
+    "fold_constants",
+    "simplify_shapes",
+    "remove_identities",
+    "deduplicate",
+    "fold_batchnorm",
+    "fold_conv_affine",
+    "fuse_matmul_add",
+    "fuse_layernorm",
+    "fuse_gelu",
+    "eliminate_dead_code",
+]
+
+
+def _fuse_stage() -> Stage:
+    return Stage([(name, {}) for name in FUSE_PASSES], fixed_point=True, max_rounds=8)
+
+
+register_preset(
+    "fuse",
+    "exact clean-up and layer fusion, repeated until nothing changes",
+    lambda: PipelineSpec([_fuse_stage()], name="fuse"),
+)
+register_preset(
+    "int8",
+    "fuse, then static int8 QDQ quantization with calibration and accuracy-aware fallback",
+    lambda: PipelineSpec([_fuse_stage(), Stage([("quantize_int8", {})])], name="int8"),
+)
+register_preset(
+    "prune",
+    "fuse, then magnitude pruning of weights under an error budget",
+    lambda: PipelineSpec([_fuse_stage(), Stage([("prune_magnitude", {})])], name="prune"),
+)
+register_preset(
+    "lowrank",
+    "fuse, then SVD splitting of MatMul/Gemm weights under an error budget",
+    lambda: PipelineSpec([_fuse_stage(), Stage([("split_lowrank", {})])], name="lowrank"),
+)
