@@ -1,0 +1,65 @@
+"""Tiny-graph builders and checks shared by the tests."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxopt.data import Dataset
+from onnxopt.harness import Report, check, synthesize_inputs
+
+__all__ = ["FLOAT", "assert_equivalent", "init", "make_model", "parse_model", "run_check", "vi"]
+
+FLOAT = TensorProto.FLOAT
+
+
+def vi(name: str, shape: Sequence[int | str | None] | None, dtype: int = FLOAT) -> onnx.ValueInfoProto:
+    """Return a tensor value info."""
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+def init(name: str, array: np.ndarray | Sequence[float], dtype: type = np.float32) -> onnx.TensorProto:
+    """Return an initializer holding ``array``."""
+    return numpy_helper.from_array(np.asarray(array, dtype=dtype), name)
+
+
+def make_model(
+    nodes: Sequence[onnx.NodeProto],
+    inputs: Sequence[onnx.ValueInfoProto],
+    outputs: Sequence[onnx.ValueInfoProto],
+    initializers: Sequence[onnx.TensorProto] = (),
+    *,
+    opset: int = 17,
+    extra_opsets: Mapping[str, int] | None = None,
+) -> onnx.ModelProto:
+    """Build a checked model from nodes (the usual few-line test graph)."""
+    graph = helper.make_graph(list(nodes), "test", list(inputs), list(outputs), list(initializers))
+    opsets = [helper.make_opsetid("", opset)]
+    opsets += [helper.make_opsetid(d, v) for d, v in (extra_opsets or {}).items()]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 8
+    return model
+
+
+def parse_model(text: str) -> onnx.ModelProto:
+    """Build a model from ONNX text format."""
+    return onnx.parser.parse_model(text)
+
+
+def run_check(reference: onnx.ModelProto, candidate: onnx.ModelProto, *, profile: str = "exact",
+              data: Dataset | None = None, iterations: int = 3, **synth: object) -> Report:
+    """Run the harness on two in-memory models."""
+    data = data or synthesize_inputs(reference, iterations=iterations, **synth)  # type: ignore[arg-type]
+    return check(reference, candidate, data, profile=profile)
+
+
+def assert_equivalent(reference: onnx.ModelProto, candidate: onnx.ModelProto, *, profile: str = "exact",
+                      data: Dataset | None = None, **synth: object) -> Report:
+    """Assert the harness judges ``candidate`` equivalent to ``reference``."""
+    onnx.checker.check_model(candidate, full_check=True)
+    report = run_check(reference, candidate, profile=profile, data=data, **synth)
+    assert report.passed, "\n".join(report.failures())
+    return report
