@@ -1,0 +1,345 @@
+"""The ``onnxopt`` command line: a thin layer over the Python API.
+
+Exit codes: 0 success, 1 a check failed (or a pass broke equivalence under --verify),
+2 unusable input or usage, 3 an internal error (a bug: rerun with --debug and report it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+from rich.console import Console
+
+from onnxopt.errors import OnnxoptError, RecipeError, VerificationError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Optimize ONNX models (fuse, int8, prune, lowrank) and check them against a reference.",
+    pretty_exceptions_enable=False,
+)
+_state: dict[str, Any] = {"debug": False}
+out = Console()
+err = Console(stderr=True)
+
+
+@app.callback()
+def _options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
+) -> None:
+    _state["debug"] = debug
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(name)s: %(message)s")
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically (temp file in the same folder, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".onnxopt-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2, default=str)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _parse_shapes(items: list[str]) -> dict[str, list[int]]:
+    from onnxopt.harness import parse_named_values
+
+    shapes = {}
+    for name, text in parse_named_values(items, "--shape").items():
+        try:
+            shapes[name] = [int(d) for d in text.lower().split("x")]
+        except ValueError:
+            raise OnnxoptError(f"--shape {name}:{text}: expected dims like 1x3x224x224") from None
+    return shapes
+
+
+def _parse_int_ranges(items: list[str]) -> tuple[tuple[int, int] | None, dict[str, tuple[int, int]]]:
+    default = None
+    per_input: dict[str, tuple[int, int]] = {}
+    for item in items:
+        parts = item.rsplit(":", 2)
+        try:
+            if len(parts) == 2:
+                default = (int(parts[0]), int(parts[1]))
+            elif len(parts) == 3:
+                per_input[parts[0]] = (int(parts[1]), int(parts[2]))
+            else:
+                raise ValueError
+        except ValueError:
+            raise OnnxoptError(f"--int-range {item!r}: expected LOW:HIGH or NAME:LOW:HIGH") from None
+    return default, per_input
+
+
+def _synthesis(shape: list[str], int_range: list[str], iterations: int, seed: int) -> dict[str, Any]:
+    default, per_input = _parse_int_ranges(int_range)
+    options: dict[str, Any] = {
+        "shapes": _parse_shapes(shape),
+        "int_ranges": per_input,
+        "iterations": iterations,
+        "seed": seed,
+    }
+    if default is not None:
+        options["int_range"] = default
+    return options
+
+
+def _parse_overrides(params: list[str]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for item in params:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"--param {item!r}: expected NAME=VALUE")
+        try:
+            overrides[key] = json.loads(text)
+        except json.JSONDecodeError:
+            overrides[key] = text
+    return overrides
+
+
+ShapeOpt = Annotated[list[str], typer.Option("--shape", help="Input shape for synthesized data, NAME:1x3x224x224.")]
+IntRangeOpt = Annotated[
+    list[str], typer.Option("--int-range", help="Integer input range LOW:HIGH or NAME:LOW:HIGH (inclusive).")
+]
+
+
+@app.command()
+def optimize(
+    model: Annotated[Path, typer.Argument(help="The ONNX model to optimize (never modified).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the optimized model.")],
+    pipeline: Annotated[str, typer.Option("--pipeline", "-p", help="Preset name or TOML recipe file.")] = "fuse",
+    calib: Annotated[Path | None, typer.Option("--calib", help="Calibration data: .npz or folder of .npz.")] = None,
+    report: Annotated[Path | None, typer.Option("--report", help="Write the JSON report here.")] = None,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Check the model with the harness after every pass.")
+    ] = False,
+    param: Annotated[
+        list[str], typer.Option("--param", help="Pass parameter NAME=VALUE for every pass having it.")
+    ] = [],  # noqa: B006
+    sparsity: Annotated[float | None, typer.Option(help="Target sparsity for pruning passes.")] = None,
+    rank: Annotated[int | None, typer.Option(help="Rank for low-rank splitting.")] = None,
+    energy: Annotated[float | None, typer.Option(help="Fraction of singular-value energy to keep.")] = None,
+    target: Annotated[str | None, typer.Option(help="Accuracy target of a lossy pass, e.g. 'cosine>=0.999'.")] = None,
+    shape: ShapeOpt = [],  # noqa: B006
+    int_range: IntRangeOpt = [],  # noqa: B006
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table, no progress bars.")] = False,
+) -> None:
+    """Run a pipeline on MODEL and write the result to OUTPUT."""
+    from onnxopt.data import load_dataset
+    from onnxopt.harness import Verifier
+    from onnxopt.model import load_model, save_model
+    from onnxopt.pipeline import CheckerInstrument, Context, load_recipe
+    from onnxopt.progress import NullProgress, RichProgress
+
+    if output.resolve() == model.resolve():
+        raise OnnxoptError(f"-o {output} is the input model; write the result to another file")
+    loaded = load_model(model)
+    overrides = _parse_overrides(param)
+    for key, value in (("sparsity", sparsity), ("rank", rank), ("energy", energy), ("target", target)):
+        if value is not None:
+            overrides[key] = value
+    spec = load_recipe(pipeline)
+    if overrides:
+        spec = spec.with_overrides(overrides)
+    ctx = Context(
+        calibration=load_dataset(calib, loaded) if calib is not None else None,
+        progress=NullProgress() if quiet else RichProgress(),
+    )
+    verifier = Verifier(synthesize=_synthesis(shape, int_range, 2, 0)) if verify else None
+    manager = spec.build(instruments=[CheckerInstrument()], verify=verifier)
+    result = manager.run(loaded, ctx)
+    saved = save_model(result.model, output)
+    size = saved.stat().st_size
+    data_file = saved.with_name(saved.name + ".data")
+    if data_file.exists():
+        size += data_file.stat().st_size
+    if not quiet:
+        from onnxopt.display import render_pipeline
+
+        render_pipeline(out, result, output_bytes=size)
+        out.print(f"wrote {output} ({size:,} bytes; input {model.stat().st_size:,} bytes)")
+    if report is not None:
+        _write_json(
+            report,
+            {
+                "model": str(model),
+                "output": str(output),
+                "pipeline": spec.name,
+                "output_bytes": size,
+                "input_bytes": model.stat().st_size,
+                **result.to_dict(),
+            },
+        )
+
+
+@app.command()
+def check(
+    models: Annotated[list[Path], typer.Argument(help="REFERENCE CANDIDATE, or CANDIDATE with --load-outputs.")],
+    data: Annotated[Path | None, typer.Option("--data", help="Inputs: .npz or folder of .npz.")] = None,
+    profile: Annotated[str, typer.Option(help="Tolerance profile: exact, fp16 or int8.")] = "exact",
+    atol: Annotated[list[str], typer.Option("--atol", help="Per-output absolute tolerance NAME:VALUE.")] = [],  # noqa: B006
+    rtol: Annotated[list[str], typer.Option("--rtol", help="Per-output relative tolerance NAME:VALUE.")] = [],  # noqa: B006
+    tolerances: Annotated[Path | None, typer.Option(help="TOML file of per-output tolerances.")] = None,
+    shape: ShapeOpt = [],  # noqa: B006
+    int_range: IntRangeOpt = [],  # noqa: B006
+    iterations: Annotated[int, typer.Option(help="Synthesized samples when no --data is given.")] = 3,
+    seed: Annotated[int, typer.Option(help="Seed of synthesized data.")] = 0,
+    levels: Annotated[str, typer.Option(help="onnxruntime levels to run the candidate at.")] = "disabled,default",
+    save_outputs: Annotated[Path | None, typer.Option(help="Save inputs and reference outputs (golden file).")] = None,
+    load_outputs: Annotated[Path | None, typer.Option(help="Use a golden file instead of a reference model.")] = None,
+    layers: Annotated[
+        bool, typer.Option("--layers", help="Compare intermediate tensors; show where error grows.")
+    ] = False,
+    report: Annotated[Path | None, typer.Option("--report", help="Write the JSON report here.")] = None,
+    junit: Annotated[Path | None, typer.Option("--junit", help="Write a JUnit XML report here.")] = None,
+) -> None:
+    """Check that CANDIDATE still computes what REFERENCE computes (the pre-deployment gate)."""
+    from onnxopt.data import load_dataset
+    from onnxopt.harness import check as run_check
+    from onnxopt.harness import load_golden, load_tolerances, parse_named_values, save_golden
+    from onnxopt.model import load_model
+    from onnxopt.runtime import run_model
+
+    if len(models) == 2:
+        ref_model, cand_path = load_model(models[0]), models[1]
+    elif len(models) == 1 and load_outputs is not None:
+        ref_model, cand_path = None, models[0]
+    else:
+        raise OnnxoptError("pass REFERENCE CANDIDATE, or CANDIDATE with --load-outputs GOLDEN.npz")
+    candidate = load_model(cand_path)
+    overrides: dict[str, dict[str, float]] = load_tolerances(tolerances) if tolerances else {}
+    for flag, items in (("atol", atol), ("rtol", rtol)):
+        for name, value in parse_named_values(items, f"--{flag}").items():
+            try:
+                overrides.setdefault(name, {})[flag] = float(value)
+            except ValueError:
+                raise OnnxoptError(f"--{flag} {name}:{value}: the value must be a number") from None
+    golden_outputs = None
+    dataset = None
+    if load_outputs is not None:
+        dataset, golden_outputs = load_golden(load_outputs)
+    if data is not None:
+        dataset = load_dataset(data, ref_model or candidate)
+    synth = _synthesis(shape, int_range, iterations, seed)
+    if save_outputs is not None:
+        if ref_model is None:
+            raise OnnxoptError("--save-outputs needs the reference model")
+        if dataset is None:
+            from onnxopt.harness import synthesize_inputs
+
+            dataset = synthesize_inputs(ref_model, **synth)
+        golden_outputs = run_model(ref_model, dataset, label="reference")
+        save_golden(save_outputs, dataset, golden_outputs)
+    result = run_check(
+        ref_model,
+        candidate,
+        dataset,
+        profile=profile,
+        overrides=overrides,
+        levels=[lv.strip() for lv in levels.split(",") if lv.strip()],
+        reference_outputs=golden_outputs,
+        synthesize=synth,
+        layers=layers,
+    )
+    result.candidate = str(cand_path)
+    result.reference = str(models[0]) if ref_model is not None else str(load_outputs)
+    from onnxopt.display import render_check
+
+    render_check(out, result)
+    if report is not None:
+        _write_json(report, result.to_dict())
+    if junit is not None:
+        junit.write_text(result.to_junit())
+    if not result.passed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def inspect(
+    model: Annotated[Path, typer.Argument(help="The ONNX model to describe.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Describe MODEL: opsets, inputs/outputs, ops, parameters and where its weights live."""
+    from onnxopt.describe import describe_model
+
+    description = describe_model(model)
+    if as_json:
+        out.print_json(data=description.to_dict())
+        return
+    from onnxopt.display import render_description
+
+    render_description(out, description)
+
+
+@app.command()
+def passes() -> None:
+    """List the registered passes and presets with their parameters."""
+    from onnxopt.display import render_passes
+    from onnxopt.pipeline import _PRESETS, available_passes, pass_parameters
+
+    table = {
+        name: (cls.exact, pass_parameters(cls), (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "")
+        for name, cls in available_passes().items()
+    }
+    presets = {name: (desc, build().stages) for name, (desc, build) in sorted(_PRESETS.items())}
+    render_passes(out, table, presets)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; return the exit code (errors become one line on stderr)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    if debug:  # accepted anywhere on the line, not only before the command
+        args = ["--debug", *[a for a in args if a != "--debug"]]
+    try:
+        code = app(args=args, prog_name="onnxopt", standalone_mode=False)
+    except typer.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:
+        err.print("onnxopt: aborted")
+        return 2
+    except click.ClickException as exc:
+        if debug:
+            raise
+        exc.show()
+        return 2
+    except VerificationError as exc:
+        if debug:
+            raise
+        err.print(f"onnxopt: verification failed: {exc} (nothing was written)", highlight=False)
+        return 1
+    except OnnxoptError as exc:
+        if debug:
+            raise
+        err.print(f"onnxopt: error: {exc}", highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err.print("onnxopt: interrupted")
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        err.print(
+            f"onnxopt: internal error: {type(exc).__name__}: {exc}. Rerun with --debug for the traceback "
+            "and report it.",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return 3
+    return code if isinstance(code, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
