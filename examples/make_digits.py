@@ -121,8 +121,8 @@ def main() -> None:
 
     rng = np.random.default_rng(SEED)
     calibration = x_train[rng.choice(len(x_train), CALIBRATION_SAMPLES, replace=False)]
-    np.savez(HERE / "digits_calib.npz", **{INPUT_NAME: calibration[:, None]})
-    np.savez(HERE / "digits_eval.npz", **{INPUT_NAME: x_test[:, None]})
+    np.savez(HERE / "digits_calib.npz", allow_pickle=False, **{INPUT_NAME: calibration[:, None]})
+    np.savez(HERE / "digits_eval.npz", allow_pickle=False, **{INPUT_NAME: x_test[:, None]})
     np.save(HERE / "digits_eval_labels.npy", y_test)
     print(f"wrote digits_calib.npz {calibration[:, None].shape}, "
           f"digits_eval.npz {x_test[:, None].shape}, digits_eval_labels.npy")

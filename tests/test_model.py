@@ -1,0 +1,202 @@
+"""Model I/O, normalization and graph helpers."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import onnxopt.model as model_module
+from onnxopt.errors import ExternalDataError, ModelLoadError
+from onnxopt.graph import GraphIndex, NameGenerator, outer_references, remove_unused, toposort
+from onnxopt.harness import check
+from onnxopt.model import load_model, model_stats, save_model
+from onnxopt.normalize import lift_constants, normalize
+from tests.builders import init, make_model, vi
+
+
+def _linear(n: int = 64) -> onnx.ModelProto:
+    w = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    return make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], [vi("x", [1, n])], [vi("y", [1, n])], [init("w", w)]
+    )
+
+
+def _if_model() -> onnx.ModelProto:
+    """A model whose If branches read an outer tensor and hold a Constant weight."""
+    then_c = helper.make_node("Constant", [], ["k"], value=helper.make_tensor("k", TensorProto.FLOAT, [2], [2, 3]))
+    then_g = helper.make_graph(
+        [then_c, helper.make_node("Mul", ["h", "k"], ["t"])], "then", [], [vi("t", [2])]
+    )
+    else_g = helper.make_graph([helper.make_node("Neg", ["h"], ["e"])], "else", [], [vi("e", [2])])
+    nodes = [
+        helper.make_node("Relu", ["x"], ["h"]),
+        helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g),
+    ]
+    return make_model(nodes, [vi("x", [2]), vi("c", [], TensorProto.BOOL)], [vi("y", [2])])
+
+
+def test_load_from_path_bytes_and_proto_roundtrip(tmp_path):
+    model = _linear()
+    path = save_model(model, tmp_path / "m.onnx")
+    assert load_model(path) == model
+    assert load_model(path.read_bytes()) == model
+    copy = load_model(model)
+    copy.graph.node[0].name = "changed"
+    assert model.graph.node[0].name == ""  # loading a proto copies it
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"", "empty"), (b"not an onnx file at all \x00\xff", "not a valid ONNX"), (b"\x08\x07", "not an ONNX model")],
+)
+def test_bad_files_raise_model_load_error(tmp_path, content, message):
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(content)
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(path)
+
+
+def test_missing_path_and_directory(tmp_path):
+    with pytest.raises(ModelLoadError, match="no such file"):
+        load_model(tmp_path / "missing.onnx")
+    with pytest.raises(ModelLoadError, match="directory"):
+        load_model(tmp_path)
+
+
+def test_truncated_file_is_detected(tmp_path):
+    data = _linear(128).SerializeToString()
+    for cut in (len(data) // 3, len(data) - 7):
+        path = tmp_path / f"cut{cut}.onnx"
+        path.write_bytes(data[:cut])
+        with pytest.raises(ModelLoadError):
+            load_model(path)
+
+
+def test_external_data_roundtrip_and_threshold(tmp_path, monkeypatch):
+    model = _linear(256)
+    # Lower the 2 GB limit so the automatic switch to external data is exercised quickly.
+    monkeypatch.setattr(model_module, "PROTOBUF_LIMIT", 100_000)
+    path = save_model(model, tmp_path / "big.onnx")
+    data_file = tmp_path / "big.onnx.data"
+    assert data_file.is_file() and data_file.stat().st_size >= 256 * 256 * 4
+    assert path.stat().st_size < 10_000
+    # The in-memory model is unchanged by saving.
+    assert model.graph.initializer[0].HasField("raw_data")
+    assert load_model(path) == model
+    assert not list(tmp_path.glob(".onnxopt-*"))
+
+
+def test_external_data_outside_folder_is_refused(tmp_path):
+    model = _linear(64)
+    save_model(model, tmp_path / "m.onnx", external_data=True)
+    loaded = load_model(tmp_path / "m.onnx", load_external_data=False)
+    for entry in loaded.graph.initializer[0].external_data:
+        if entry.key == "location":
+            entry.value = "../../etc/passwd"
+    evil = tmp_path / "sub"
+    evil.mkdir()
+    (evil / "m.onnx").write_bytes(loaded.SerializeToString())
+    with pytest.raises(ExternalDataError, match="outside the model's folder"):
+        load_model(evil / "m.onnx")
+
+
+def test_missing_or_short_external_data(tmp_path):
+    save_model(_linear(64), tmp_path / "m.onnx", external_data=True)
+    data = tmp_path / "m.onnx.data"
+    data.write_bytes(data.read_bytes()[:100])
+    with pytest.raises(ExternalDataError, match="shorter"):
+        load_model(tmp_path / "m.onnx")
+    data.unlink()
+    with pytest.raises(ExternalDataError, match="missing"):
+        load_model(tmp_path / "m.onnx")
+
+
+def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(model_module.os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(_linear(), tmp_path / "out.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_lift_constants_in_subgraphs_keeps_outputs():
+    model = _if_model()
+    reference = load_model(model)
+    assert lift_constants(model) == 1
+    then_branch = next(a.g for a in model.graph.node[1].attribute if a.name == "then_branch")
+    assert [t.name for t in then_branch.initializer] == ["k"]
+    assert all(n.op_type != "Constant" for n in then_branch.node)
+    data = [{"x": np.array([1.0, -2.0], np.float32), "c": np.array(flag)} for flag in (True, False)]
+    from onnxopt.data import Dataset
+
+    assert check(reference, model, Dataset(data)).passed
+
+
+def test_normalize_survives_failed_shape_inference():
+    # A custom-domain op: shape inference knows nothing of it, normalization still works.
+    model = make_model(
+        [helper.make_node("Mystery", ["x"], ["y"], domain="custom.ops"), helper.make_node("Relu", ["y"], ["z"])],
+        [vi("x", ["n", 4])], [vi("z", ["n", 4])], extra_opsets={"custom.ops": 1},
+    )
+    result = normalize(model)
+    assert result.model.graph.node[0].domain == "custom.ops"
+    assert [o.domain for o in result.model.opset_import] == ["", "custom.ops"]
+
+
+def test_graph_index_counts_outer_scope_reads_and_remove_unused_keeps_them():
+    model = _if_model()
+    index = GraphIndex(model.graph)
+    assert [n.op_type for n in index.consumers["h"]] == ["If"]
+    assert all(outer_references(a.g) == {"h"} for a in model.graph.node[1].attribute)
+    model.graph.node.append(helper.make_node("Neg", ["x"], ["dead"]))
+    assert remove_unused(model.graph) == 1
+    assert [n.op_type for n in model.graph.node] == ["Relu", "If"]
+
+
+def test_toposort_and_name_generator():
+    model = _linear()
+    model.graph.node.insert(0, helper.make_node("Relu", ["y"], ["z"]))
+    model.graph.output[0].name = "z"
+    toposort(model.graph)
+    assert [n.op_type for n in model.graph.node] == ["MatMul", "Relu"]
+    names = NameGenerator(model)
+    assert names.fresh("w") != "w"
+    assert names.fresh("brand_new") == "brand_new"
+    assert names.fresh("brand_new") != "brand_new"
+
+
+def test_model_stats_counts_subgraphs_and_constant_weights():
+    stats = model_stats(_if_model())
+    assert stats.nodes == 5  # Relu, If, Constant, Mul, Neg
+    assert stats.subgraphs == 2
+    assert stats.weights_in_constants == 2
+
+
+@pytest.mark.real
+@pytest.mark.parametrize(
+    "key",
+    ["ppocr_det", "ppocr_cls", "silero_vad", "silero_vad_op15", "silero_vad_sequence", "silero_vad_half",
+     "silero_vad_op18", "silero_vad_openvino"],
+)
+def test_real_models_roundtrip_identically(real_model, tmp_path, key):
+    path = real_model(key)
+    original = load_model(path)
+    normalized = normalize(load_model(original)).model
+    out = save_model(normalized, tmp_path / "n.onnx")
+    reloaded = load_model(out)
+    assert [(o.domain, o.version) for o in reloaded.opset_import] == [
+        (o.domain, o.version) for o in original.opset_import
+    ]
+    assert model_stats(reloaded).subgraphs == model_stats(original).subgraphs
+    has_sr = any(i.name == "sr" for i in original.graph.input)
+    synth = {"int_ranges": {"sr": (16000, 16000)} if has_sr else {}, "dynamic_dim": 512}
+    if key == "ppocr_det":
+        synth = {"shapes": {"x": [1, 3, 96, 96]}}
+    report = check(original, reloaded, synthesize=synth, levels=("disabled",))
+    assert report.passed, report.failures()
+    for out_cmp in report.levels[0].outputs:
+        assert out_cmp.max_abs == 0.0  # normalization is bit-exact
