@@ -47,7 +47,7 @@ def _weights(model: onnx.ModelProto) -> list[tuple[onnx.GraphProto, onnx.TensorP
 
 
 def _edit_weight(model: onnx.ModelProto, change) -> onnx.ModelProto:
-    graph, tensor = _weights(model)[len(_weights(model)) // 3]
+    _, tensor = _weights(model)[len(_weights(model)) // 3]
     value = numpy_helper.to_array(tensor).copy()
     change(value)
     tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))

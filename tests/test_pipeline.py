@@ -121,7 +121,7 @@ def test_verify_passes_exact_rewrites_and_records_checks():
 
 
 def test_unknown_pass_and_parameter_list_valid_choices():
-    with pytest.raises(RecipeError, match="valid passes: .*test_nothing"):
+    with pytest.raises(RecipeError, match=r"valid passes: .*test_nothing"):
         create_pass("no_such_pass")
     with pytest.raises(RecipeError, match="valid parameters: times"):
         create_pass("test_append_identity", count=3)
