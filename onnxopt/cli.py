@@ -29,8 +29,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 _state: dict[str, Any] = {"debug": False}
-out = Console()
-err = Console(stderr=True)
+# Wide when writing to a file or CI log, where rich would otherwise wrap tables at 80 columns.
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 400)
 
 
 @app.callback()
@@ -318,12 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     except VerificationError as exc:
         if debug:
             raise
-        err.print(f"onnxopt: verification failed: {exc} (nothing was written)", highlight=False)
+        err.print(f"onnxopt: verification failed: {exc} (nothing was written)", highlight=False, markup=False)
         return 1
     except OnnxoptError as exc:
         if debug:
             raise
-        err.print(f"onnxopt: error: {exc}", highlight=False, soft_wrap=True)
+        err.print(f"onnxopt: error: {exc}", highlight=False, soft_wrap=True, markup=False)
         return exc.exit_code
     except KeyboardInterrupt:
         err.print("onnxopt: interrupted")
@@ -336,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             "and report it.",
             highlight=False,
             soft_wrap=True,
+            markup=False,
         )
         return 3
     return code if isinstance(code, int) else 0

@@ -54,8 +54,6 @@ def describe_model(source: ModelSource) -> ModelDescription:
             external_tensors += 1
             external_bytes += int(info.get("length", 0))
             files.add(info.get("location", "?"))
-    if external_tensors:
-        model = load_model(source)
     stats = model_stats(model)
     kinds: collections.Counter[str] = collections.Counter()
     for graph in iter_graphs(model.graph):
