@@ -89,7 +89,7 @@ class Tolerance:
 PROFILES: dict[str, Tolerance] = {
     "exact": Tolerance(atol=1e-6, rtol=1e-3, range_tol=1e-4),
     "fp16": Tolerance(atol=1e-4, rtol=1e-2, range_tol=2e-3, min_cosine=0.9999),
-    "int8": Tolerance(elementwise=False, min_cosine=0.99, min_sqnr_db=15.0, min_top1=0.98),
+    "int8": Tolerance(elementwise=False, min_cosine=0.995, min_sqnr_db=20.0, min_top1=0.98),
 }
 
 
