@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 from onnx import numpy_helper
 
 from onnxopt.errors import ExternalDataError, ModelLoadError
@@ -158,8 +158,15 @@ def _load_external_data(model: onnx.ModelProto, base_dir: Path, label: str) -> N
 
 
 def serialized_size(model: onnx.ModelProto) -> int:
-    """Return the protobuf size of the model in bytes (external data excluded)."""
-    return int(model.ByteSize())
+    """Return the protobuf size of the model in bytes (external data excluded).
+
+    Protobuf cannot even measure a message over 2 GB; then the tensor payloads are
+    summed instead, which is all that matters at that size.
+    """
+    try:
+        return int(model.ByteSize())
+    except EncodeError:
+        return sum(len(t.raw_data) + _typed_field_bytes(t) for t in iter_tensors(model))
 
 
 def save_model(
