@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import onnx
 
 from onnxopt.graph import constant_node_value, is_default_domain, iter_graphs
-from onnxopt.model import PROTOBUF_LIMIT, serialized_size
+from onnxopt.model import exceeds_protobuf_limit
 
 __all__ = ["NormalizeResult", "infer_shapes", "lift_constants", "normalize"]
 
@@ -74,7 +74,7 @@ def lift_constants(model: onnx.ModelProto) -> int:
 
 def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
     """Run ONNX shape inference if it can; return the model and a note when it could not."""
-    if serialized_size(model) > PROTOBUF_LIMIT:
+    if exceeds_protobuf_limit(model):
         return model, "shape inference skipped: the model is over 2 GB"
     try:
         inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)

@@ -21,7 +21,7 @@ import onnx
 
 from onnxopt.data import Dataset
 from onnxopt.errors import RecipeError
-from onnxopt.model import ModelStats, model_stats
+from onnxopt.model import ModelStats, exceeds_protobuf_limit, model_stats
 from onnxopt.progress import NullProgress, Progress
 
 try:
@@ -381,7 +381,7 @@ class CheckerInstrument:
 
     def after_pass(self, pass_: PassProtocol, record: PassRecord, model: onnx.ModelProto, ctx: Context) -> None:
         """Check the model's structure; raise VerificationError naming the pass on failure."""
-        if not record.changed or record.after.bytes > 2**31 - 1:
+        if not record.changed or exceeds_protobuf_limit(model):
             return
         from onnxopt.errors import VerificationError
 

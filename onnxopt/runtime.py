@@ -13,7 +13,7 @@ import onnxruntime as ort
 
 from onnxopt.data import Sample
 from onnxopt.errors import UnsupportedModelError
-from onnxopt.model import PROTOBUF_LIMIT, save_model, serialized_size
+from onnxopt.model import exceeds_protobuf_limit, save_model
 
 __all__ = [
     "OPTIMIZATION_LEVELS",
@@ -55,7 +55,7 @@ class Session:
             options.intra_op_num_threads = threads
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         try:
-            if serialized_size(model) > PROTOBUF_LIMIT:
+            if exceeds_protobuf_limit(model):
                 self._tmp = tempfile.TemporaryDirectory(prefix="onnxopt-session-")
                 path = Path(self._tmp.name) / "model.onnx"
                 save_model(model, path, external_data=True)

@@ -86,6 +86,8 @@ def test_external_data_roundtrip_and_threshold(tmp_path, monkeypatch):
     assert model.graph.initializer[0].HasField("raw_data")
     assert load_model(path) == model
     assert not list(tmp_path.glob(".onnxopt-*"))
+    small = save_model(_linear(32), tmp_path / "small.onnx")  # 4 KB of weights: stays one file
+    assert not (tmp_path / "small.onnx.data").exists() and load_model(small) == _linear(32)
 
 
 def test_external_data_outside_folder_is_refused(tmp_path):
