@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Protocol
 import onnx
 
 from onnxopt.data import Dataset
-from onnxopt.errors import RecipeError
+from onnxopt.errors import OnnxoptError, RecipeError
 from onnxopt.model import ModelStats, exceeds_protobuf_limit, model_stats
 from onnxopt.progress import NullProgress, Progress
 
@@ -414,6 +414,7 @@ class PassManager:
         instruments: Iterable[Instrument] = (),
         verify: Instrument | None = None,
         normalize: bool = True,
+        isolate_failures: bool = True,
     ) -> None:
         if max_rounds < 1:
             raise ValueError("max_rounds must be at least 1")
@@ -421,6 +422,27 @@ class PassManager:
         self.instruments = list(instruments)
         self.verify = verify
         self.normalize = normalize
+        self.isolate_failures = isolate_failures
+
+    def _run_pass(self, pass_: PassProtocol, model: onnx.ModelProto, ctx: Context) -> PassResult:
+        """Run one pass; with ``isolate_failures`` a crashing pass is undone and reported.
+
+        Errors meant for the user (:class:`OnnxoptError`, e.g. missing calibration data)
+        always propagate; any other exception is a bug in that pass, and one broken pass
+        must not cost the user the whole pipeline or, worse, leave a half-rewritten model.
+        """
+        if not self.isolate_failures:
+            return pass_(model, ctx)
+        snapshot = onnx.ModelProto()
+        snapshot.CopyFrom(model)
+        try:
+            return pass_(model, ctx)
+        except OnnxoptError:
+            raise
+        except Exception as exc:
+            log.warning("pass %s failed and was skipped: %s", pass_.name, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+            note = f"failed with {type(exc).__name__}: {exc}; skipped, the model is as before this pass"
+            return PassResult(snapshot, False, notes=[note])
 
     @classmethod
     def from_stages(
@@ -464,7 +486,7 @@ class PassManager:
                 any_change = False
                 for pass_ in passes:
                     started = time.perf_counter()
-                    result = pass_(working, ctx)
+                    result = self._run_pass(pass_, working, ctx)
                     seconds = time.perf_counter() - started
                     working = result.model
                     after = model_stats(working) if result.changed else current

@@ -72,6 +72,17 @@ class _Nothing(Pass):
         return PassResult(model, False, notes=["left everything alone"])
 
 
+@register_pass
+class _Crash(Pass):
+    """Test pass: half-rewrites the model, then hits a bug."""
+
+    name = "test_crash"
+
+    def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
+        del model.graph.node[:]
+        raise IndexError("simulated bug")
+
+
 def _model() -> onnx.ModelProto:
     w = np.random.default_rng(1).standard_normal((8, 8)).astype(np.float32)
     return make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [vi("x", [2, 8])], [vi("y", [2, 8])],
@@ -174,3 +185,12 @@ def load_recipe_from_passes(names):
     from onnxopt.pipeline import PipelineSpec
 
     return PipelineSpec.single([(n, {}) for n in names])
+
+
+def test_a_crashing_pass_is_undone_and_reported():
+    model = _model()
+    result = PassManager([create_pass("test_crash"), create_pass("test_append_identity")]).run(model)
+    assert "IndexError: simulated bug" in result.records[0].notes[0]
+    assert [n.op_type for n in result.model.graph.node] == ["MatMul", "Identity"]
+    with pytest.raises(IndexError):
+        PassManager([create_pass("test_crash")], isolate_failures=False).run(model)
