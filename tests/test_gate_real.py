@@ -164,3 +164,17 @@ def test_gate_passes_a_batchnorm_fold(real_model, key):
     assert sum(n.op_type == "BatchNormalization" for n in folded.graph.node) == 0
     report = check(reference, folded, _data(key))
     assert report.passed, report.failures()
+
+
+@pytest.mark.parametrize("key", ["ppocr_det", "ppocr_cls"])
+def test_layers_locate_the_node_whose_weight_was_changed(real_model, key):
+    from onnxopt.harness import compare_layers
+
+    reference = _load(real_model, key)
+    candidate = _scale_slice(load_model(reference))
+    _, changed = _weights(reference)[len(_weights(reference)) // 3]
+    consumer = next(n for n in candidate.graph.node if changed.name in n.input)
+    rows = compare_layers(reference, candidate, _data(key)[0])
+    first_bad = next(r for r in rows if not r.passed)
+    assert first_bad.reference == consumer.output[0]
+    assert all(r.passed for r in rows[: rows.index(first_bad)])
