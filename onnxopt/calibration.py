@@ -182,7 +182,7 @@ def fit_weight_scale_to_bias(bias: np.ndarray, input_scale: float, weight_scale:
     """
     b = np.abs(np.asarray(bias, dtype=np.float64))
     ws = np.asarray(weight_scale, dtype=np.float64)
-    needed = b / (float(input_scale) * (INT32_MAX - 1))  # one code of headroom
+    needed = b / (float(input_scale) * INT32_MAX * 0.999)  # headroom for float32 rounding of the product
     return np.maximum(ws, needed).astype(np.float32)
 
 
@@ -389,20 +389,21 @@ def _expected_error(hist: TensorHistogram, low: float, high: float, dtype: np.dt
 def mse_range(hist: TensorHistogram, dtype: np.dtype | type = np.uint8, candidates: int = 100) -> tuple[float, float]:
     """Return the clipping range that minimizes the expected squared quantization error.
 
-    Candidates shrink the observed [min, max] toward 0 by a common fraction; the error of
-    each is rounding noise (``scale**2 / 12`` per value) plus the squared clipping of
-    values beyond the range, computed from the histogram.
+    The upper end is searched first (the lower kept at the observed minimum), then the
+    lower end; each candidate keeps a fraction ``k / candidates`` of the observed extreme.
+    The error of a range is rounding noise (``scale**2 / 12`` per value) plus the squared
+    clipping of values beyond it, computed from the histogram.
     """
     if hist.counts.sum() <= 0:
         return 0.0, 0.0
     dtype = np.dtype(dtype)
     low, high = min(hist.min, 0.0), max(hist.max, 0.0)
-    best, best_error = (low, high), math.inf
-    for fraction in _candidates(hist, candidates):
-        error = _expected_error(hist, low * fraction, high * fraction, dtype)
-        if error < best_error:
-            best, best_error = (low * float(fraction), high * float(fraction)), error
-    return best
+    fractions = _candidates(hist, candidates)
+    if high > 0:
+        high = min((high * float(f) for f in fractions), key=lambda h: _expected_error(hist, low, h, dtype))
+    if low < 0:
+        low = min((low * float(f) for f in fractions), key=lambda lo: _expected_error(hist, lo, high, dtype))
+    return low, high
 
 
 def _magnitude_histogram(hist: TensorHistogram, bins: int) -> tuple[np.ndarray, float]:

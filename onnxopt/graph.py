@@ -100,6 +100,8 @@ def outer_references(graph: onnx.GraphProto) -> set[str]:
         for sub in subgraphs(node):
             used |= outer_references(sub)
         defined.update(node.output)
+    # A body may return an outer value directly: its output names it without a node.
+    used.update(o.name for o in graph.output)
     used.discard("")
     return used - defined
 
@@ -260,6 +262,8 @@ def remove_unused(graph: onnx.GraphProto) -> int:
         kept_ids = {id(n) for n in keep}
         survivors = [n for n in graph.node if id(n) in kept_ids]
         _replace_nodes(graph, survivors)
+    # An initializer that is also a graph input is that input's default value: keep it.
+    live.update(i.name for i in graph.input)
     unused_inits = [t for t in graph.initializer if t.name not in live]
     if unused_inits:
         keep_inits = [t for t in graph.initializer if t.name in live]

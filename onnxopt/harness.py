@@ -161,13 +161,13 @@ def synthesize_inputs(
         for spec in specs:
             shape = resolved[spec.name]
             if spec.dtype == np.bool_:
-                sample[spec.name] = rng.random(shape) < 0.5
+                sample[spec.name] = np.asarray(rng.random(shape) < 0.5)
             elif np.issubdtype(spec.dtype, np.integer):
                 low, high = int_ranges.get(spec.name, int_range)
-                sample[spec.name] = rng.integers(low, high + 1, size=shape).astype(spec.dtype)
+                sample[spec.name] = np.asarray(rng.integers(low, high + 1, size=shape), dtype=spec.dtype)
             elif np.issubdtype(spec.dtype, np.floating):
                 low_f, high_f = float_range
-                sample[spec.name] = rng.uniform(low_f, high_f, size=shape).astype(spec.dtype)
+                sample[spec.name] = np.asarray(rng.uniform(low_f, high_f, size=shape), dtype=spec.dtype)
             else:
                 raise CalibrationDataError(
                     f"cannot synthesize input {spec.describe()}; pass data with --data"

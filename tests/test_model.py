@@ -202,3 +202,23 @@ def test_real_models_roundtrip_identically(real_model, tmp_path, key):
     assert report.passed, report.failures()
     for out_cmp in report.levels[0].outputs:
         assert out_cmp.max_abs == 0.0  # normalization is bit-exact
+
+
+def test_body_returning_an_outer_value_counts_as_a_use():
+    body = helper.make_graph([], "then", [], [vi("h", [2])])
+    other = helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "else", [], [vi("e", [2])])
+    model = make_model(
+        [helper.make_node("Relu", ["x"], ["h"]),
+         helper.make_node("If", ["c"], ["y"], then_branch=body, else_branch=other)],
+        [vi("x", [2]), vi("c", [], TensorProto.BOOL)], [vi("y", [2])],
+    )
+    assert outer_references(body) == {"h"}
+    assert remove_unused(model.graph) == 0
+
+
+def test_initializer_that_is_an_input_default_survives_remove_unused():
+    model = _linear()
+    model.graph.initializer.append(init("opt", [1.0]))
+    model.graph.input.append(vi("opt", [1]))
+    remove_unused(model.graph)
+    assert "opt" in {t.name for t in model.graph.initializer}
