@@ -38,7 +38,7 @@ def render_pipeline(console: Console, result: PipelineResult, output_bytes: int 
     for column in ("pass", "round", "time", "nodes", "params", "size", "what it did"):
         table.add_column(column, justify="right" if column in ("round", "time") else "left")
     for record in result.records:
-        if not record.changed and not record.notes:
+        if not record.changed:
             continue
         did = ", ".join(f"{k}={_num(v, 'g') if isinstance(v, float) else v}" for k, v in record.stats.items())
         table.add_row(
@@ -51,14 +51,15 @@ def render_pipeline(console: Console, result: PipelineResult, output_bytes: int 
             did or ("no change" if not record.changed else ""),
         )
     final = result.final
+    start = result.source or result.initial
     table.add_row(
         "[bold]total",
         str(result.rounds),
         f"{sum(r.seconds for r in result.records):.2f}s",
-        f"{result.initial.nodes} → {final.nodes}",
-        f"{result.initial.params:,} → {final.params:,}",
-        f"{_size(result.initial.bytes)} → {_size(output_bytes if output_bytes is not None else final.bytes)}",
-        "",
+        f"{start.nodes} → {final.nodes}",
+        f"{start.params:,} → {final.params:,}",
+        f"{_size(start.bytes)} → {_size(output_bytes if output_bytes is not None else final.bytes)}",
+        "from the input as given",
     )
     console.print(table)
     notes = [f"{r.name}: {n}" for r in result.records for n in r.notes] + result.notes

@@ -672,7 +672,7 @@ class Verifier:
         if samples is None and getattr(ctx, "calibration", None) is not None:
             samples = ctx.calibration.split()[1]
         if samples is None:
-            samples = synthesize_inputs(model, iterations=self.iterations, **self.synthesize)
+            samples = synthesize_inputs(model, **{"iterations": self.iterations, **self.synthesize})
         self._samples = samples
         with Session(model, label="input model") as session:
             self._original = [session.run(s) for s in samples]

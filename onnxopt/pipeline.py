@@ -335,7 +335,11 @@ class PassRecord:
 
 @dataclass
 class PipelineResult:
-    """The optimized model and a record of every pass run."""
+    """The optimized model and a record of every pass run.
+
+    ``source`` describes the model as given, ``initial`` the model after normalization
+    (Constant weights lifted), where the first pass starts.
+    """
 
     model: onnx.ModelProto
     records: list[PassRecord]
@@ -344,12 +348,14 @@ class PipelineResult:
     initial: ModelStats
     final: ModelStats
     notes: list[str] = field(default_factory=list)
+    source: ModelStats | None = None  # the input as given, before normalization
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dictionary."""
         return {
             "rounds": self.rounds,
             "converged": self.converged,
+            "source": (self.source or self.initial).to_dict(),
             "initial": self.initial.to_dict(),
             "final": self.final.to_dict(),
             "passes": [r.to_dict() for r in self.records],
@@ -465,6 +471,7 @@ class PassManager:
 
         ctx = ctx or Context()
         working = load_model(model)
+        source = model_stats(working)
         notes: list[str] = []
         if self.normalize:
             normalized = normalize_model(working)
@@ -511,5 +518,5 @@ class PassManager:
                              f"({names})")
         return PipelineResult(
             model=working, records=records, rounds=total_rounds,
-            converged=converged, initial=initial, final=current, notes=notes,
+            converged=converged, initial=initial, final=current, notes=notes, source=source,
         )

@@ -155,3 +155,16 @@ def test_python_dash_m_and_console_script_agree(model_path):
                              capture_output=True, text=True, check=False)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_optimize_fuse_with_verify_writes_model_and_report(tmp_path, capsys, model_path):
+    out = tmp_path / "fused.onnx"
+    report = tmp_path / "report.json"
+    code, stdout, _ = _run(["optimize", model_path, "-o", out, "--pipeline", "fuse", "--verify", "--report", report],
+                           capsys)
+    assert code == 0 and out.exists()
+    data = json.loads(report.read_text())
+    assert data["source"]["nodes"] == 2 and data["final"]["nodes"] == 1  # the Identity is gone
+    changed = [p for p in data["passes"] if p["changed"]]
+    assert changed and all(p["checks"]["verify"]["passed"] for p in changed)
+    assert "remove_identities" in stdout
