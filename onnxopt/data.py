@@ -151,7 +151,7 @@ def _unstack(
         if spec is not None and array.ndim == len(spec.shape) and spec.shape and spec.shape[0] == 1:
             per_input[name] = [array[i : i + 1] for i in range(array.shape[0])]
         else:
-            per_input[name] = list(array)
+            per_input[name] = [np.asarray(array[i]) for i in range(array.shape[0])]
     counts = {name: len(v) for name, v in per_input.items()}
     if len(set(counts.values())) != 1:
         raise CalibrationDataError(
@@ -179,6 +179,8 @@ def validate_dataset(dataset: Dataset, specs: list[InputSpec]) -> None:
             )
         for name, array in sample.items():
             spec = by_name[name]
+            if not isinstance(array, np.ndarray):
+                raise CalibrationDataError(f"{dataset.source}: {name!r} of sample {index} is not an array")
             if array.dtype != spec.dtype:
                 raise CalibrationDataError(
                     f"{dataset.source}: {name!r} is {array.dtype}, the model expects {spec.dtype} "

@@ -214,6 +214,108 @@ def _looks_like_scores(array: np.ndarray) -> bool:
     return array.ndim == 2 and array.shape[-1] >= 2 and np.issubdtype(array.dtype, np.floating)
 
 
+def _finite_pairs(
+    reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray], reasons: list[str]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Return per-sample (reference, candidate) float64 values where both are finite.
+
+    Non-finite candidate values where the reference is finite, and non-finite reference
+    values the candidate does not reproduce, are added to ``reasons``.
+    """
+    broken = unreproduced = 0
+    pairs = []
+    for r_in, c_in in zip(reference, candidate, strict=True):
+        r = np.asarray(r_in, dtype=np.float64).ravel()
+        c = np.asarray(c_in, dtype=np.float64).ravel()
+        r_ok, c_ok = np.isfinite(r), np.isfinite(c)
+        broken += int(np.count_nonzero(r_ok & ~c_ok))
+        special = ~r_ok
+        if special.any():
+            same = (r[special] == c[special]) | (np.isnan(r[special]) & np.isnan(c[special]))
+            unreproduced += int(np.count_nonzero(~same))
+        keep = r_ok & c_ok
+        pairs.append((r, c) if keep.all() else (r[keep], c[keep]))
+    if broken:
+        reasons.append(f"{broken} NaN/Inf values where the reference is finite")
+    if unreproduced:
+        reasons.append(f"{unreproduced} non-finite reference values not reproduced")
+    return pairs
+
+
+def _compare_floats(
+    name: str,
+    reference: Sequence[np.ndarray],
+    candidate: Sequence[np.ndarray],
+    tolerance: Tolerance,
+    reasons: list[str],
+) -> OutputComparison:
+    """Statistics over all samples, one sample's temporaries at a time.
+
+    Two passes: the first finds the output's range and RMS (which the tolerance and the
+    relative error depend on), the second accumulates everything else; only the
+    absolute differences are kept whole (float32), for the median.
+    """
+    pairs = _finite_pairs(reference, candidate, reasons)
+    count = sum(r.size for r, _ in pairs)
+    result = OutputComparison(name, True, elements=int(sum(np.asarray(r).size for r in reference)))
+    if count == 0:
+        return result
+    scale = max(float(np.max(np.abs(r))) if r.size else 0.0 for r, _ in pairs)
+    sum_r2 = sum(float(np.dot(r, r)) for r, _ in pairs)
+    rms = math.sqrt(sum_r2 / count)
+    floor = max(0.01 * rms, 1e-12)
+    sum_c2 = dot = noise = sum_abs = sum_rel = 0.0
+    over_count = 0
+    max_rel = min_atol = min_rtol = 0.0
+    worst: tuple[float, float, float] | None = None  # (excess, diff, reference value)
+    diffs = []
+    for r, c in pairs:
+        if not r.size:
+            continue
+        diff = np.abs(c - r)
+        abs_r = np.abs(r)
+        diffs.append(diff.astype(np.float32))
+        sum_c2 += float(np.dot(c, c))
+        dot += float(np.dot(r, c))
+        noise += float(np.dot(diff, diff))
+        sum_abs += float(diff.sum())
+        rel = diff / np.maximum(abs_r, floor)
+        sum_rel += float(rel.sum())
+        max_rel = max(max_rel, float(rel.max()))
+        excess = diff - (tolerance.atol + tolerance.rtol * abs_r + tolerance.range_tol * scale)
+        over_count += int(np.count_nonzero(excess > 0))
+        i = int(np.argmax(excess))
+        if worst is None or excess[i] > worst[0]:
+            worst = (float(excess[i]), float(diff[i]), float(r[i]))
+        min_atol = max(min_atol, float((excess + tolerance.atol).max()))
+        residual = diff - tolerance.atol - tolerance.range_tol * scale
+        needs = residual > 0
+        if needs.any():
+            if np.any(needs & (r == 0)):
+                min_rtol = math.inf
+            elif min_rtol != math.inf:
+                min_rtol = max(min_rtol, float((residual[needs] / abs_r[needs]).max()))
+    all_diffs = np.concatenate(diffs)
+    result.max_abs = float(all_diffs.max())
+    result.mean_abs = sum_abs / count
+    result.median_abs = float(np.median(all_diffs))
+    result.max_rel = max_rel
+    result.mean_rel = sum_rel / count
+    norm = math.sqrt(sum_r2 * sum_c2)
+    result.cosine = dot / norm if norm > 0 else (1.0 if result.max_abs == 0 else 0.0)
+    result.sqnr_db = math.inf if noise == 0 else 10 * math.log10(max(sum_r2, 1e-300) / noise)
+    result.mismatched = over_count / count
+    result.min_atol = max(0.0, min_atol)
+    result.min_rtol = min_rtol
+    if tolerance.elementwise and over_count and worst is not None:
+        reasons.append(
+            f"{over_count} of {count} values out of tolerance (worst |diff| {worst[1]:.3g} "
+            f"at reference {worst[2]:.3g}); passes with atol>={result.min_atol:.3g} or "
+            f"rtol>={result.min_rtol:.3g}"
+        )
+    return result
+
+
 def compare_arrays(
     name: str,
     reference: Sequence[np.ndarray],
@@ -240,52 +342,7 @@ def compare_arrays(
             result.passed = False
             result.reasons.append(f"{(1 - same):.2%} of {dtype} values differ")
         return result
-    ref = np.concatenate([np.asarray(r, dtype=np.float64).ravel() for r in reference])
-    cand = np.concatenate([np.asarray(c, dtype=np.float64).ravel() for c in candidate])
-    ref_finite = np.isfinite(ref)
-    cand_finite = np.isfinite(cand)
-    broken = ref_finite & ~cand_finite
-    if broken.any():
-        reasons.append(f"{int(broken.sum())} NaN/Inf values where the reference is finite")
-    special = ~ref_finite
-    if special.any():
-        same_special = (ref[special] == cand[special]) | (np.isnan(ref[special]) & np.isnan(cand[special]))
-        if not same_special.all():
-            reasons.append(f"{int((~same_special).sum())} non-finite reference values not reproduced")
-    keep = ref_finite & cand_finite
-    r, c = ref[keep], cand[keep]
-    result = OutputComparison(name, True, elements=int(ref.size))
-    if r.size:
-        diff = np.abs(c - r)
-        scale = float(np.max(np.abs(r)))
-        rms = float(np.sqrt(np.mean(r * r)))
-        rel = diff / np.maximum(np.abs(r), max(0.01 * rms, 1e-12))
-        result.max_abs = float(diff.max())
-        result.mean_abs = float(diff.mean())
-        result.median_abs = float(np.median(diff))
-        result.max_rel = float(rel.max())
-        result.mean_rel = float(rel.mean())
-        norm = float(np.linalg.norm(r) * np.linalg.norm(c))
-        result.cosine = float(np.dot(r, c) / norm) if norm > 0 else (1.0 if result.max_abs == 0 else 0.0)
-        noise = float(np.sum(diff * diff))
-        result.sqnr_db = math.inf if noise == 0 else 10 * math.log10(max(float(np.sum(r * r)), 1e-300) / noise)
-        bound = tolerance.atol + tolerance.rtol * np.abs(r) + tolerance.range_tol * scale
-        over = diff > bound
-        result.mismatched = float(over.mean())
-        slack_for_atol = diff - tolerance.rtol * np.abs(r) - tolerance.range_tol * scale
-        result.min_atol = max(0.0, float(slack_for_atol.max()))
-        residual = diff - tolerance.atol - tolerance.range_tol * scale
-        needs = residual > 0
-        if needs.any():
-            zero_ref = needs & (r == 0)
-            result.min_rtol = math.inf if zero_ref.any() else float((residual[needs] / np.abs(r[needs])).max())
-        if tolerance.elementwise and over.any():
-            worst = int(np.argmax(diff - bound))
-            reasons.append(
-                f"{int(over.sum())} of {r.size} values out of tolerance (worst |diff| {diff[worst]:.3g} "
-                f"at reference {r[worst]:.3g}); passes with atol>={result.min_atol:.3g} or "
-                f"rtol>={result.min_rtol:.3g}"
-            )
+    result = _compare_floats(name, reference, candidate, tolerance, reasons)
     if _looks_like_scores(reference[0]):
         agree = np.concatenate(
             [np.argmax(a, axis=-1) == np.argmax(b, axis=-1) for a, b in zip(reference, candidate, strict=True)]
@@ -344,7 +401,7 @@ class Report:
 
     def failures(self) -> list[str]:
         """Return one line per failing output or problem."""
-        lines = []
+        lines: list[str] = []
         for level in self.levels:
             lines.extend(f"[{level.level}] {p}" for p in level.problems)
             for out in level.outputs:

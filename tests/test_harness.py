@@ -204,3 +204,30 @@ def test_layers_point_at_the_first_tensor_that_diverges():
 def test_tolerance_replace_keeps_the_rest():
     tol = Tolerance().replace(atol=1.0)
     assert tol.atol == 1.0 and tol.rtol == Tolerance().rtol
+
+
+def test_stacked_npz_with_a_scalar_input_roundtrips(tmp_path):
+    from onnxopt.data import load_dataset, save_dataset
+
+    model = make_model([helper.make_node("Mul", ["x", "k"], ["y"])],
+                       [vi("x", [1, 4]), vi("k", [])], [vi("y", [1, 4])])
+    data = synthesize_inputs(model, iterations=3)
+    path = save_dataset(data, tmp_path / "d.npz")
+    loaded = load_dataset(path, model)
+    assert isinstance(loaded[0]["k"], np.ndarray) and loaded[0]["k"].shape == ()
+    assert check(model, model, loaded).passed
+
+
+def test_comparison_memory_does_not_scale_with_float64_copies_of_all_samples():
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    ref = [rng.random((1, 1, 240, 320), dtype=np.float32) for _ in range(8)]
+    cand = [r + np.float32(1e-7) for r in ref]
+    size = sum(r.nbytes for r in ref)
+    tracemalloc.start()
+    result = compare_arrays("y", ref, cand, EXACT)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert result.passed
+    assert peak < 4 * size  # float32 diffs of all samples + one sample's float64 temporaries
