@@ -214,32 +214,25 @@ def _looks_like_scores(array: np.ndarray) -> bool:
     return array.ndim == 2 and array.shape[-1] >= 2 and np.issubdtype(array.dtype, np.floating)
 
 
-def _finite_pairs(
-    reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray], reasons: list[str]
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Return per-sample (reference, candidate) float64 values where both are finite.
+def _finite_values(r_in: np.ndarray, c_in: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Return one sample's float64 values where both are finite, and the two non-finite counts.
 
-    Non-finite candidate values where the reference is finite, and non-finite reference
-    values the candidate does not reproduce, are added to ``reasons``.
+    The counts are: candidate NaN/Inf where the reference is finite, and non-finite
+    reference values the candidate does not reproduce.
     """
-    broken = unreproduced = 0
-    pairs = []
-    for r_in, c_in in zip(reference, candidate, strict=True):
-        r = np.asarray(r_in, dtype=np.float64).ravel()
-        c = np.asarray(c_in, dtype=np.float64).ravel()
-        r_ok, c_ok = np.isfinite(r), np.isfinite(c)
-        broken += int(np.count_nonzero(r_ok & ~c_ok))
-        special = ~r_ok
-        if special.any():
-            same = (r[special] == c[special]) | (np.isnan(r[special]) & np.isnan(c[special]))
-            unreproduced += int(np.count_nonzero(~same))
-        keep = r_ok & c_ok
-        pairs.append((r, c) if keep.all() else (r[keep], c[keep]))
-    if broken:
-        reasons.append(f"{broken} NaN/Inf values where the reference is finite")
-    if unreproduced:
-        reasons.append(f"{unreproduced} non-finite reference values not reproduced")
-    return pairs
+    r = np.asarray(r_in, dtype=np.float64).ravel()
+    c = np.asarray(c_in, dtype=np.float64).ravel()
+    r_ok, c_ok = np.isfinite(r), np.isfinite(c)
+    broken = int(np.count_nonzero(r_ok & ~c_ok))
+    unreproduced = 0
+    special = ~r_ok
+    if special.any():
+        same = (r[special] == c[special]) | (np.isnan(r[special]) & np.isnan(c[special]))
+        unreproduced = int(np.count_nonzero(~same))
+    keep = r_ok & c_ok
+    if keep.all():
+        return r, c, broken, unreproduced
+    return r[keep], c[keep], broken, unreproduced
 
 
 def _compare_floats(
@@ -255,26 +248,39 @@ def _compare_floats(
     relative error depend on), the second accumulates everything else; only the
     absolute differences are kept whole (float32), for the median.
     """
-    pairs = _finite_pairs(reference, candidate, reasons)
-    count = sum(r.size for r, _ in pairs)
+    count = broken = unreproduced = 0
+    scale = sum_r2 = 0.0
+    for r_in, c_in in zip(reference, candidate, strict=True):
+        r, _, n_broken, n_unreproduced = _finite_values(r_in, c_in)
+        broken += n_broken
+        unreproduced += n_unreproduced
+        count += r.size
+        if r.size:
+            scale = max(scale, float(np.max(np.abs(r))))
+            sum_r2 += float(np.dot(r, r))
+    if broken:
+        reasons.append(f"{broken} NaN/Inf values where the reference is finite")
+    if unreproduced:
+        reasons.append(f"{unreproduced} non-finite reference values not reproduced")
     result = OutputComparison(name, True, elements=int(sum(np.asarray(r).size for r in reference)))
     if count == 0:
         return result
-    scale = max(float(np.max(np.abs(r))) if r.size else 0.0 for r, _ in pairs)
-    sum_r2 = sum(float(np.dot(r, r)) for r, _ in pairs)
     rms = math.sqrt(sum_r2 / count)
     floor = max(0.01 * rms, 1e-12)
     sum_c2 = dot = noise = sum_abs = sum_rel = 0.0
     over_count = 0
     max_rel = min_atol = min_rtol = 0.0
     worst: tuple[float, float, float] | None = None  # (excess, diff, reference value)
-    diffs = []
-    for r, c in pairs:
+    all_diffs = np.empty(count, dtype=np.float32)
+    filled = 0
+    for r_in, c_in in zip(reference, candidate, strict=True):
+        r, c, _, _ = _finite_values(r_in, c_in)
         if not r.size:
             continue
         diff = np.abs(c - r)
         abs_r = np.abs(r)
-        diffs.append(diff.astype(np.float32))
+        all_diffs[filled : filled + diff.size] = diff
+        filled += diff.size
         sum_c2 += float(np.dot(c, c))
         dot += float(np.dot(r, c))
         noise += float(np.dot(diff, diff))
@@ -295,10 +301,9 @@ def _compare_floats(
                 min_rtol = math.inf
             elif min_rtol != math.inf:
                 min_rtol = max(min_rtol, float((residual[needs] / abs_r[needs]).max()))
-    all_diffs = np.concatenate(diffs)
     result.max_abs = float(all_diffs.max())
     result.mean_abs = sum_abs / count
-    result.median_abs = float(np.median(all_diffs))
+    result.median_abs = float(np.median(all_diffs, overwrite_input=True))
     result.max_rel = max_rel
     result.mean_rel = sum_rel / count
     norm = math.sqrt(sum_r2 * sum_c2)

@@ -222,7 +222,7 @@ def test_comparison_memory_does_not_scale_with_float64_copies_of_all_samples():
     import tracemalloc
 
     rng = np.random.default_rng(0)
-    ref = [rng.random((1, 1, 240, 320), dtype=np.float32) for _ in range(8)]
+    ref = [rng.random((1, 1, 240, 320), dtype=np.float32) for _ in range(32)]
     cand = [r + np.float32(1e-7) for r in ref]
     size = sum(r.nbytes for r in ref)
     tracemalloc.start()
@@ -230,4 +230,4 @@ def test_comparison_memory_does_not_scale_with_float64_copies_of_all_samples():
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert result.passed
-    assert peak < 4 * size  # float32 diffs of all samples + one sample's float64 temporaries
+    assert peak < 2 * size  # float32 diffs of all samples + one sample's float64 temporaries
