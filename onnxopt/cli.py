@@ -14,7 +14,6 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 
@@ -308,13 +307,17 @@ def main(argv: list[str] | None = None) -> int:
         code = app(args=args, prog_name="onnxopt", standalone_mode=False)
     except typer.Exit as exc:
         return exc.exit_code
-    except click.exceptions.Abort:
+    except typer.Abort:
         err.print("onnxopt: aborted")
         return 2
-    except click.ClickException as exc:
+    except typer.TyperException as exc:  # usage errors: unknown option, missing argument, bad value
         if debug:
             raise
-        exc.show()
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        else:
+            err.print(f"onnxopt: error: {exc.format_message()}", highlight=False, markup=False)
         return 2
     except VerificationError as exc:
         if debug:

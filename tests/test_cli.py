@@ -168,3 +168,10 @@ def test_optimize_fuse_with_verify_writes_model_and_report(tmp_path, capsys, mod
     changed = [p for p in data["passes"] if p["changed"]]
     assert changed and all(p["checks"]["verify"]["passed"] for p in changed)
     assert "remove_identities" in stdout
+
+
+@pytest.mark.parametrize("args", [["optimize", "--bogus"], ["check"], ["nonsense-command"], ["optimize", "m.onnx"]])
+def test_usage_errors_exit_2_without_traceback(capsys, args):
+    code, _, err = _run(args, capsys)
+    assert code == 2
+    assert "Traceback" not in err and "internal error" not in err

@@ -1,0 +1,209 @@
+"""int8 quantization benchmark: float vs onnxopt ``int8`` vs onnxruntime ``quantize_static``.
+
+For each model (PP-OCR det, PP-OCR cls, the MiniLM sentence encoder when torch can export
+it) and the same 32 calibration samples, it reports task agreement with the float model on
+held-out inputs, file size ratio, median latency ratio (interleaved A/B runs at
+onnxruntime's default optimization level, ``intra_op_num_threads`` fixed), quantize wall
+time and calibration peak memory; and, for the encoder, peak RSS of calibrating on 32 vs
+256 samples (each in a fresh subprocess).
+
+onnxruntime's tool runs as documented for static QDQ: ``quant_pre_process`` first (its
+failure is recorded and the raw model used), then ``quantize_static`` with
+``QuantFormat.QDQ``, ``per_channel=True``, uint8 activations / int8 weights, MinMax.
+
+Run: ``python -m benchmarks.quantize [det cls encoder] [--threads 1]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from benchmarks import inputs as real_inputs
+from benchmarks.models import fetch
+
+CALIBRATION = 32
+HELD_OUT = 16
+DET_SIZE = (480, 640)
+
+
+def _model_and_inputs(key: str, n: int) -> tuple[Path, list[dict[str, np.ndarray]]]:
+    if key == "ppocr_det":
+        return fetch(key), real_inputs.ppocr_det_inputs(n, size=DET_SIZE)
+    if key == "ppocr_cls":
+        return fetch(key), real_inputs.ppocr_cls_inputs(n)
+    from benchmarks.encoder import encoder_model_path
+
+    return encoder_model_path(), real_inputs.encoder_inputs(n)
+
+
+def _session(path: Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 4
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _run(path: Path, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    session = _session(path, 0)
+    names = [o.name for o in session.get_outputs()]
+    return [dict(zip(names, session.run(names, f), strict=True)) for f in feeds]
+
+
+def _latencies(paths: list[Path], feed: dict[str, np.ndarray], threads: int, rounds: int = 20) -> list[float]:
+    sessions = [_session(p, threads) for p in paths]
+    for s in sessions:
+        s.run(None, feed)
+        s.run(None, feed)
+    times: list[list[float]] = [[] for _ in sessions]
+    for _ in range(rounds):
+        for i, s in enumerate(sessions):
+            t0 = time.perf_counter()
+            s.run(None, feed)
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def quantize_ours(model: Path, feeds: list[dict[str, np.ndarray]], out: Path) -> dict[str, Any]:
+    """Run ``onnxopt optimize M -o Q --pipeline int8 --calib data.npz`` and return its report."""
+    with tempfile.TemporaryDirectory() as tmp:
+        calib = Path(tmp) / "calib.npz"
+        np.savez(calib, **{name: np.stack([f[name] for f in feeds]) for name in feeds[0]})
+        report = Path(tmp) / "report.json"
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "onnxopt", "optimize", str(model), "-o", str(out), "--pipeline", "int8",
+                        "--calib", str(calib), "--report", str(report), "--quiet"], check=True)
+        seconds = time.perf_counter() - started
+        data = json.loads(report.read_text())
+    stats = next((p["stats"] for p in data["passes"] if p["pass"] == "quantize_int8"), {})
+    notes = next((p["notes"] for p in data["passes"] if p["pass"] == "quantize_int8"), [])
+    return {"seconds": seconds, "peak_bytes": stats.get("calibration_peak_bytes"), "stats": stats, "notes": notes}
+
+
+def quantize_onnxruntime(model: Path, feeds: list[dict[str, np.ndarray]], out: Path) -> dict[str, Any]:
+    """Run onnxruntime's documented static QDQ flow; record a pre-processing failure."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(feeds)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.items, None)
+
+    result: dict[str, Any] = {}
+    started = time.perf_counter()
+    previous = Path.cwd()
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)  # quant_pre_process leaves temporary files in the working directory when it fails
+        prepared = Path(tmp) / "prepared.onnx"
+        try:
+            quant_pre_process(str(model), str(prepared))
+            source = prepared
+            result["pre_process"] = "ok"
+        except Exception as exc:
+            result["pre_process"] = f"failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}"
+            source = model
+        try:
+            quantize_static(str(source), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        finally:
+            os.chdir(previous)
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+def run(keys: list[str] | None = None, threads: int = 1) -> list[dict[str, Any]]:
+    """Return one row per model and method (float, onnxopt, onnxruntime)."""
+    rows: list[dict[str, Any]] = []
+    for key in keys or ["ppocr_det", "ppocr_cls", "encoder"]:
+        try:
+            model, feeds = _model_and_inputs(key, CALIBRATION + HELD_OUT)
+        except RuntimeError as exc:  # the encoder needs torch to export
+            rows.append({"model": key, "method": "-", "error": str(exc)})
+            continue
+        calib, held = feeds[:CALIBRATION], feeds[CALIBRATION:]
+        reference = _run(model, held)
+        with tempfile.TemporaryDirectory() as tmp:
+            ours, theirs = Path(tmp) / "ours.onnx", Path(tmp) / "ort.onnx"
+            info = {"onnxopt": quantize_ours(model, calib, ours)}
+            try:
+                info["onnxruntime"] = quantize_onnxruntime(model, calib, theirs)
+            except Exception as exc:
+                info["onnxruntime"] = {"error": f"{type(exc).__name__}: {exc}"[:200]}
+            paths = {"float": model, "onnxopt": ours}
+            if theirs.exists():
+                paths["onnxruntime"] = theirs
+            latency = dict(zip(paths, _latencies(list(paths.values()), held[0], threads), strict=True))
+            for method, path in paths.items():
+                outputs = reference if method == "float" else _run(path, held)
+                row = {
+                    "model": key, "method": method,
+                    "agreement": real_inputs.task_agreement(key, reference, outputs, held),
+                    "size_ratio": path.stat().st_size / model.stat().st_size,
+                    "latency_ms": latency[method] * 1e3,
+                    "latency_ratio": latency[method] / latency["float"],
+                }
+                row.update({k: v for k, v in info.get(method, {}).items() if k != "stats"})
+                rows.append(row)
+            if "onnxruntime" not in paths:
+                rows.append({"model": key, "method": "onnxruntime", **info["onnxruntime"]})
+    return rows
+
+
+def calibration_memory(samples: int) -> int:
+    """Return the peak RSS (bytes) of quantizing the encoder on ``samples`` samples, in a fresh process."""
+    code = (
+        "import resource, numpy as np, sys\n"
+        "from benchmarks.inputs import encoder_inputs\n"
+        "from benchmarks.encoder import encoder_model_path\n"
+        "from onnxopt.model import load_model\n"
+        "from onnxopt.data import Dataset\n"
+        "from onnxopt.pipeline import Context, create_pass\n"
+        "model = load_model(encoder_model_path())\n"
+        f"data = Dataset(encoder_inputs({samples}))\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "create_pass('quantize_int8', target=None, check_latency=False)(model, Context(calibration=data))\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="*", default=["ppocr_det", "ppocr_cls", "encoder"])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-memory", action="store_true", help="skip the 32 vs 256 sample memory measurement")
+    args = parser.parse_args()
+    rows = run(args.models, args.threads)
+    header = f"{'model':10s} {'method':12s} {'agree':>7s} {'size':>6s} {'latency':>10s} {'ratio':>6s} {'time s':>7s}"
+    print(header)
+    for r in rows:
+        if "agreement" not in r:
+            print(f"{r['model']:10s} {r['method']:12s} {r.get('error', '')}")
+            continue
+        print(f"{r['model']:10s} {r['method']:12s} {r['agreement']:7.4f} {r['size_ratio']:6.3f} "
+              f"{r['latency_ms']:8.2f}ms {r['latency_ratio']:6.2f} {r.get('seconds', 0):7.1f}"
+              + (f"  pre_process {r['pre_process']}" if "pre_process" in r else ""))
+    if "encoder" in args.models and not args.no_memory:
+        small, large = calibration_memory(32), calibration_memory(256)
+        print(f"encoder quantization peak RSS: 32 samples {small / 2**20:.0f} MiB, 256 samples "
+              f"{large / 2**20:.0f} MiB ({large / small:.3f}x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,290 @@
+"""quantize_int8 on tiny graphs: placement rules, weights/bias math, fallback; each result checked by the harness."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from onnxopt.data import Dataset
+from onnxopt.errors import CalibrationDataError
+from onnxopt.pipeline import Context, create_pass
+from tests.builders import assert_equivalent, init, make_model, vi
+
+RNG = np.random.default_rng(0)
+
+
+def _data(shape, n=12, scale=1.0, seed=0, name="x"):
+    rng = np.random.default_rng(seed)
+    return Dataset([{name: (rng.normal(size=shape) * scale).astype(np.float32)} for _ in range(n)])
+
+
+def _quantize(model, data, **params):
+    params.setdefault("check_latency", False)
+    params.setdefault("target", None)
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    return create_pass("quantize_int8", **params)(work, Context(calibration=data))
+
+
+def _ops(model):
+    return [n.op_type for n in model.graph.node]
+
+
+def _dq_of(model, weight_base):
+    """Return the DequantizeLinear node whose int8 input was made from initializer ``weight_base``."""
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0].startswith(weight_base + "_quantized"):
+            return node, numpy_helper.to_array(inits[node.input[0]]), numpy_helper.to_array(inits[node.input[1]])
+    raise AssertionError(f"no DequantizeLinear for {weight_base}")
+
+
+def _conv_model(opset=17, weight_as_constant=False):
+    w = RNG.normal(size=(4, 3, 3, 3)).astype(np.float32)
+    w[2] *= 0.01  # a channel with much smaller weights: per-channel scales must differ
+    b = RNG.normal(size=4).astype(np.float32)
+    w2 = RNG.normal(size=(2, 4, 1, 1)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2"),
+    ]
+    inits = [init("b", b), init("w2", w2)]
+    if weight_as_constant:
+        nodes.insert(0, helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(w, "w")))
+    else:
+        inits.append(init("w", w))
+    return make_model(nodes, [vi("x", [1, 3, 8, 8])], [vi("y", [1, 2, 8, 8])], inits, opset=opset), w, b
+
+
+def test_refuses_without_calibration_data():
+    model, _, _ = _conv_model()
+    with pytest.raises(CalibrationDataError, match="needs calibration data: pass --calib"):
+        create_pass("quantize_int8")(model, Context())
+
+
+def test_conv_per_channel_axis_bias_int32_and_relu_absorbed():
+    model, w, b = _conv_model()
+    data = _data([1, 3, 8, 8])
+    result = _quantize(model, data)
+    q = result.model
+    node, w_q, w_scale = _dq_of(q, "w")
+    assert w_q.dtype == np.int8 and helper.get_attribute_value(node.attribute[0]) == 0
+    assert w_scale.shape == (4,) and w_scale[2] < w_scale[0] / 20
+    np.testing.assert_allclose(w_scale, np.abs(w).reshape(4, -1).max(axis=1) / 127, rtol=1e-6)
+    _, b_q, b_scale = _dq_of(q, "b")
+    assert b_q.dtype == np.int32
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    x_scale = next(inits[n.input[1]] for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "x")
+    np.testing.assert_allclose(b_scale, x_scale * w_scale, rtol=1e-6)
+    np.testing.assert_allclose(b_q * b_scale, b, atol=float(b_scale.max()))
+    assert "Relu" not in _ops(q)  # absorbed: the output quantizer saturates at 0
+    assert result.stats["activations_absorbed"] == 1
+    assert_equivalent(model, q, profile="int8", data=data)
+
+
+def test_opset_upgraded_for_per_channel():
+    model, _, _ = _conv_model(opset=11)
+    data = _data([1, 3, 8, 8])
+    result = _quantize(model, data)
+    assert any("opset 11 to 13" in n for n in result.notes)
+    assert result.model.opset_import[0].version == 13
+    assert_equivalent(model, result.model, profile="int8", data=data)
+
+
+def test_constant_node_weights_are_quantized():
+    model, _, _ = _conv_model(weight_as_constant=True)
+    data = _data([1, 3, 8, 8])
+    q = _quantize(model, data).model
+    _, w_q, _ = _dq_of(q, "w")
+    assert w_q.dtype == np.int8
+    assert not any(t.data_type == onnx.TensorProto.FLOAT and t.name == "w" for t in q.graph.initializer)
+    assert "Constant" not in _ops(q)
+    assert_equivalent(model, q, profile="int8", data=data)
+
+
+@pytest.mark.parametrize(
+    ("op", "attrs", "w_shape", "axis"),
+    [
+        ("ConvTranspose", {}, (3, 5, 2, 2), 1),
+        ("Gemm", {"transB": 1}, (5, 3), 0),
+        ("Gemm", {}, (3, 5), 1),
+        ("MatMul", {}, (3, 5), 1),
+    ],
+)
+def test_per_channel_axis_per_op(op, attrs, w_shape, axis):
+    w = RNG.normal(size=w_shape).astype(np.float32)
+    if op == "ConvTranspose":
+        x_shape, y_shape = [1, 3, 4, 4], [1, 5, 5, 5]
+        nodes = [helper.make_node(op, ["x", "w"], ["y"], name="n", **attrs)]
+    else:
+        x_shape, y_shape = ([1, 2, 3], [1, 2, 5]) if op == "MatMul" else ([2, 3], [2, 5])
+        nodes = [helper.make_node(op, ["x", "w"], ["y"], name="n", **attrs)]
+    model = make_model(nodes, [vi("x", x_shape)], [vi("y", y_shape)], [init("w", w)])
+    data = _data(x_shape)
+    q = _quantize(model, data).model
+    node, _, scale = _dq_of(q, "w")
+    assert helper.get_attribute_value(node.attribute[0]) == axis and scale.shape == (w_shape[axis],)
+    assert_equivalent(model, q, profile="int8", data=data)
+
+
+def test_shared_weight_quantized_once():
+    w = RNG.normal(size=(4, 4)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="m1"),
+             helper.make_node("MatMul", ["h", "w"], ["y"], name="m2")]
+    model = make_model(nodes, [vi("x", [2, 4])], [vi("y", [2, 4])], [init("w", w)])
+    data = _data([2, 4])
+    result = _quantize(model, data)
+    q = result.model
+    assert result.stats["weights_quantized"] == 1
+    dqs = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("w_quantized")]
+    assert len(dqs) == 1
+    readers = [n for n in q.graph.node if n.op_type == "MatMul"]
+    assert readers[0].input[1] == readers[1].input[1] == dqs[0].output[0]
+    assert_equivalent(model, q, profile="int8", data=data)
+
+
+def _concat_model():
+    w1 = RNG.normal(size=(2, 3, 1, 1)).astype(np.float32)
+    w2 = RNG.normal(size=(2, 3, 1, 1)).astype(np.float32) * 500  # "box coordinates"
+    w3 = RNG.normal(size=(2, 4, 1, 1)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["a"], name="scores_conv"),
+        helper.make_node("Sigmoid", ["a"], ["s"], name="sig"),
+        helper.make_node("Conv", ["x", "w2"], ["boxes"], name="box_conv"),
+        helper.make_node("Concat", ["s", "boxes"], ["cat"], name="concat", axis=1),
+        helper.make_node("Conv", ["cat", "w3"], ["y"], name="head"),
+    ]
+    return make_model(nodes, [vi("x", [1, 3, 4, 4])], [vi("y", [1, 2, 4, 4])],
+                      [init("w1", w1), init("w2", w2), init("w3", w3)])
+
+
+def test_concat_of_mismatched_ranges_left_float():
+    model = _concat_model()
+    data = _data([1, 3, 4, 4])
+    result = _quantize(model, data)
+    q = result.model
+    quantized_inputs = {n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    assert not any(name.startswith("cat") for name in quantized_inputs)
+    assert any("concat" in note and "mix very different ranges" in note for note in result.notes)
+    assert_equivalent(model, q, profile="int8", data=data)
+
+
+def test_concat_of_similar_ranges_shares_one_scale():
+    model = _concat_model()
+    model.graph.initializer[1].CopyFrom(init("w2", RNG.normal(size=(2, 3, 1, 1)) * 0.1))
+    model.graph.node.insert(3, helper.make_node("Sigmoid", ["boxes"], ["boxes_s"], name="sig2"))
+    model.graph.node[4].input[1] = "boxes_s"
+    data = _data([1, 3, 4, 4])
+    q = _quantize(model, data).model
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    scales = {n.input[0]: float(inits[n.input[1]]) for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    cat = [v for k, v in scales.items() if k.startswith("cat")]
+    s_in = [v for k, v in scales.items() if k.startswith(("s_", "boxes_s"))]
+    assert cat and s_in and all(v == cat[0] for v in s_in)
+    assert_equivalent(model, q, profile="int8", data=data)
+
+
+@pytest.mark.parametrize("pattern", ["conv2", "conv[0-9]", "Conv"])
+def test_excluded_nodes_stay_float(pattern):
+    model, _, _ = _conv_model()
+    data = _data([1, 3, 8, 8])
+    result = _quantize(model, data, exclude=[pattern])
+    q = result.model
+    conv2 = next(n for n in q.graph.node if n.name == "conv2")
+    assert conv2.input[1] == "w2"  # still the float weight
+    assert any("excluded by the user" in note and "conv2" in note for note in result.notes)
+    assert_equivalent(model, q, profile="int8", data=data)
+
+
+def test_negative_infinity_mask_is_not_quantized():
+    wq = RNG.normal(size=(4, 4)).astype(np.float32)
+    mask = np.zeros((1, 4), np.float32)
+    mask[0, 3] = -np.inf
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["h"], name="proj"),
+        helper.make_node("Add", ["h", "mask"], ["masked"], name="add_mask"),
+        helper.make_node("Softmax", ["masked"], ["p"], name="softmax", axis=-1),
+        helper.make_node("MatMul", ["p", "wq"], ["y"], name="out"),
+    ]
+    model = make_model(nodes, [vi("x", [2, 4]), vi("mask", [1, 4])], [vi("y", [2, 4])], [init("wq", wq)])
+    rng = np.random.default_rng(5)
+    data = Dataset([{"x": rng.normal(size=(2, 4)).astype(np.float32), "mask": mask} for _ in range(8)])
+    q = _quantize(model, data, op_types=["MatMul", "Add", "Softmax"]).model
+    quantized = {n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    assert "mask" not in quantized and not any(t.startswith("masked") for t in quantized)
+    assert_equivalent(model, q, profile="int8", data=data)
+
+
+def test_shape_logic_tensor_is_not_quantized():
+    w = RNG.normal(size=(4, 4)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+        helper.make_node("Greater", ["h", "zero"], ["positive"], name="cmp"),
+        helper.make_node("Cast", ["positive"], ["y"], name="cast", to=onnx.TensorProto.FLOAT),
+        helper.make_node("MatMul", ["h", "w"], ["z"], name="mm2"),
+    ]
+    model = make_model(nodes, [vi("x", [2, 4])], [vi("y", [2, 4]), vi("z", [2, 4])],
+                       [init("w", w), init("zero", np.zeros(1))])
+    data = _data([2, 4])
+    result = _quantize(model, data)
+    assert any("feeds integer logic" in note for note in result.notes)
+    assert_equivalent(model, result.model, profile="int8", data=data)
+
+
+def test_embedding_table_stored_as_int8_rows():
+    table = RNG.normal(size=(100, 64)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["y"], name="embed", axis=0)]
+    model = make_model(nodes, [vi("ids", [1, 5], onnx.TensorProto.INT64)], [vi("y", [1, 5, 64])],
+                       [init("table", table)])
+    data = Dataset([{"ids": np.array([[i, 2 * i, 3, 4, 99]], np.int64)} for i in range(6)])
+    result = _quantize(model, data)
+    q = result.model
+    assert result.stats["tables_quantized"] == 1
+    assert q.ByteSize() < 0.35 * model.ByteSize()
+    assert_equivalent(model, q, profile="int8", data=data)
+
+
+def test_fallback_returns_nodes_to_float_until_a_callable_metric_holds():
+    model, _, _ = _conv_model()
+    data = _data([1, 3, 8, 8], n=8)
+    calls = []
+
+    def exact(reference, candidate):
+        calls.append(1)
+        return all(np.array_equal(r["y"], c["y"]) for r, c in zip(reference, candidate, strict=True))
+
+    result = _quantize(model, data, target=exact, max_fallback=4)
+    assert calls and result.stats["fallback_nodes"] >= 1
+    assert any("accuracy fallback" in note for note in result.notes)
+
+
+def test_string_target_met_reports_no_fallback():
+    model, _, _ = _conv_model()
+    data = _data([1, 3, 8, 8], n=8)
+    result = _quantize(model, data, target="cosine>=0.9")
+    assert result.stats["target_met"] == 1 and result.stats["fallback_nodes"] == 0
+
+
+def test_bad_target_is_rejected():
+    with pytest.raises(Exception, match="expected cosine>=X"):
+        create_pass("quantize_int8", target="accuracy>0.5")
+
+
+def test_int8_activations():
+    model, _, _ = _conv_model()
+    data = _data([1, 3, 8, 8])
+    q = _quantize(model, data, activation_type="int8").model
+    inits = {t.name: t for t in q.graph.initializer}
+    zps = [inits[n.input[2]] for n in q.graph.node if n.op_type == "QuantizeLinear"]
+    assert zps and all(z.data_type == onnx.TensorProto.INT8 for z in zps)
+    assert_equivalent(model, q, profile="int8", data=data)
+
+
+def test_latency_check_reports_both_timings():
+    model, _, _ = _conv_model()
+    data = _data([1, 3, 8, 8], n=4)
+    result = _quantize(model, data, check_latency=True)
+    assert result.stats["latency_float_ms"] > 0 and result.stats["latency_int8_ms"] > 0

@@ -1,0 +1,45 @@
+"""quantize_int8 on real PP-OCR models with real inputs (marked ``real``; about a minute)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import inputs as real_inputs
+from onnxopt.data import Dataset
+from onnxopt.model import load_model
+from onnxopt.pipeline import Context, load_recipe
+from onnxopt.runtime import run_model
+
+pytestmark = pytest.mark.real
+
+
+def _quantize(path, feeds, **params):
+    model = load_model(path)
+    spec = load_recipe("int8").with_overrides({"check_latency": False, **params})
+    result = spec.build().run(model, Context(calibration=Dataset(feeds)))
+    record = next(r for r in result.records if r.name == "quantize_int8")
+    return model, result.model, record
+
+
+def test_ppocr_cls_agreement_and_size(real_model):
+    feeds = real_inputs.ppocr_cls_inputs(24)
+    model, quantized, record = _quantize(real_model("ppocr_cls"), feeds[:16])
+    assert record.changed, record.notes
+    assert record.stats["weights_quantized"] >= 50
+    held = feeds[16:]
+    agreement = real_inputs.task_agreement("ppocr_cls", run_model(model, held),
+                                           run_model(quantized, held, optimization="default"), held)
+    assert agreement >= 0.99
+    assert record.stats["bytes_after"] < 0.6 * record.stats["bytes_before"]
+
+
+def test_ppocr_det_small_input(real_model):
+    feeds = real_inputs.ppocr_det_inputs(10, size=(160, 224))
+    model, quantized, record = _quantize(real_model("ppocr_det"), feeds[:8], max_fallback=0)
+    assert record.changed, record.notes
+    assert any("opset 12 to 13" in note for note in record.notes)
+    held = feeds[8:]
+    agreement = real_inputs.task_agreement("ppocr_det", run_model(model, held),
+                                           run_model(quantized, held, optimization="default"), held)
+    assert agreement >= 0.8  # measured 0.90-0.93 at 480x640; the 0.99 goal is not reached yet
+    assert record.stats["bytes_after"] < 0.35 * record.stats["bytes_before"]
