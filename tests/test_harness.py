@@ -231,3 +231,10 @@ def test_comparison_memory_does_not_scale_with_float64_copies_of_all_samples():
     tracemalloc.stop()
     assert result.passed
     assert peak < 2 * size  # float32 diffs of all samples + one sample's float64 temporaries
+
+
+def test_top1_ignores_rows_tied_at_the_top():
+    ref = np.array([[0.0, 0.0, 0.0], [1.0, 3.0, 2.0]], np.float32)
+    cand = np.array([[0.0, 1e-3, 0.0], [1.0, 3.0, 2.0]], np.float32)
+    assert _cmp(ref, cand, PROFILES["int8"]).top1 == 1.0
+    assert _cmp(np.zeros((2, 3), np.float32), np.ones((2, 3), np.float32), PROFILES["int8"]).top1 is None
