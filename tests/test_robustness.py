@@ -1,0 +1,115 @@
+"""The fuse preset on what real exports contain: custom domains, every opset 11-21, Loop bodies."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from onnxopt.harness import check, synthesize_inputs
+from onnxopt.pipeline import load_recipe
+from tests.builders import init, make_model, vi
+
+
+def _fuse(model: onnx.ModelProto):
+    return load_recipe("fuse").build().run(model)
+
+
+def _cnn(opset: int) -> onnx.ModelProto:
+    """Conv + BatchNorm + Relu + Identity + Reshape + MatMul + Add: work for most passes."""
+    rng = np.random.default_rng(opset)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["bn"]),
+        helper.make_node("Relu", ["bn"], ["r"]),
+        helper.make_node("Identity", ["r"], ["ri"]),
+        helper.make_node("Reshape", ["ri", "shape"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "fc"], ["mm"]),
+        helper.make_node("Add", ["mm", "fc_b"], ["y"]),
+    ]
+    inits = [
+        init("w", rng.standard_normal((4, 3, 3, 3))), init("g", rng.uniform(0.5, 1.5, 4)),
+        init("b", rng.standard_normal(4)), init("m", rng.standard_normal(4)), init("v", rng.uniform(0.5, 2, 4)),
+        init("shape", [1, 64], np.int64), init("fc", rng.standard_normal((64, 5))),
+        init("fc_b", rng.standard_normal(5)),
+    ]
+    model = make_model(nodes, [vi("x", [1, 3, 4, 4])], [vi("y", [1, 5])], inits, opset=opset)
+    model.ir_version = 7 if opset <= 14 else (8 if opset <= 18 else 9)
+    return model
+
+
+@pytest.mark.parametrize("opset", range(11, 22))
+def test_fuse_keeps_every_opset_equal(opset):
+    model = _cnn(opset)
+    onnx.checker.check_model(model, full_check=True)
+    result = _fuse(model)
+    onnx.checker.check_model(result.model, full_check=True)
+    assert [(o.domain, o.version) for o in result.model.opset_import] == [("", opset)]
+    assert result.final.ops.get("BatchNormalization", 0) == 0 and result.final.ops.get("Identity", 0) == 0
+    assert check(model, result.model).passed
+
+
+def test_custom_domain_nodes_are_left_alone():
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"]),
+        helper.make_node("FusedMatMul", ["h", "w2"], ["f"], domain="com.microsoft", alpha=0.5),
+        helper.make_node("Identity", ["f"], ["fi"]),
+        helper.make_node("Normalizer", ["fi"], ["n"], domain="ai.onnx.ml", norm="L2"),
+        helper.make_node("Relu", ["n"], ["y"]),
+    ]
+    model = make_model(nodes, [vi("x", [2, 8])], [vi("y", [2, 8])],
+                       [init("w", rng.standard_normal((8, 8))), init("w2", rng.standard_normal((8, 8)))],
+                       extra_opsets={"com.microsoft": 1, "ai.onnx.ml": 3})
+    result = _fuse(model)
+    ops = result.final.ops
+    assert ops["com.microsoft::FusedMatMul"] == 1 and ops["ai.onnx.ml::Normalizer"] == 1
+    assert {o.domain for o in result.model.opset_import} == {"", "com.microsoft", "ai.onnx.ml"}
+    assert check(model, result.model).passed
+
+
+def test_unknown_custom_op_in_default_position_is_not_folded():
+    # An op from a domain nobody can evaluate, fed only by constants: folding must leave it.
+    nodes = [helper.make_node("Magic", ["k"], ["m"], domain="vendor.ops"), helper.make_node("Add", ["x", "m"], ["y"])]
+    model = make_model(nodes, [vi("x", [3])], [vi("y", [3])], [init("k", [1.0, 2.0, 3.0])],
+                       extra_opsets={"vendor.ops": 1})
+    result = _fuse(model)
+    assert result.final.ops.get("vendor.ops::Magic") == 1
+
+
+def test_loop_body_is_optimized_and_keeps_outer_reads():
+    rng = np.random.default_rng(1)
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["carry"], ["carry_id"]),
+            helper.make_node("MatMul", ["carry_id", "w_outer"], ["mm"]),
+            helper.make_node("Relu", ["mm"], ["carry_out"]),
+            helper.make_node("Identity", ["cond"], ["cond_out"]),
+        ],
+        "body",
+        [vi("i", [], TensorProto.INT64), vi("cond", [], TensorProto.BOOL), vi("carry", [1, 4])],
+        [vi("cond_out", [], TensorProto.BOOL), vi("carry_out", [1, 4])],
+    )
+    nodes = [helper.make_node("Loop", ["trip", "keep_going", "x"], ["y"], body=body)]
+    model = make_model(
+        nodes, [vi("x", [1, 4])], [vi("y", [1, 4])],
+        [init("trip", np.array(3), np.int64), init("keep_going", np.array(True), np.bool_),
+         init("w_outer", rng.standard_normal((4, 4)) * 0.5)],
+    )
+    result = _fuse(model)
+    loop = next(n for n in result.model.graph.node if n.op_type == "Loop")
+    body_out = loop.attribute[0].g
+    assert [i.name for i in body_out.input] == ["i", "cond", "carry"]  # positional: never removed
+    assert "w_outer" in {t.name for t in result.model.graph.initializer}
+    assert all(n.op_type != "Identity" or n.output[0] == "cond_out" for n in body_out.node)
+    assert check(model, result.model, synthesize_inputs(model)).passed
+
+
+def test_dynamic_dims_survive():
+    nodes = [helper.make_node("Identity", ["x"], ["xi"]), helper.make_node("Relu", ["xi"], ["y"])]
+    model = make_model(nodes, [vi("x", ["batch", "seq", 8])], [vi("y", ["batch", "seq", 8])])
+    result = _fuse(model)
+    dims = [d.dim_param for d in result.model.graph.output[0].type.tensor_type.shape.dim[:2]]
+    assert dims == ["batch", "seq"]
+    assert check(model, result.model, synthesize_inputs(model, shapes={"x": [3, 5, 8]})).passed
