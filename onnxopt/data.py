@@ -50,7 +50,7 @@ def _value_info_spec(info: onnx.ValueInfoProto) -> InputSpec:
     dims: list[int | str | None] = []
     if tensor_type.HasField("shape"):
         for dim in tensor_type.shape.dim:
-            if dim.HasField("dim_value"):
+            if dim.HasField("dim_value") and dim.dim_value >= 0:  # some exporters write -1 for "dynamic"
                 dims.append(int(dim.dim_value))
             elif dim.HasField("dim_param") and dim.dim_param:
                 dims.append(dim.dim_param)

@@ -222,3 +222,29 @@ def test_initializer_that_is_an_input_default_survives_remove_unused():
     model.graph.input.append(vi("opt", [1]))
     remove_unused(model.graph)
     assert "opt" in {t.name for t in model.graph.initializer}
+
+
+@pytest.mark.real
+@pytest.mark.parametrize(
+    ("key", "opset", "inputs", "if_nodes", "constant_nodes"),
+    [
+        ("ppocr_det", 12, ["x: float32[p2o.DynamicDimension.0, 3, p2o.DynamicDimension.1, p2o.DynamicDimension.2]"],
+         0, 342),
+        ("ppocr_cls", 11, ["x: float32[?, 3, ?, ?]"], 0, 308),
+        ("silero_vad", 16, ["input: float32[?, ?]", "state: float32[2, ?, 128]", "sr: int64[]"], 25, 341),
+        ("silero_vad_op18", 18, ["input: float32[batch, sequence]", "sr: int64[]", "state: float32[2, batch, 128]"],
+         None, 0),
+    ],
+)
+def test_inspect_describes_real_models(real_model, key, opset, inputs, if_nodes, constant_nodes):
+    from onnxopt.describe import describe_model
+
+    description = describe_model(real_model(key))
+    assert description.opsets == {"ai.onnx": opset}
+    assert description.inputs == inputs
+    assert description.weights["constant_nodes"] == constant_nodes
+    assert description.weights["external_tensors"] == 0
+    if if_nodes is not None:
+        assert description.subgraphs.get("If", 0) == if_nodes
+    assert description.params > 100_000
+    assert description.file_bytes == real_model(key).stat().st_size
