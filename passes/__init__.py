@@ -29,6 +29,7 @@ FUSE_PASSES = [
     "deduplicate",
     "fold_batchnorm",
     "fold_conv_affine",
+    "fuse_hardswish",
     "fuse_matmul_add",
     "fuse_layernorm",
     "fuse_gelu",

@@ -27,7 +27,7 @@ from onnxopt.data import Dataset, Sample
 from onnxopt.harness import Tolerance, compare_outputs
 from onnxopt.runtime import Session
 
-__all__ = ["DEFAULT_TARGET", "Target", "measure_latency", "output_noise", "parse_target", "rank_by_removal"]
+__all__ = ["DEFAULT_TARGET", "Target", "depthwise_groups", "measure_latency", "output_noise", "parse_target", "rank_by_removal"]
 
 #: The default accuracy target: every float output keeps cosine >= 0.999 and SQNR >= 25 dB
 #: against the float model on the held-out calibration samples.
@@ -142,3 +142,30 @@ def measure_latency(models: Sequence[onnx.ModelProto], sample: Sample, *, rounds
     finally:
         for session in sessions:
             session.close()
+
+
+def depthwise_groups(model: onnx.ModelProto, nodes: Mapping[str, onnx.NodeProto]) -> dict[str, list[str]]:
+    """Return the quantized depthwise convolutions to try in float, as nested groups (label → names).
+
+    onnxruntime's int8 depthwise kernel is slow for kernels above 3x3 on small inputs
+    (PP-OCR cls, 48x192: a 5x5 depthwise QLinearConv took 3-10x its float Conv), so the
+    groups are "depthwise convs larger than 3x3" then "all depthwise convs"; empty ones are left out.
+    """
+    from onnxopt.graph import GraphIndex, node_attribute
+
+    index = GraphIndex(model.graph)
+    large: list[str] = []
+    every: list[str] = []
+    for name, node in nodes.items():
+        if node.op_type != "Conv":
+            continue
+        weight = index.constant(node.input[1])
+        group = int(node_attribute(node, "group", 1))  # type: ignore[call-overload]
+        if weight is None or weight.ndim != 4 or group <= 1 or weight.shape[1] != 1:
+            continue
+        every.append(name)
+        if weight.shape[2] * weight.shape[3] > 9:
+            large.append(name)
+    groups = {"depthwise convs above 3x3": large, "depthwise convs": every}
+    return {label: names for label, names in groups.items() if names and not (label == "depthwise convs"
+                                                                              and names == large)}

@@ -1,4 +1,4 @@
-"""Exact fusions: BatchNorm and per-channel affine folding, MatMul+Add, LayerNorm and GELU.
+"""Exact fusions: BatchNorm and per-channel affine folding, MatMul+Add, LayerNorm, GELU and HardSwish.
 
 Each pass is a matcher anchored on one op type: it walks producers and sole consumers
 from the anchor, every failed check names its reason (collected into the notes), and
@@ -26,9 +26,9 @@ from onnxopt.pipeline import Context, Pass, PassResult, register_pass
 from ._fusemath import batchnorm_affine, channel_vector, scale_output_channels, shift_bias
 from ._graphs import Scope, TypeMap, opset_version, walk_scopes
 from ._match import Matcher, NoMatch
-from ._patterns import erf_argument, normalized_constant, tanh_argument
+from ._patterns import erf_argument, hard_sigmoid_product, normalized_constant, tanh_argument
 
-__all__ = ["FoldBatchNorm", "FoldConvAffine", "FuseGelu", "FuseLayerNorm", "FuseMatMulAdd"]
+__all__ = ["FoldBatchNorm", "FoldConvAffine", "FuseGelu", "FuseHardSwish", "FuseLayerNorm", "FuseMatMulAdd"]
 
 Rewrite = Callable[[], str]
 _FLOATS = (np.float16, np.float32, np.float64)
@@ -47,6 +47,14 @@ def _new_weight(graph: onnx.GraphProto, names: NameGenerator, base: str, array: 
     return name
 
 
+class _ModelMatcher(Matcher):
+    """A matcher that also knows the default-domain opset of the model being rewritten."""
+
+    def __init__(self, scope: Scope, types: TypeMap, opset: int) -> None:
+        super().__init__(scope, types)
+        self.opset = opset
+
+
 class _Fusion(Pass):
     """A fusion anchored on ``anchors``: ``match`` checks and returns the rewrite to apply."""
 
@@ -58,8 +66,14 @@ class _Fusion(Pass):
         """Return the rewrite for the pattern anchored at ``node``; raise NoMatch otherwise."""
         raise NotImplementedError
 
+    def prepare(self, model: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:
+        """Return the model to rewrite (a pass may upgrade its opset first); the default keeps it."""
+        return model
+
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         """Find every match and rewrite it (or, below ``min_opset``, only count it)."""
+        notes: list[str] = []
+        model = self.prepare(model, notes)
         opset = opset_version(model)
         types = TypeMap(model)
         names = NameGenerator(model)
@@ -69,7 +83,7 @@ class _Fusion(Pass):
 
         def visit(scope: Scope) -> None:
             nonlocal found_too_old
-            m = Matcher(scope, types)
+            m = _ModelMatcher(scope, types, opset)
             for node in list(scope.graph.node):
                 if node.op_type not in self.anchors or not is_default_domain(node):
                     continue
@@ -87,7 +101,6 @@ class _Fusion(Pass):
                 m.refresh()
 
         walk_scopes(model, visit)
-        notes = []
         if found_too_old:
             notes.append(f"found {found_too_old} pattern(s) but left them: {self.produces} needs opset "
                          f"{self.min_opset}, the model imports opset {opset}")
@@ -175,12 +188,14 @@ _AFFINE = {"Mul": (True, 0.0), "Add": (False, 1.0), "Sub": (False, -1.0)}
 
 @register_pass
 class FoldConvAffine(_Fusion):
-    """Fold ``Mul``/``Add``/``Sub`` by a per-output-channel constant into the Conv before it.
+    """Fold ``Mul``/``Add``/``Sub`` by a per-output-channel constant into the Conv or ConvTranspose before it.
 
     The constant must be a scalar or vary only along the channel axis ([C,1,1],
-    [1,C,1,1], ...), so the result has the Conv's shape; ``Mul`` scales weight and bias,
-    ``Add``/``Sub`` (Conv minus constant only) shift the bias. The Conv output must feed
-    only this node and not be a graph output; the constant must share the weight's dtype.
+    [1,C,1,1], ...), so the result has the layer's shape; ``Mul`` scales weight and bias,
+    ``Add``/``Sub`` (layer minus constant only) shift the bias. ConvTranspose weights are
+    [Cin, Cout/group, ...], so its output channel ``k`` is column ``k % (Cout/group)`` of
+    group ``k // (Cout/group)``. The layer output must feed only this node and not be a
+    graph output; the constant must share the weight's dtype.
     """
 
     name = "fold_conv_affine"
@@ -188,12 +203,12 @@ class FoldConvAffine(_Fusion):
     anchors = tuple(_AFFINE)
 
     def match(self, node: onnx.NodeProto, m: Matcher, names: NameGenerator) -> Rewrite:
-        """Match Conv followed by a per-channel affine op."""
+        """Match Conv or ConvTranspose followed by a per-channel affine op."""
         candidates = node.input[:1] if node.op_type == "Sub" else node.input
         conv = None
         for name in candidates:
             try:
-                conv = m.producer(name, "Conv")
+                conv = m.producer(name, "Conv", "ConvTranspose")
                 break
             except NoMatch:
                 continue
@@ -203,7 +218,12 @@ class FoldConvAffine(_Fusion):
         m.private(conv.output[0])
         weight = m.constant(conv.input[1])
         bias = m.optional_constant(conv, 2)
-        vector = channel_vector(value, weight.ndim, weight.shape[0])
+        group = int(node_attribute(conv, "group", 1))  # type: ignore[call-overload]
+        if conv.op_type == "Conv":
+            layout, channels = "conv", weight.shape[0]
+        else:
+            layout, channels = "conv_transpose", weight.shape[1] * group
+        vector = channel_vector(value, weight.ndim, channels)
         if vector is None or value.dtype != weight.dtype:
             raise NoMatch(f"{node.op_type} constant is not per-channel of the weight's dtype")
         scales, sign = _AFFINE[node.op_type]
@@ -212,10 +232,10 @@ class FoldConvAffine(_Fusion):
         def rewrite() -> str:
             if scales:
                 conv.input[1] = _new_weight(graph, names, conv.input[1],
-                                            scale_output_channels(weight, vector, "conv"))
+                                            scale_output_channels(weight, vector, layout, group))
             if bias is not None or not scales:
                 new_bias = shift_bias(bias, vector if scales else None, None if scales else sign * vector,
-                                      weight.shape[0], weight.dtype)
+                                      channels, weight.dtype)
                 bias_name = _new_weight(graph, names, f"{conv.output[0]}_bias", new_bias)
                 if len(conv.input) > 2:
                     conv.input[2] = bias_name
@@ -223,7 +243,7 @@ class FoldConvAffine(_Fusion):
                     conv.input.append(bias_name)
             conv.output[0] = node.output[0]
             graph.node.remove(node)
-            return f"conv_{node.op_type.lower()}_folded"
+            return f"{conv.op_type.lower()}_{node.op_type.lower()}_folded"
 
         return rewrite
 
@@ -403,5 +423,96 @@ class FuseGelu(_Fusion):
                 graph.node.remove(dead)
             last.CopyFrom(fused)
             return f"gelu_{approximate}_fused"
+
+        return rewrite
+
+
+_HARDSWISH_OPSET = 14
+
+
+@register_pass
+class FuseHardSwish(_Fusion):
+    """Replace ``x * Clip(x + 3, 0, 6) / 6`` by ``HardSwish`` and ``Clip(x + 3, 0, 6) / 6`` by ``HardSigmoid``.
+
+    Matches, anchored on the Clip (bounds as inputs or, below opset 11, attributes):
+    ``Mul(x, Clip(Add(x, 3), 0, 6))`` then ``Div(·, 6)`` or ``Mul(·, 1/6)``; or the Clip
+    divided first, ``Mul(x, Div(Clip, 6))`` (both orders of every commutative op). Without
+    the product by the same ``x`` the Clip/Div pair alone becomes ``HardSigmoid(alpha=1/6,
+    beta=0.5)``. Every intermediate must have one reader and not be a graph output; ``x``
+    may have others. HardSwish needs opset 14: below it, when the model has the pattern,
+    ``upgrade`` (default True) converts the model with ``onnx.version_converter`` and says
+    so in the notes; when that is off or fails, the product becomes ``x * HardSigmoid(x)``
+    (two ops instead of four, any opset). Must not fire for other constants (Add 3, Clip
+    0..6, divisor 6), a Clip whose input is not ``x + 3``, or a product by another tensor.
+    """
+
+    name = "fuse_hardswish"
+    exact = True
+    anchors = ("Clip",)
+
+    def __init__(self, *, upgrade: bool = True) -> None:
+        self.upgrade = upgrade
+
+    def prepare(self, model: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:
+        """Upgrade to opset 14 when the model holds a HardSwish pattern and ``upgrade`` is set."""
+        opset = opset_version(model)
+        if not self.upgrade or opset >= _HARDSWISH_OPSET or not self._has_product(model):
+            return model
+        from onnx import version_converter
+
+        try:
+            upgraded = version_converter.convert_version(model, _HARDSWISH_OPSET)
+        except (RuntimeError, ValueError, onnx.checker.ValidationError) as exc:
+            notes.append(f"could not upgrade opset {opset} -> {_HARDSWISH_OPSET} for HardSwish "
+                         f"({str(exc)[:120]}); wrote x * HardSigmoid(x) instead")
+            return model
+        notes.append(f"upgraded the model from opset {opset} to {_HARDSWISH_OPSET} (HardSwish needs it)")
+        return upgraded
+
+    def _has_product(self, model: onnx.ModelProto) -> bool:
+        types = TypeMap(model)
+        found = False
+
+        def visit(scope: Scope) -> None:
+            nonlocal found
+            m = Matcher(scope, types)
+            for node in scope.graph.node:
+                if node.op_type == "Clip" and is_default_domain(node) and not found:
+                    try:
+                        found = hard_sigmoid_product(m, node).product is not None
+                    except NoMatch:
+                        continue
+
+        walk_scopes(model, visit)
+        return found
+
+    def match(self, node: onnx.NodeProto, m: Matcher, names: NameGenerator) -> Rewrite:
+        """Match the hard-sigmoid around the Clip ``node`` and the product by its input, if any."""
+        found = hard_sigmoid_product(m, node)
+        opset = m.opset if isinstance(m, _ModelMatcher) else 0
+        graph = m.scope.graph
+
+        def rewrite() -> str:
+            last = found.chain[-1]
+            output = last.output[0]
+            if found.product is None:
+                fused = [helper.make_node("HardSigmoid", [found.x], [output], alpha=1.0 / 6.0, beta=0.5,
+                                          name=names.fresh(f"{output}_hardsigmoid"))]
+                kind = "hardsigmoid_fused"
+            elif opset >= _HARDSWISH_OPSET:
+                fused = [helper.make_node("HardSwish", [found.x], [output], name=names.fresh(f"{output}_hardswish"))]
+                kind = "hardswish_fused"
+            else:
+                gate = names.fresh(f"{output}_gate")
+                fused = [helper.make_node("HardSigmoid", [found.x], [gate], alpha=1.0 / 6.0, beta=0.5,
+                                          name=names.fresh(f"{output}_hardsigmoid")),
+                         helper.make_node("Mul", [found.x, gate], [output], name=names.fresh(f"{output}_hardswish"))]
+                kind = "hardswish_as_hardsigmoid_product"
+            position = list(graph.node).index(last)
+            for offset, new in enumerate(fused):
+                graph.node.insert(position + offset, new)
+            for dead in found.chain:
+                graph.node.remove(dead)
+            return kind
 
         return rewrite

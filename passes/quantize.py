@@ -33,7 +33,7 @@ from onnxopt.runtime import Session
 
 from ._quant_placement import ANCHOR_OPS, DEFAULT_OP_TYPES, Placement, place
 from ._quant_rewrite import LookupUse, QDQPlan, apply_plan
-from ._quant_search import DEFAULT_TARGET, Target, measure_latency, parse_target, rank_by_removal
+from ._quant_search import DEFAULT_TARGET, Target, depthwise_groups, measure_latency, parse_target, rank_by_removal
 
 __all__ = ["QuantizeInt8"]
 
@@ -121,6 +121,7 @@ class QuantizeInt8(Pass):
         averaging_constant: float | None = None,
         mixed_range_ratio: float = 32.0,
         threads: int | None = 1,
+        weight_only: bool = True,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
@@ -142,6 +143,7 @@ class QuantizeInt8(Pass):
         self.averaging_constant = averaging_constant
         self.mixed_range_ratio = mixed_range_ratio
         self.threads = threads
+        self.weight_only = weight_only
 
     # ------------------------------------------------------------------ steps
 
@@ -180,7 +182,8 @@ class QuantizeInt8(Pass):
     def _plan(self, model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], blocked: dict[str, str],
               float_nodes: dict[str, str]) -> tuple[Placement, QDQPlan]:
         op_types = self.op_types if self.op_types is not None else DEFAULT_OP_TYPES
-        common = {"op_types": op_types, "exclude": self.exclude, "per_channel": self.per_channel}
+        common = {"op_types": op_types, "exclude": self.exclude, "per_channel": self.per_channel,
+                  "weight_only": self.weight_only}
         placement = place(model, float_nodes=float_nodes, blocked=blocked, **common)
         mixed = _mixed_concats(placement, ranges, self.mixed_range_ratio)
         if mixed:
@@ -236,10 +239,14 @@ class QuantizeInt8(Pass):
                 work, target, held, ranges, blocked, float_nodes, placement, plan, quantized, counts, ctx, notes,
                 stats)
 
+        if self.check_latency:
+            placement, quantized, counts = self._latency_groups(work, ranges, blocked, float_nodes, placement,
+                                                                quantized, counts, ctx.calibration[0], notes)
         stats.update(counts)
         stats["nodes_quantized"] = len(placement.nodes)
         stats["nodes_kept_float"] = len(placement.float_reasons)
         stats["fallback_nodes"] = len(fallback)
+        stats["weight_only_nodes"] = len(placement.weight_only)
         stats["bytes_after"] = quantized.ByteSize()
         kept = self._latency(work, quantized, ctx.calibration[0], stats, notes)
         reasons: dict[str, list[str]] = {}
@@ -294,6 +301,26 @@ class QuantizeInt8(Pass):
         if fallback:
             notes.append(f"{len(fallback)} node(s) returned to float by the accuracy fallback: " + ", ".join(fallback))
         return placement, plan, quantized, counts, fallback
+
+    def _latency_groups(self, work: onnx.ModelProto, ranges: dict[str, tuple[float, float]],
+                        blocked: dict[str, str], float_nodes: dict[str, str], placement: Placement,
+                        quantized: onnx.ModelProto, counts: dict[str, int], sample: dict[str, np.ndarray],
+                        notes: list[str]) -> tuple[Placement, onnx.ModelProto, dict[str, int]]:
+        """Time the model with each group of slow-kernel candidates in float; keep the fastest variant."""
+        best_s = None
+        for label, names in depthwise_groups(work, placement.nodes).items():
+            reason = f"latency: int8 {label} measured slower than float here"
+            trial_float = {**float_nodes, **dict.fromkeys(names, reason)}
+            trial_placement, trial_plan = self._plan(work, ranges, blocked, trial_float)
+            trial, trial_counts = apply_plan(work, trial_plan)
+            current_s, trial_s = measure_latency([quantized, trial], sample, threads=self.threads)
+            best_s = current_s if best_s is None else best_s
+            notes.append(f"latency probe, {len(names)} {label} in float: {trial_s * 1e3:.2f} ms against "
+                         f"{current_s * 1e3:.2f} ms")
+            if trial_s < 0.98 * current_s:
+                float_nodes.update(dict.fromkeys(names, reason))
+                placement, quantized, counts = trial_placement, trial, trial_counts
+        return placement, quantized, counts
 
     def _latency(self, float_model: onnx.ModelProto, quantized: onnx.ModelProto, sample: dict[str, np.ndarray],
                  stats: dict[str, Any], notes: list[str]) -> bool:

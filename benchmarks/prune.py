@@ -1,0 +1,117 @@
+"""Unstructured pruning: uniform per-layer L1 vs our calibration-aware pruning, side by side.
+
+For each model, with 32 calibration samples of real inputs and held-out inputs distinct
+from them, find by bisection the highest overall sparsity (of the prunable Conv /
+ConvTranspose / Gemm / MatMul weights) at which held-out task agreement stays ≥ 0.99 for
+
+* ``uniform L1``: every layer loses the same share of its smallest-magnitude weights;
+* ``ours``: ``|W|·‖X‖`` scores, SparseGPT repair, per-layer sparsity allocated on error
+  curves weighted by measured sensitivity (what ``prune_magnitude`` does with --calib);
+
+and report the file size with ``sparse_initializer`` storage and onnxruntime latency.
+Run ``python -m benchmarks.prune [model ...]``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from benchmarks.lowrank import CALIBRATION, latency_ms, model_and_inputs
+from onnxopt.model import serialized_size
+from onnxopt.runtime import run_model
+from passes._prune_plan import PrunePlan, build_plan, store_sparse
+
+__all__ = ["run"]
+
+TARGET = 0.99
+MODELS = ("ppocr_cls", "ppocr_det", "encoder")
+HELD_OUT = {"ppocr_det": 24, "ppocr_cls": 64, "encoder": 64}
+
+
+def _highest(evaluate: Callable[[float], float], steps: int, high: float = 0.95) -> tuple[float, float]:
+    """Bisect sparsity in [0, high] for the highest value whose agreement is ≥ TARGET."""
+    low, best = 0.0, (0.0, 1.0)
+    agreement = evaluate(high)
+    if agreement >= TARGET:
+        return high, agreement
+    for _ in range(steps):
+        middle = (low + high) / 2
+        agreement = evaluate(middle)
+        if agreement >= TARGET:
+            low, best = middle, (middle, agreement)
+        else:
+            high = middle
+    return best
+
+
+def _matrices(plan: PrunePlan, counts: list[int]) -> list[np.ndarray | None]:
+    return [plan.pruned(i, c) if c else None for i, c in enumerate(counts)]
+
+
+def run_one(key: str, steps: int = 7) -> list[dict]:
+    """Return the rows of one model: baseline and ours."""
+    from benchmarks.inputs import task_agreement
+
+    model, calib, held = model_and_inputs(key, HELD_OUT[key])
+    reference = run_model(model, held)
+    started = time.perf_counter()
+    uniform = build_plan(model, scoring="magnitude", repair=False, exclude=(), min_size=4096, samples=None)
+    ours = build_plan(model, scoring="activation", repair=True, exclude=(), min_size=4096, samples=calib)
+    ours.measure_sensitivity(model, calib[:4])
+    curves = ours.curves()
+    prepare = time.perf_counter() - started
+
+    def agreement(plan: PrunePlan, counts: list[int]) -> float:
+        candidate = plan.apply(model, _matrices(plan, counts))
+        return task_agreement(key, reference, run_model(candidate, held), held)
+
+    methods = {
+        "uniform per-layer L1": (uniform, lambda s: uniform.counts_for(s, "layer")),
+        "ours (activation scores + repair + allocation)": (ours, lambda s: ours.counts_for(s, "global", curves)),
+    }
+    base_latency = latency_ms(model, held[0])
+    rows = []
+    for method, (plan, counts_at) in methods.items():
+        sparsity, agree = _highest(lambda s, plan=plan, counts_at=counts_at: agreement(plan, counts_at(s)), steps)
+        counts = counts_at(sparsity)
+        pruned = plan.apply(model, _matrices(plan, counts))
+        dense_bytes = serialized_size(pruned)
+        store_sparse(pruned)
+        rows.append({
+            "model": key, "method": method, "sparsity": round(sparsity, 4), "agreement": round(agree, 4),
+            "layers": len(plan.units), "prunable_weights": plan.total,
+            "bytes_dense": dense_bytes, "bytes_sparse_storage": serialized_size(pruned),
+            "latency_ms_before": round(base_latency, 2),
+            "latency_ms_after": round(latency_ms(pruned, held[0]), 2),
+            "per_layer_sparsity": {u.key: round(c / u.size, 3) for u, c in zip(plan.units, counts, strict=True)},
+        })
+    rows[-1]["ratio_vs_uniform"] = round(rows[-1]["sparsity"] / max(rows[0]["sparsity"], 1e-9), 2)
+    rows[-1]["prepare_seconds"] = round(prepare, 1)
+    return rows
+
+
+def run(models: tuple[str, ...] = MODELS, steps: int = 7) -> list[dict]:
+    """Return one row per model and method (see the module docstring)."""
+    return [row for key in models for row in run_one(key, steps)]
+
+
+def table(rows: list[dict]) -> str:
+    """Render the rows as a Markdown table (per-layer sparsity left out)."""
+    columns = ["model", "method", "sparsity", "agreement", "ratio_vs_uniform", "bytes_dense",
+               "bytes_sparse_storage", "latency_ms_before", "latency_ms_after"]
+    lines = [" | ".join(columns), " | ".join("---" for _ in columns)]
+    lines += [" | ".join(str(r.get(c, "")) for c in columns) for r in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    chosen = tuple(sys.argv[1:]) or MODELS
+    result = run(chosen)
+    print(table(result))
+    print(f"(calibration: {CALIBRATION} samples; target agreement {TARGET})")
+    for row in result:
+        print(row["model"], row["method"], row["per_layer_sparsity"])

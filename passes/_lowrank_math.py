@@ -1,0 +1,139 @@
+"""The math of low-rank splitting, on numpy arrays: factorizations, ranks and allocation.
+
+A layer computes ``y = x·W`` with ``W`` of shape ``k×n``. It is replaced by ``(x·A)·B``
+with ``A = W·V_r`` (``k×r``) and ``B = V_rᵀ`` (``r×n``), where ``V_r`` holds ``r``
+orthonormal directions of the output space:
+
+* plain truncated SVD: ``V`` are the right singular vectors of ``W`` (minimizes
+  ``‖W − AB‖``);
+* activation-aware ("whitened") SVD: ``V`` are the top eigenvectors of
+  ``Wᵀ·G·W`` with ``G = XᵀX`` the second moment of the layer's calibration inputs. As
+  ``‖X(W − W')‖² = ‖Lᵀ(W − W')‖²`` for ``G = LLᵀ``, the best rank-``r`` ``W'`` is the
+  truncated SVD of ``LᵀW`` mapped back, which equals ``W·V_r·V_rᵀ``; no inverse of the
+  Cholesky factor is needed, so an ill-conditioned ``G`` is harmless. The relative
+  error of the layer output is exactly the discarded fraction of the eigenvalues.
+
+The factors save parameters and multiply-adds per row only when ``r·(k+n) < k·n``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "Factorization",
+    "RankCandidate",
+    "allocate_ranks",
+    "factorize",
+    "max_rank",
+    "rank_for_energy",
+    "split_factors",
+]
+
+
+@dataclass(frozen=True)
+class Factorization:
+    """Output directions of one weight, best first, and the energy each carries."""
+
+    basis: np.ndarray
+    energy: np.ndarray
+    whitened: bool
+
+    @property
+    def relative_error(self) -> np.ndarray:
+        """Return, for ranks 0..m, the fraction of output energy lost (``[m + 1]``)."""
+        total = float(self.energy.sum())
+        if total <= 0:
+            return np.zeros(len(self.energy) + 1)
+        kept = np.concatenate([[0.0], np.cumsum(self.energy)])
+        return np.clip(1.0 - kept / total, 0.0, 1.0)
+
+
+def factorize(weight: np.ndarray, gram: np.ndarray | None = None, shrinkage: float = 0.0) -> Factorization:
+    """Return the output directions of ``weight`` (``k×n``), whitened by ``gram`` (``k×k``) if given.
+
+    ``shrinkage`` mixes ``gram`` with ``shrinkage·mean(diag(gram))·I``: with fewer
+    calibration rows than input features ``XᵀX`` is rank-deficient, and directions it
+    has never seen would otherwise be thrown away for free.
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    if gram is None:
+        _, singular, vt = np.linalg.svd(w, full_matrices=False)
+        return Factorization(vt.T, singular**2, whitened=False)
+    gram = np.asarray(gram, dtype=np.float64)
+    if shrinkage:
+        gram = gram + shrinkage * float(np.mean(np.diag(gram))) * np.eye(len(gram))
+    moment = w.T @ gram @ w
+    moment = (moment + moment.T) / 2
+    values, vectors = np.linalg.eigh(moment)
+    order = np.argsort(values)[::-1][: min(w.shape)]
+    return Factorization(vectors[:, order], np.clip(values[order], 0.0, None), whitened=True)
+
+
+def split_factors(weight: np.ndarray, factorization: Factorization, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``A`` (``k×rank``) and ``B`` (``rank×n``) with ``A·B`` the rank-``rank`` approximation.
+
+    The columns of ``A`` and rows of ``B`` are balanced to equal norms, which keeps both
+    factors in similar ranges (friendlier to a later int8 pass).
+    """
+    basis = factorization.basis[:, :rank]
+    a = np.asarray(weight, dtype=np.float64) @ basis
+    b = basis.T.copy()
+    scale = np.sqrt(np.maximum(np.linalg.norm(a, axis=0), 1e-30))
+    return (a / scale).astype(np.float32), (b * scale[:, None]).astype(np.float32)
+
+
+def max_rank(k: int, n: int, min_saving: float = 0.0) -> int:
+    """Return the largest rank whose factors keep at most ``1 - min_saving`` of ``k·n`` parameters."""
+    limit = (1.0 - min_saving) * k * n / (k + n)
+    rank = math.ceil(limit) - 1 if limit == int(limit) else math.floor(limit)
+    return max(0, min(rank, min(k, n)))
+
+
+def rank_for_energy(energy: np.ndarray, fraction: float) -> int:
+    """Return the smallest rank keeping at least ``fraction`` of the total energy (Σσ²)."""
+    total = float(np.sum(energy))
+    if total <= 0:
+        return 1
+    kept = np.cumsum(energy) / total
+    return int(min(len(energy), np.searchsorted(kept, fraction - 1e-12) + 1))
+
+
+@dataclass(frozen=True)
+class RankCandidate:
+    """One splittable layer for allocation: its error curve and shape."""
+
+    relative_error: np.ndarray
+    k: int
+    n: int
+    limit: int
+    weight: float = 1.0
+
+    def params(self, rank: int) -> int:
+        """Return the parameters kept at ``rank`` (0 means dense)."""
+        return self.k * self.n if rank == 0 else rank * (self.k + self.n)
+
+
+def allocate_ranks(candidates: Sequence[RankCandidate], price: float) -> list[int]:
+    """Return a rank per layer (0 = keep dense) minimizing ``weight·error + price·params/total``.
+
+    A larger ``price`` of parameters gives smaller ranks and more error; each layer
+    decides alone, which is the Lagrangian relaxation of "fewest parameters for a total
+    error". Monotone in ``price``.
+    """
+    total = sum(c.k * c.n for c in candidates) or 1
+    ranks = []
+    for c in candidates:
+        if c.limit < 1:
+            ranks.append(0)
+            continue
+        r = np.arange(1, c.limit + 1)
+        cost = c.weight * c.relative_error[r] + price * r * (c.k + c.n) / total
+        best = int(np.argmin(cost))
+        dense_cost = price * c.k * c.n / total
+        ranks.append(int(r[best]) if cost[best] < dense_cost else 0)
+    return ranks

@@ -1,0 +1,267 @@
+"""What the pruning pass prunes: units (one weight and its readers), their stats, and rewriting.
+
+A *unit* is one weight tensor with every layer that reads it: a weight shared by two
+MatMuls is pruned once, scored and repaired on the sum of both layers' input
+statistics, so the shared tensor stays shared. A weight also read by other nodes is
+left dense. The math is in :mod:`._prune_math`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import itertools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxopt.graph import GraphIndex, NameGenerator, remove_unused
+from onnxopt.progress import Progress
+
+from ._activations import (
+    InputStats,
+    Layer,
+    collect_input_stats,
+    find_layers,
+    from_canonical,
+    measure_gains,
+    to_canonical,
+    write_weight,
+)
+from ._prune_math import (
+    ErrorCurve,
+    activation_scores,
+    allocate_counts,
+    lowest_mask,
+    nm_mask,
+    relative_output_error,
+    sparsegpt,
+)
+
+__all__ = ["LEVELS", "PrunePlan", "PruneUnit", "build_plan", "store_sparse"]
+
+log = logging.getLogger(__name__)
+
+#: Sparsity levels at which each layer's error curve is measured for allocation.
+LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+
+
+@dataclass
+class PruneUnit:
+    """One weight tensor, the layers reading it, its canonical matrix and input statistics."""
+
+    weight: str
+    layers: list[Layer]
+    matrix: np.ndarray
+    stats: InputStats | None = None
+
+    @property
+    def size(self) -> int:
+        """Return the number of weights."""
+        return int(self.matrix.size)
+
+    @property
+    def key(self) -> str:
+        """Return the name used in reports (the first reader's output)."""
+        return self.layers[0].key
+
+
+@dataclass
+class PrunePlan:
+    """The units of a model and how to prune them (scores, repair); caches pruned matrices."""
+
+    units: list[PruneUnit]
+    scoring: str
+    repair: bool
+    notes: list[str] = field(default_factory=list)
+    gains: list[float] | None = None
+    _cache: dict[tuple, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        """Return the number of prunable weights."""
+        return sum(u.size for u in self.units)
+
+    def _norms(self, unit: PruneUnit) -> np.ndarray | None:
+        return unit.stats.norms if unit.stats is not None and self.scoring == "activation" else None
+
+    def _gram(self, unit: PruneUnit) -> np.ndarray | None:
+        return None if unit.stats is None else unit.stats.mean_gram
+
+    def pruned(self, index: int, count: int) -> np.ndarray:
+        """Return unit ``index``'s matrix with exactly ``count`` weights zeroed (repaired if set)."""
+        key = (index, count)
+        if key not in self._cache:
+            unit = self.units[index]
+            gram = self._gram(unit)
+            if count == 0:
+                result = unit.matrix
+            elif self.repair and gram is not None:
+                result = sparsegpt(unit.matrix, gram, count=count)
+            else:
+                result = np.where(lowest_mask(activation_scores(unit.matrix, self._norms(unit)), count),
+                                  np.float32(0), unit.matrix)
+            self._cache[key] = result
+        return self._cache[key]
+
+    def pruned_nm(self, index: int, n: int, m: int) -> np.ndarray | None:
+        """Return unit ``index`` pruned to an N:M pattern along its input features (None if it does not tile)."""
+        unit = self.units[index]
+        if unit.matrix.shape[-1] % m:
+            return None
+        gram = self._gram(unit)
+        if self.repair and gram is not None:
+            return sparsegpt(unit.matrix, gram, nm=(n, m))
+        mask = nm_mask(activation_scores(unit.matrix, self._norms(unit)), n, m)
+        return np.where(mask, np.float32(0), unit.matrix)
+
+    def error(self, index: int, matrix: np.ndarray) -> float:
+        """Return the relative output error of unit ``index`` with ``matrix`` as its weight."""
+        unit = self.units[index]
+        norms = unit.stats.norms if unit.stats is not None else None
+        return relative_output_error(unit.matrix, matrix, self._gram(unit), norms)
+
+    def curves(self) -> list[ErrorCurve]:
+        """Return each unit's error at :data:`LEVELS` (scored masks, no repair), weighted by gains."""
+        gains = self.gains or [1.0] * len(self.units)
+        curves = []
+        for unit, gain in zip(self.units, gains, strict=True):
+            order = np.argsort(activation_scores(unit.matrix, self._norms(unit)).ravel(), kind="stable")
+            counts, errors = [0], [0.0]
+            norms = unit.stats.norms if unit.stats is not None else None
+            for level in LEVELS:
+                count = round(level * unit.size)
+                flat = unit.matrix.ravel().copy()
+                flat[order[:count]] = 0
+                counts.append(count)
+                errors.append(gain * relative_output_error(unit.matrix, flat.reshape(unit.matrix.shape),
+                                                           self._gram(unit), norms))
+            curves.append(ErrorCurve(np.array(counts), np.array(errors)))
+        return curves
+
+    def counts_for(self, sparsity: float, scope: str, curves: list[ErrorCurve] | None = None) -> list[int]:
+        """Return per-unit pruned counts for an overall ``sparsity`` (exact in total)."""
+        if scope == "layer":
+            return [round(sparsity * u.size) for u in self.units]
+        total = round(sparsity * self.total)
+        if self.scoring == "activation" and all(u.stats is not None for u in self.units):
+            curves = curves or self.curves()
+            return allocate_counts(curves, min(total, sum(int(c.counts[-1]) for c in curves)))
+        magnitudes = np.concatenate([np.abs(u.matrix).ravel() for u in self.units])
+        mask = lowest_mask(magnitudes, total)
+        bounds = np.cumsum([0] + [u.size for u in self.units])
+        return [int(mask[a:b].sum()) for a, b in itertools.pairwise(bounds)]
+
+    def apply(self, model: onnx.ModelProto, matrices: Sequence[np.ndarray | None]) -> onnx.ModelProto:
+        """Return a copy of ``model`` whose units hold ``matrices`` (None = unchanged)."""
+        result = onnx.ModelProto()
+        result.CopyFrom(model)
+        graph = result.graph
+        names = NameGenerator(result)
+        by_output = {n.output[0]: n for n in graph.node if n.output}
+        for unit, matrix in zip(self.units, matrices, strict=True):
+            if matrix is None or matrix is unit.matrix:
+                continue
+            readers = [by_output[layer.key] for layer in unit.layers]
+            write_weight(graph, names, unit.weight, from_canonical(unit.layers[0], matrix), readers)
+        remove_unused(graph)
+        return result
+
+    def measure_sensitivity(self, model: onnx.ModelProto, samples: list, *, probe: float = 0.5,
+                            progress: Progress | None = None) -> None:
+        """Set :attr:`gains`: model output error per unit of layer output error, per unit.
+
+        Each unit alone is pruned to ``probe`` sparsity by its scores (no repair).
+        """
+        saved_repair, self.repair = self.repair, False
+        probes = []
+        for i, unit in enumerate(self.units):
+            matrix = self.pruned(i, round(probe * unit.size))
+            matrices: list[np.ndarray | None] = [None] * len(self.units)
+            matrices[i] = matrix
+            probes.append((self.error(i, matrix), lambda m=matrices: self.apply(model, m)))
+        self.gains = measure_gains(model, samples, probes, progress)
+        self.repair = saved_repair
+        self._cache.clear()
+
+
+def _excluded(layer: Layer, node: onnx.NodeProto, patterns: Sequence[str]) -> bool:
+    names = [layer.op_type, node.name, layer.key, layer.weight]
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns for name in names if name)
+
+
+def build_plan(model: onnx.ModelProto, *, scoring: str, repair: bool, exclude: Sequence[str], min_size: int,
+               samples: list | None, seed: int = 0, progress: Progress | None = None) -> PrunePlan:
+    """Find the prunable units of ``model``'s main graph and collect their input statistics."""
+    graph = model.graph
+    layers, notes = find_layers(graph)
+    index = GraphIndex(graph)
+    by_output = {n.output[0]: n for n in graph.node if n.output}
+    by_weight: dict[str, list[Layer]] = {}
+    for layer in layers:
+        by_weight.setdefault(layer.weight, []).append(layer)
+    units: list[PruneUnit] = []
+    for weight, readers in by_weight.items():
+        first = readers[0]
+        if any(_excluded(layer, by_output[layer.key], exclude) for layer in readers):
+            notes.append(f"{first.key}: excluded, left dense")
+            continue
+        if first.size < min_size:
+            continue
+        reader_ids = {id(by_output[layer.key]) for layer in readers}
+        others = [n for n in index.consumers.get(weight, []) if id(n) not in reader_ids]
+        shapes = {to_canonical(layer, index.constant(weight)).shape for layer in readers}  # type: ignore[arg-type]
+        if others or weight in index.outputs or len(shapes) > 1:
+            notes.append(f"{first.key}: weight {weight!r} is also read by other nodes; left dense")
+            continue
+        units.append(PruneUnit(weight, readers, to_canonical(first, index.constant(weight))))  # type: ignore[arg-type]
+    if samples and units:
+        stats = collect_input_stats(model, [layer for u in units for layer in u.layers], samples,
+                                    gram=repair or scoring == "activation", seed=seed, progress=progress)
+        for unit in units:
+            merged = [stats[layer.key] for layer in unit.layers]
+            total = merged[0]
+            if len(merged) > 1 and len({id(s) for s in merged}) > 1:
+                grams = [s.gram for s in merged]
+                total = InputStats(sum(s.rows for s in merged), sum(s.sq_sum for s in merged),
+                                   None if any(g is None for g in grams) else sum(grams))  # type: ignore[arg-type]
+            unit.stats = total
+    return PrunePlan(units, scoring, repair, notes)
+
+
+def store_sparse(model: onnx.ModelProto) -> list[str]:
+    """Move mostly-zero float initializers of the main graph to ``sparse_initializer`` where smaller.
+
+    A sparse tensor stores values (4 bytes) and int64 linear indices (8 bytes) per
+    non-zero, so it pays below one third density. onnxruntime densifies them on load.
+    Returns the names moved.
+    """
+    graph = model.graph
+    inputs = {i.name for i in graph.input}
+    keep, moved = [], []
+    for tensor in graph.initializer:
+        if tensor.data_type != onnx.TensorProto.FLOAT or tensor.name in inputs:
+            keep.append(tensor)
+            continue
+        array = numpy_helper.to_array(tensor)
+        flat = array.ravel()
+        nonzero = np.flatnonzero(flat)
+        if array.size < 64 or nonzero.size * 12 >= array.size * 4:
+            keep.append(tensor)
+            continue
+        values = numpy_helper.from_array(flat[nonzero].astype(np.float32), tensor.name)
+        indices = numpy_helper.from_array(nonzero.astype(np.int64), f"{tensor.name}_indices")
+        graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, list(array.shape)))
+        moved.append(tensor.name)
+    if moved:
+        copies = []
+        for tensor in keep:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(tensor)
+            copies.append(copy)
+        del graph.initializer[:]
+        graph.initializer.extend(copies)
+    return moved

@@ -1,0 +1,343 @@
+"""Low-rank splitting of MatMul/Gemm weights (the ``lowrank`` preset).
+
+A weight ``W`` (``k×n``) is replaced by two thinner factors ``A`` (``k×r``) and ``B``
+(``r×n``), so ``x·W`` becomes ``(x·A)·B``; the math lives in :mod:`._lowrank_math`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from onnxopt.errors import CalibrationDataError
+from onnxopt.graph import GraphIndex, NameGenerator, node_attribute, remove_unused, set_initializer
+from onnxopt.pipeline import Context, Pass, PassResult, register_pass
+from onnxopt.progress import Progress
+
+from ._activations import (
+    BudgetSpec,
+    HeldOutCheck,
+    Layer,
+    budget_tolerance,
+    collect_input_stats,
+    describe_budget,
+    find_layers,
+    measure_gains,
+    search_largest,
+)
+from ._lowrank_math import (
+    Factorization,
+    RankCandidate,
+    allocate_ranks,
+    factorize,
+    max_rank,
+    rank_for_energy,
+    split_factors,
+)
+
+__all__ = ["SplitPlan", "plan_lowrank", "split_lowrank"]
+
+log = logging.getLogger(__name__)
+
+#: Calibration samples used to measure how much of each layer's error reaches the outputs.
+SENSITIVITY_SAMPLES = 4
+
+
+@dataclass
+class SplitPlan:
+    """The splittable layers of a model with their weights (``k×n``) and factorizations."""
+
+    layers: list[Layer]
+    weights: list[np.ndarray]
+    factorizations: list[Factorization]
+    limits: list[int]
+    notes: list[str]
+
+    gains: list[float] | None = None
+
+    def candidates(self) -> list[RankCandidate]:
+        """Return the allocation view of every layer (weighted by measured sensitivity if known)."""
+        gains = self.gains or [1.0] * len(self.layers)
+        return [RankCandidate(f.relative_error, w.shape[0], w.shape[1], lim, g)
+                for w, f, lim, g in zip(self.weights, self.factorizations, self.limits, gains, strict=True)]
+
+    def measure_sensitivity(self, model: onnx.ModelProto, samples: list, *, probe_error: float = 0.02,
+                            progress: Progress | None = None) -> None:
+        """Set :attr:`gains`: how much of each layer's output error reaches the model outputs.
+
+        Each layer alone is split at the smallest rank losing at most ``probe_error`` of its
+        output energy and the model outputs are compared on ``samples``.
+        """
+        probes = []
+        for i, (fact, limit) in enumerate(zip(self.factorizations, self.limits, strict=True)):
+            errors = fact.relative_error[1:limit + 1]
+            if limit < 1:
+                probes.append((0.0, lambda: model))
+                continue
+            rank = int(np.argmax(errors <= probe_error)) + 1 if (errors <= probe_error).any() else limit
+            ranks = [0] * len(self.layers)
+            ranks[i] = rank
+            probes.append((float(fact.relative_error[rank]),
+                           lambda ranks=ranks: apply_ranks(model, self, ranks)))
+        self.gains = measure_gains(model, samples, probes, progress)
+
+
+def _as_kn(layer: Layer, value: np.ndarray) -> np.ndarray:
+    """Return the weight as ``k×n`` (``y = x·W``)."""
+    if layer.op_type == "MatMul":
+        return value
+    if layer.op_type == "Gemm":
+        return value.T if layer.trans_b else value
+    return value[:, :, 0, 0].T  # 1×1 Conv [O, C, 1, 1]
+
+
+def _eligible(layer: Layer, index: GraphIndex, min_params: int) -> str | None:
+    """Return why ``layer`` must not be split, or None."""
+    if layer.size < min_params:
+        return f"{layer.size} weights < min_params {min_params}"
+    if layer.op_type == "Conv" and (layer.groups != 1 or any(layer.pads) or
+                                    layer.auto_pad not in ("NOTSET", "VALID")):
+        return "only unpadded 1×1 Convs with group 1 are split"
+    if len(index.consumers.get(layer.weight, [])) > 1 or layer.weight in index.outputs:
+        return f"weight {layer.weight!r} is shared with other nodes"
+    return None
+
+
+def plan_lowrank(model: onnx.ModelProto, ctx: Context, *, whiten: bool, min_params: int,
+                 include_conv1x1: bool, min_saving: float, samples: list | None,
+                 shrinkage: float = 0.01) -> SplitPlan:
+    """Find the splittable layers and factorize them (whitened when ``samples`` are given)."""
+    graph = model.graph
+    ops = ("MatMul", "Gemm", "Conv") if include_conv1x1 else ("MatMul", "Gemm")
+    found, notes = find_layers(graph, ops)
+    index = GraphIndex(graph)
+    layers: list[Layer] = []
+    for layer in found:
+        if layer.op_type == "Conv" and layer.kernel != (1, 1):
+            continue
+        reason = _eligible(layer, index, min_params)
+        if reason is not None:
+            notes.append(f"{layer.key}: left dense ({reason})")
+            continue
+        layers.append(layer)
+    weights = [_as_kn(layer, index.constant(layer.weight)) for layer in layers]  # type: ignore[arg-type]
+    limits = [max_rank(w.shape[0], w.shape[1], min_saving) for w in weights]
+    stats = {}
+    if samples and whiten and layers:
+        stats = collect_input_stats(model, layers, samples, gram=True, seed=ctx.seed, progress=ctx.progress)
+    factorizations = []
+    for layer, w in zip(layers, weights, strict=True):
+        gram = stats[layer.key].mean_gram if layer.key in stats else None
+        factorizations.append(factorize(w, None if gram is None else gram[0], shrinkage))
+    return SplitPlan(layers, weights, factorizations, limits, notes)
+
+
+def apply_ranks(model: onnx.ModelProto, plan: SplitPlan, ranks: list[int]) -> onnx.ModelProto:
+    """Return a copy of ``model`` with each planned layer split at its rank (0 = dense)."""
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    graph = result.graph
+    names = NameGenerator(result)
+    opset = next((o.version for o in result.opset_import if o.domain in ("", "ai.onnx")), 13)
+    by_output = {node.output[0]: i for i, node in enumerate(graph.node) if node.output}
+    replacements: dict[int, list[onnx.NodeProto]] = {}
+    for layer, w, fact, rank in zip(plan.layers, plan.weights, plan.factorizations, ranks, strict=True):
+        if rank <= 0:
+            continue
+        a, b = split_factors(w, fact, rank)
+        position = by_output[layer.key]
+        node = graph.node[position]
+        a_name, b_name, mid = names.fresh(f"{layer.weight}_lowrank_a"), names.fresh(f"{layer.weight}_lowrank_b"), \
+            names.fresh(f"{layer.key}_lowrank")
+        base = node.name or layer.key
+        if layer.op_type == "MatMul":
+            set_initializer(graph, a_name, a)
+            set_initializer(graph, b_name, b)
+            first = helper.make_node("MatMul", [node.input[0], a_name], [mid], name=names.fresh(f"{base}_a"))
+            second = helper.make_node("MatMul", [mid, b_name], list(node.output), name=names.fresh(f"{base}_b"))
+        elif layer.op_type == "Gemm":
+            set_initializer(graph, a_name, a)
+            set_initializer(graph, b_name, b)
+            inputs = [node.input[0], a_name]
+            if opset < 11:
+                zero = names.fresh(f"{layer.key}_lowrank_zero")
+                set_initializer(graph, zero, np.zeros(rank, dtype=np.float32))
+                inputs.append(zero)
+            first = helper.make_node("Gemm", inputs, [mid], name=names.fresh(f"{base}_a"),
+                                     transA=int(layer.trans_a))
+            attrs = {k: node_attribute(node, k) for k in ("alpha", "beta") if node_attribute(node, k) is not None}
+            second = helper.make_node("Gemm", [mid, b_name, *node.input[2:]], list(node.output),
+                                      name=names.fresh(f"{base}_b"), **attrs)
+        else:
+            set_initializer(graph, a_name, a.T[:, :, None, None])
+            set_initializer(graph, b_name, b.T[:, :, None, None])
+            strides = node_attribute(node, "strides")
+            first = helper.make_node("Conv", [node.input[0], a_name], [mid], name=names.fresh(f"{base}_a"),
+                                     kernel_shape=[1, 1], **({"strides": strides} if strides else {}))
+            second = helper.make_node("Conv", [mid, b_name, *node.input[2:]], list(node.output),
+                                      name=names.fresh(f"{base}_b"), kernel_shape=[1, 1])
+        replacements[position] = [first, second]
+    if replacements:
+        nodes = []
+        for i, node in enumerate(graph.node):
+            nodes.extend(replacements.get(i, [node]))
+        del graph.node[:]
+        graph.node.extend(nodes)
+        remove_unused(graph)
+    return result
+
+
+def _layer_rows(plan: SplitPlan, ranks: list[int]) -> tuple[dict[str, float], list[str]]:
+    """Return totals and one note per layer: rank, params and MACs per row, output error."""
+    before = after = 0
+    lines = []
+    for layer, w, fact, rank in zip(plan.layers, plan.weights, plan.factorizations, ranks, strict=True):
+        k, n = w.shape
+        kept = rank * (k + n) if rank else k * n
+        before += k * n
+        after += kept
+        if rank:
+            error = float(fact.relative_error[rank])
+            kind = "output" if fact.whitened else "weight"
+            lines.append(f"{layer.key}: rank {rank} of {min(k, n)}, params/MACs per row {k * n} -> {kept}, "
+                         f"relative {kind} error {error:.2e}")
+    stats = {"layers_split": sum(1 for r in ranks if r), "layers_considered": len(ranks),
+             "params_before": before, "params_after": after, "params_saved": before - after}
+    return stats, lines
+
+
+@register_pass
+class split_lowrank(Pass):
+    """Split MatMul/Gemm (optionally 1×1 Conv) weights into two low-rank factors.
+
+    Rules:
+
+    1. Matches MatMul with a constant 2-D right-hand side (any batch dims on the left),
+       Gemm with a constant B (any transA/transB/alpha/beta/bias) and, with
+       ``include_conv1x1``, unpadded 1×1 Conv with group 1. Weights may be initializers
+       or Constant nodes.
+    2. Produces ``MatMul(MatMul(x, A), B)`` (Gemm: a Gemm without bias, then a Gemm with
+       the original alpha, beta and bias; Conv: two 1×1 Convs, the bias on the second).
+    3. Ranks: ``rank`` for every layer, or the smallest rank keeping ``energy`` of Σσ²
+       (of the whitened spectrum when calibration data is present and ``whiten``), or,
+       with calibration data and neither given, ranks allocated across layers by their
+       measured output-error curves and sensitivities under ``budget`` (default: the
+       harness's ``int8`` profile; a float sets the minimum output cosine, a table sets
+       Tolerance fields), searched on held-out calibration samples.
+    4. Must not fire: layers under ``min_params`` weights; weights shared with other
+       nodes; ranks whose factors would not save at least ``min_saving`` of the layer's
+       parameters (and multiply-adds); layers in nested graphs. An explicit rank or energy
+       that breaks the budget backs off, most sensitive layers first, to dense.
+    """
+
+    name = "split_lowrank"
+    exact = False
+    profile = "int8"
+
+    def __init__(self, *, rank: int | None = None, energy: float | None = None, budget: BudgetSpec = None,
+                 whiten: bool = True, min_params: int = 16384, include_conv1x1: bool = False,
+                 min_saving: float = 0.1) -> None:
+        if rank is not None and rank < 1:
+            raise ValueError("rank must be at least 1")
+        if energy is not None and not 0 < energy <= 1:
+            raise ValueError("energy must be in (0, 1]")
+        if not 0 <= min_saving < 1:
+            raise ValueError("min_saving must be in [0, 1)")
+        self.rank = rank
+        self.energy = energy
+        self.budget = budget
+        self.whiten = whiten
+        self.min_params = min_params
+        self.include_conv1x1 = include_conv1x1
+        self.min_saving = min_saving
+
+    def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
+        """Plan, choose ranks, check them on held-out samples, and rewrite."""
+        if self.rank is None and self.energy is None and ctx.calibration is None:
+            raise CalibrationDataError(
+                "split_lowrank needs calibration data (--calib) to choose ranks under its error budget, "
+                "or an explicit --rank or --energy"
+            )
+        calibration = held_out = None
+        if ctx.calibration is not None and len(ctx.calibration):
+            calibration, held_out = ctx.calibration.split()
+        plan = plan_lowrank(model, ctx, whiten=self.whiten, min_params=self.min_params,
+                            include_conv1x1=self.include_conv1x1, min_saving=self.min_saving,
+                            samples=list(calibration) if calibration is not None else None)
+        notes = list(plan.notes)
+        if not plan.layers:
+            return PassResult(model, False, {"layers_split": 0}, [*notes, "no layer worth splitting"])
+        check = HeldOutCheck(model, held_out, budget_tolerance(self.budget, ctx.budget)) if held_out else None
+        if check is not None and calibration is not None and self.rank is None and self.energy is None:
+            plan.measure_sensitivity(model, list(calibration)[:SENSITIVITY_SAMPLES], progress=ctx.progress)
+        ranks = self._choose(plan, model, check, notes)
+        if not any(ranks):
+            return PassResult(model, False, {"layers_split": 0, **({"checks": check.evaluations} if check else {})},
+                              [*notes, "no split fits the budget and saves parameters"])
+        result = apply_ranks(model, plan, ranks)
+        stats, lines = _layer_rows(plan, ranks)
+        if check is not None:
+            stats["checks"] = check.evaluations
+        return PassResult(result, True, stats, notes + lines)
+
+    def _choose(self, plan: SplitPlan, model: onnx.ModelProto, check: HeldOutCheck | None,
+                notes: list[str]) -> list[int]:
+        candidates = plan.candidates()
+        if self.rank is not None or self.energy is not None:
+            ranks = []
+            for layer, fact, limit in zip(plan.layers, plan.factorizations, plan.limits, strict=True):
+                wanted = self.rank if self.rank is not None else rank_for_energy(fact.energy, self.energy or 1.0)
+                if wanted > limit:
+                    notes.append(f"{layer.key}: left dense (rank {wanted} would not save {self.min_saving:.0%})")
+                    wanted = 0
+                ranks.append(wanted)
+            return ranks if check is None else self._back_off(plan, model, ranks, check, notes)
+        assert check is not None
+        best: list[int] = [0] * len(candidates)
+
+        def fits(log_price: float) -> bool:
+            nonlocal best
+            ranks = allocate_ranks(candidates, math.exp(log_price))
+            if not any(ranks):
+                return True
+            passed, summary = check(apply_ranks(model, plan, ranks))
+            log.info("split_lowrank: price %.3g, %d layers split: %s (%s)", math.exp(log_price),
+                     sum(1 for r in ranks if r), passed, summary)
+            if passed and sum(c.params(r) for c, r in zip(candidates, ranks, strict=True)) < sum(
+                    c.params(r) for c, r in zip(candidates, best, strict=True)):
+                best = ranks
+            return passed
+
+        search_largest(fits, math.log(1e-5), math.log(10.0), steps=10)
+        notes.append(f"ranks allocated by output-error curves under the budget ({describe_budget(check.budget)})")
+        return best
+
+    def _back_off(self, plan: SplitPlan, model: onnx.ModelProto, ranks: list[int], check: HeldOutCheck,
+                  notes: list[str]) -> list[int]:
+        """Restore the most sensitive layers to dense until the budget holds (bisection on the count)."""
+        order = sorted((i for i, r in enumerate(ranks) if r),
+                       key=lambda i: -float(plan.factorizations[i].relative_error[ranks[i]]))
+
+        def with_dense(count: float) -> list[int]:
+            restored = set(order[: round(count)])
+            return [0 if i in restored else r for i, r in enumerate(ranks)]
+
+        def fits(count: float) -> bool:
+            return check(apply_ranks(model, plan, with_dense(count)))[0]
+
+        if fits(0):
+            return ranks
+        low, high = len(order), 0  # all restored passes; find the fewest restored that passes
+        while low - high > 1:
+            middle = (low + high) // 2
+            if fits(middle):
+                low = middle
+            else:
+                high = middle
+        notes.append(f"kept {low} of {len(order)} layers dense to stay within the budget")
+        return with_dense(low)

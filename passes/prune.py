@@ -1,0 +1,195 @@
+"""Pruning of weight initializers (the ``prune`` preset): unstructured magnitude pruning.
+
+Magnitude pruning without retraining fails on compact networks when every layer is cut
+by the same share of its smallest weights. With calibration data this pass scores a
+weight by what it contributes to the layer output (``|W|·‖X‖``), re-fits the kept
+weights by least squares (SparseGPT), and spreads the sparsity over layers by their
+measured sensitivity, under an error budget checked on held-out calibration samples.
+The math lives in :mod:`._prune_math`, the units and rewriting in :mod:`._prune_plan`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+
+from onnxopt.errors import CalibrationDataError
+from onnxopt.model import serialized_size
+from onnxopt.pipeline import Context, Pass, PassResult, register_pass
+
+from ._activations import BudgetSpec, HeldOutCheck, budget_tolerance, describe_budget, search_largest
+from ._prune_math import parse_nm
+from ._prune_plan import PrunePlan, build_plan, store_sparse
+
+__all__ = ["prune_magnitude"]
+
+log = logging.getLogger(__name__)
+
+#: Calibration samples used to measure how much of each layer's error reaches the outputs.
+SENSITIVITY_SAMPLES = 4
+#: The highest overall sparsity the budget search tries.
+MAX_SPARSITY = 0.9
+
+
+@register_pass
+class prune_magnitude(Pass):
+    """Zero the least important weights of Conv, ConvTranspose, Gemm and MatMul layers.
+
+    Rules:
+
+    1. Matches the constant float32 weight (initializer or Constant node) of Conv,
+       ConvTranspose, Gemm (B) and 2-D MatMul right-hand sides in the main graph. A weight
+       read by several such layers is pruned once, on their pooled statistics.
+    2. Produces the same graph with exactly ``round(sparsity·n)`` weights zeroed (ties
+       broken by position): per layer (``scope="layer"``) or over all layers
+       (``scope="global"``: one magnitude threshold without calibration data; with it,
+       per-layer counts allocated on measured error curves). ``nm="2:4"`` instead zeroes
+       N of every M consecutive input weights of each output.
+    3. With calibration data: ``scoring="activation"`` (default) ranks weights by
+       ``|W|·‖X_j‖``; ``repair`` re-fits the kept weights (SparseGPT). Without
+       ``sparsity`` the highest overall sparsity within ``budget`` is searched (default:
+       the harness's ``int8`` profile on held-out calibration samples; a float sets the
+       minimum output cosine, a table sets Tolerance fields); an explicit
+       ``sparsity`` or ``nm`` that breaks the budget backs off, most sensitive layers
+       first, to dense.
+    4. Must not fire on: layers matching ``exclude`` (fnmatch on op type, node name,
+       output or weight name), weights under ``min_size``, weights also read by other
+       nodes, non-float32 weights, nested graphs; N:M skips layers whose input width is
+       not a multiple of M. ``sparse_storage`` writes mostly-zero weights as
+       ``sparse_initializer`` where that is smaller; run it as the last step, since
+       passes that read initializers do not see sparse ones.
+    """
+
+    name = "prune_magnitude"
+    exact = False
+    profile = "int8"
+
+    def __init__(self, *, sparsity: float | None = None, scope: str = "global", scoring: str | None = None,
+                 repair: bool = True, nm: str | None = None, exclude: Sequence[str] = (), min_size: int = 4096,
+                 budget: BudgetSpec = None, sparse_storage: bool = False) -> None:
+        if sparsity is not None and not 0 <= sparsity < 1:
+            raise ValueError("sparsity must be in [0, 1)")
+        if scope not in ("global", "layer"):
+            raise ValueError("scope must be 'global' or 'layer'")
+        if scoring not in (None, "magnitude", "activation"):
+            raise ValueError("scoring must be 'magnitude' or 'activation'")
+        if nm is not None:
+            parse_nm(nm)
+        self.sparsity = sparsity
+        self.scope = scope
+        self.scoring = scoring
+        self.repair = repair
+        self.nm = nm
+        self.exclude = exclude
+        self.min_size = min_size
+        self.budget = budget
+        self.sparse_storage = sparse_storage
+
+    def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
+        """Score, choose counts, check on held-out samples, and write the pruned weights."""
+        if self.sparsity is None and self.nm is None and ctx.calibration is None:
+            raise CalibrationDataError(
+                "prune_magnitude needs calibration data (--calib) to find the sparsity its error budget "
+                "allows, or an explicit --sparsity"
+            )
+        calibration = held_out = None
+        if ctx.calibration is not None and len(ctx.calibration):
+            calibration, held_out = ctx.calibration.split()
+        scoring = self.scoring or ("activation" if calibration is not None else "magnitude")
+        if scoring == "activation" and calibration is None:
+            raise CalibrationDataError("scoring='activation' needs calibration data (--calib)")
+        plan = build_plan(model, scoring=scoring, repair=self.repair and calibration is not None,
+                          exclude=list(self.exclude), min_size=self.min_size,
+                          samples=list(calibration) if calibration is not None else None,
+                          seed=ctx.seed, progress=ctx.progress)
+        notes = list(plan.notes)
+        if not plan.units:
+            return PassResult(model, False, {"sparsity": 0.0}, [*notes, "no layer to prune"])
+        check = HeldOutCheck(model, held_out, budget_tolerance(self.budget, ctx.budget)) if held_out else None
+        if calibration is not None and scoring == "activation" and (self.scope == "global" or check):
+            plan.measure_sensitivity(model, list(calibration)[:SENSITIVITY_SAMPLES], progress=ctx.progress)
+        matrices = self._choose(plan, model, check, notes)
+        if all(m is None for m in matrices):
+            return PassResult(model, False, {"sparsity": 0.0}, [*notes, "no pruning fits the budget"])
+        result = plan.apply(model, matrices)
+        stats, lines = _report(plan, matrices)
+        if check is not None:
+            stats["checks"] = check.evaluations
+        if self.sparse_storage:
+            moved = store_sparse(result)
+            stats["sparse_initializers"] = len(moved)
+        stats["bytes"] = serialized_size(result)
+        return PassResult(result, True, stats, notes + lines)
+
+    def _choose(self, plan: PrunePlan, model: onnx.ModelProto, check: HeldOutCheck | None,
+                notes: list[str]) -> list[np.ndarray | None]:
+        if self.nm is not None:
+            n, m = parse_nm(self.nm)
+            matrices = [plan.pruned_nm(i, n, m) for i in range(len(plan.units))]
+            for unit, matrix in zip(plan.units, matrices, strict=True):
+                if matrix is None:
+                    notes.append(f"{unit.key}: input width {unit.matrix.shape[-1]} is not a multiple of {m}; dense")
+            return matrices if check is None else _back_off(plan, model, matrices, check, notes)
+        curves = plan.curves() if plan.scoring == "activation" and self.scope == "global" else None
+
+        def matrices_at(sparsity: float) -> list[np.ndarray | None]:
+            counts = plan.counts_for(sparsity, self.scope, curves)
+            return [plan.pruned(i, c) if c else None for i, c in enumerate(counts)]
+
+        if self.sparsity is not None:
+            matrices = matrices_at(self.sparsity)
+            return matrices if check is None else _back_off(plan, model, matrices, check, notes)
+        assert check is not None
+
+        def fits(sparsity: float) -> bool:
+            passed, summary = check(plan.apply(model, matrices_at(sparsity)))
+            log.info("prune_magnitude: sparsity %.4f: %s (%s)", sparsity, passed, summary)
+            return passed
+
+        best = search_largest(fits, 0.0, MAX_SPARSITY, steps=7)
+        notes.append(f"highest overall sparsity within the budget ({describe_budget(check.budget)}): {best:.3f}")
+        return matrices_at(best) if best > 0 else [None] * len(plan.units)
+
+
+def _back_off(plan: PrunePlan, model: onnx.ModelProto, matrices: list[np.ndarray | None], check: HeldOutCheck,
+              notes: list[str]) -> list[np.ndarray | None]:
+    """Restore the most sensitive units to dense until the budget holds (bisection on the count)."""
+    gains = plan.gains or [1.0] * len(plan.units)
+    pruned = [i for i, m in enumerate(matrices) if m is not None]
+    order = sorted(pruned, key=lambda i: -gains[i] * plan.error(i, matrices[i]))  # type: ignore[arg-type]
+
+    def with_dense(count: int) -> list[np.ndarray | None]:
+        restored = set(order[:count])
+        return [None if i in restored else m for i, m in enumerate(matrices)]
+
+    if check(plan.apply(model, matrices))[0]:
+        return matrices
+    low, high = len(order), 0
+    while low - high > 1:
+        middle = (low + high) // 2
+        if check(plan.apply(model, with_dense(middle)))[0]:
+            low = middle
+        else:
+            high = middle
+    notes.append(f"kept {low} of {len(order)} pruned layers dense to stay within the budget")
+    return with_dense(low)
+
+
+def _report(plan: PrunePlan, matrices: Sequence[np.ndarray | None]) -> tuple[dict[str, int | float], list[str]]:
+    """Return totals and one note per layer (sparsity, weights, relative output error)."""
+    zeros = 0
+    lines = []
+    for i, (unit, matrix) in enumerate(zip(plan.units, matrices, strict=True)):
+        current = unit.matrix if matrix is None else matrix
+        layer_zeros = int(np.count_nonzero(current == 0))
+        zeros += layer_zeros
+        error = f", relative output error {plan.error(i, current):.2e}" if unit.stats is not None else ""
+        lines.append(f"{unit.key}: sparsity {layer_zeros / unit.size:.3f} of {unit.size} weights{error}")
+    stats: dict[str, int | float] = {
+        "sparsity": round(zeros / plan.total, 6), "weights_zeroed": zeros, "prunable_weights": plan.total,
+        "layers_pruned": sum(1 for m in matrices if m is not None), "layers": len(plan.units),
+    }
+    return stats, lines

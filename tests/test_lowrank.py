@@ -1,0 +1,192 @@
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import helper
+
+from onnxopt.data import Dataset
+from onnxopt.errors import CalibrationDataError
+from onnxopt.harness import synthesize_inputs
+from onnxopt.pipeline import Context
+from passes._lowrank_math import RankCandidate, allocate_ranks, factorize, max_rank, rank_for_energy, split_factors
+from passes.lowrank import split_lowrank
+from tests.builders import assert_equivalent, init, make_model, vi
+
+
+def _low_rank(rng: np.random.Generator, k: int, n: int, r: int) -> np.ndarray:
+    return (rng.standard_normal((k, r)) @ rng.standard_normal((r, n))).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- math
+
+
+@settings(max_examples=30, deadline=None)
+@given(k=st.integers(8, 40), n=st.integers(8, 40), r=st.integers(1, 4), whiten=st.booleans(), seed=st.integers(0, 99))
+def test_low_rank_weight_is_reconstructed_exactly_at_its_rank(k, n, r, whiten, seed):
+    rng = np.random.default_rng(seed)
+    w = _low_rank(rng, k, n, r)
+    x = rng.standard_normal((64, k))
+    fact = factorize(w, x.T @ x if whiten else None)
+    a, b = split_factors(w, fact, r)
+    assert a.shape == (k, r) and b.shape == (r, n)
+    np.testing.assert_allclose(a @ b, w, atol=1e-3 * np.abs(w).max())
+    assert fact.relative_error[r] < 1e-6
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 999), r=st.integers(1, 6))
+def test_whitened_split_never_has_more_output_error_than_plain(seed, r):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((16, 12))
+    x = rng.standard_normal((200, 16)) * np.linspace(0.05, 3, 16)
+    errors = []
+    for gram in (None, x.T @ x):
+        a, b = split_factors(w, factorize(w, gram), r)
+        errors.append(np.linalg.norm(x @ (w - a.astype(np.float64) @ b)))
+    assert errors[1] <= errors[0] * (1 + 1e-4)
+
+
+def test_relative_error_of_whitened_factorization_is_the_output_error():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((20, 10))
+    x = rng.standard_normal((100, 20))
+    fact = factorize(w, x.T @ x)
+    a, b = split_factors(w, fact, 4)
+    measured = np.linalg.norm(x @ (w - a.astype(np.float64) @ b)) ** 2 / np.linalg.norm(x @ w) ** 2
+    assert measured == pytest.approx(fact.relative_error[4], rel=1e-3)
+
+
+@given(k=st.integers(1, 500), n=st.integers(1, 500), saving=st.floats(0, 0.9))
+def test_max_rank_always_saves(k, n, saving):
+    r = max_rank(k, n, saving)
+    assert r == 0 or r * (k + n) <= (1 - saving) * k * n
+    assert r * (k + n) < k * n or r == 0
+
+
+def test_rank_for_energy():
+    energy = np.array([4.0, 3.0, 2.0, 1.0])
+    assert rank_for_energy(energy, 0.7) == 2
+    assert rank_for_energy(energy, 0.71) == 3
+    assert rank_for_energy(energy, 1.0) == 4
+
+
+def test_allocation_is_monotone_in_price():
+    rng = np.random.default_rng(1)
+    candidates = []
+    for _ in range(4):
+        energy = np.sort(rng.random(32))[::-1]
+        fact_error = 1 - np.concatenate([[0], np.cumsum(energy)]) / energy.sum()
+        candidates.append(RankCandidate(fact_error, 32, 64, max_rank(32, 64, 0.1)))
+    params = []
+    for price in (1e-4, 1e-2, 1e-1, 1.0, 10.0):
+        ranks = allocate_ranks(candidates, price)
+        params.append(sum(c.params(r) for c, r in zip(candidates, ranks, strict=True)))
+    assert params == sorted(params, reverse=True)
+    assert params[0] == 4 * 32 * 64
+
+
+# --------------------------------------------------------------------------- pass
+
+
+def _matmul_model(w: np.ndarray, *, constant: bool = False) -> onnx.ModelProto:
+    k, n = w.shape
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"])]
+    inits = [init("W", w)]
+    if constant:
+        nodes.insert(0, helper.make_node("Constant", [], ["W"], value=onnx.numpy_helper.from_array(w, "W")))
+        inits = []
+    return make_model(nodes, [vi("x", [2, 5, k])], [vi("y", [2, 5, n])], inits)
+
+
+@pytest.mark.parametrize("constant", [False, True])
+def test_matmul_with_batch_dims_split_exactly_at_true_rank(constant):
+    w = _low_rank(np.random.default_rng(0), 96, 128, 8)
+    model = _matmul_model(w, constant=constant)
+    result = split_lowrank(rank=8, min_params=0)(model, Context())
+    assert result.changed and result.stats["layers_split"] == 1
+    assert [n.op_type for n in result.model.graph.node] == ["MatMul", "MatMul"]
+    assert result.stats["params_after"] == 8 * (96 + 128)
+    assert_equivalent(_matmul_model(w), result.model, profile="exact")
+
+
+@pytest.mark.parametrize("trans_a", [0, 1])
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize(("alpha", "beta", "bias"), [(1.0, 1.0, True), (0.5, 2.0, True), (1.5, 1.0, False)])
+def test_gemm_attribute_combinations(trans_a, trans_b, alpha, beta, bias):
+    rng = np.random.default_rng(2)
+    k, n, m = 64, 80, 6
+    w = _low_rank(rng, k, n, 5)
+    inputs = ["a", "B"] + (["C"] if bias else [])
+    node = helper.make_node("Gemm", inputs, ["y"], transA=trans_a, transB=trans_b, alpha=alpha, beta=beta)
+    inits = [init("B", w.T if trans_b else w)] + ([init("C", rng.standard_normal(n))] if bias else [])
+    model = make_model([node], [vi("a", [k, m] if trans_a else [m, k])], [vi("y", [m, n])], inits)
+    result = split_lowrank(rank=5, min_params=0)(model, Context())
+    assert result.changed
+    second = result.model.graph.node[1]
+    assert second.op_type == "Gemm" and list(second.input[2:]) == (["C"] if bias else [])
+    assert_equivalent(model, result.model, profile="exact")
+
+
+def test_split_is_skipped_when_it_would_not_save():
+    w = np.random.default_rng(3).standard_normal((64, 64)).astype(np.float32)
+    result = split_lowrank(rank=30, min_params=0)(_matmul_model(w), Context())
+    assert not result.changed
+    assert any("would not save" in note for note in result.notes)
+
+
+def test_small_layers_are_left_dense():
+    w = _low_rank(np.random.default_rng(4), 32, 32, 2)
+    result = split_lowrank(rank=2)(_matmul_model(w), Context())
+    assert not result.changed
+    assert any("min_params" in note for note in result.notes)
+
+
+def test_without_calibration_an_explicit_rank_or_energy_is_required():
+    w = _low_rank(np.random.default_rng(5), 96, 96, 4)
+    with pytest.raises(CalibrationDataError, match="--rank or --energy"):
+        split_lowrank()(_matmul_model(w), Context())
+    assert split_lowrank(energy=0.999, min_params=0)(_matmul_model(w), Context()).changed
+
+
+def test_conv1x1_split():
+    rng = np.random.default_rng(6)
+    w = _low_rank(rng, 64, 96, 6).T.reshape(96, 64, 1, 1)
+    node = helper.make_node("Conv", ["x", "W", "b"], ["y"], kernel_shape=[1, 1], strides=[2, 2])
+    model = make_model([node], [vi("x", [1, 64, 8, 8])], [vi("y", [1, 96, 4, 4])],
+                       [init("W", w), init("b", rng.standard_normal(96))])
+    assert not split_lowrank(rank=6, min_params=0)(model, Context()).changed
+    result = split_lowrank(rank=6, min_params=0, include_conv1x1=True)(model, Context())
+    assert [n.op_type for n in result.model.graph.node] == ["Conv", "Conv"]
+    assert_equivalent(model, result.model, profile="exact")
+
+
+def _mlp(seed: int = 7) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    # trained-like weights: a decaying spectrum, and inputs living mostly in a subspace
+    u, _, vt = np.linalg.svd(rng.standard_normal((128, 128)))
+    w1 = (u * np.exp(-np.arange(128) / 12.0)) @ vt
+    w2 = rng.standard_normal((128, 16)) / 8
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "W2"], ["y"])]
+    return make_model(nodes, [vi("x", [4, 128])], [vi("y", [4, 16])], [init("W1", w1), init("W2", w2)])
+
+
+def test_default_budget_with_calibration_holds_under_the_harness():
+    model = _mlp()
+    data = synthesize_inputs(model, iterations=16, seed=1)
+    result = split_lowrank(min_params=1024)(model, Context(calibration=data))
+    assert result.changed and result.stats["params_saved"] > 0
+    held_out = Dataset(list(data)[12:])
+    assert_equivalent(model, result.model, profile="int8", data=held_out)
+
+
+def test_explicit_rank_backs_off_to_the_budget():
+    model = _mlp()
+    data = synthesize_inputs(model, iterations=16, seed=1)
+    result = split_lowrank(rank=1, min_params=1024)(model, Context(calibration=data))
+    if result.changed:
+        assert_equivalent(model, result.model, profile="int8", data=Dataset(list(data)[12:]))
+    assert any("dense" in note for note in result.notes)

@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+import onnx
+import pytest
+
+from onnxopt.data import Dataset
+from onnxopt.normalize import normalize
+from onnxopt.pipeline import Context
+from passes.lowrank import split_lowrank
+from tests.builders import assert_equivalent
+
+pytestmark = pytest.mark.real
+
+
+def test_encoder_split_within_default_budget():
+    from benchmarks.encoder import encoder_model_path
+    from benchmarks.inputs import encoder_inputs
+
+    model = normalize(onnx.load(str(encoder_model_path()))).model
+    calibration = Dataset(encoder_inputs(12))
+    result = split_lowrank()(model, Context(calibration=calibration))
+    assert result.changed and result.stats["params_saved"] > 0
+    assert_equivalent(model, result.model, profile="int8", data=calibration.split()[1])

@@ -1,0 +1,214 @@
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import helper, numpy_helper
+
+from onnxopt.data import Dataset
+from onnxopt.errors import CalibrationDataError
+from onnxopt.harness import synthesize_inputs
+from onnxopt.pipeline import Context
+from passes._prune_math import (
+    ErrorCurve,
+    allocate_counts,
+    lowest_mask,
+    nm_mask,
+    parse_nm,
+    relative_output_error,
+    sparsegpt,
+)
+from passes.prune import prune_magnitude
+from tests.builders import assert_equivalent, init, make_model, vi
+
+# --------------------------------------------------------------------------- math
+
+
+@settings(max_examples=50, deadline=None)
+@given(values=st.lists(st.sampled_from([0.0, 0.5, 1.0, -1.0, 2.0]), min_size=1, max_size=200),
+       fraction=st.floats(0, 1))
+def test_lowest_mask_is_exact_with_ties(values, fraction):
+    scores = np.abs(np.array(values))
+    count = round(fraction * len(values))
+    mask = lowest_mask(scores, count)
+    assert mask.sum() == count
+    if 0 < count < len(values):
+        assert scores[mask].max() <= scores[~mask].min()
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 8), groups=st.integers(1, 8), nm=st.sampled_from(["1:2", "2:4", "4:8", "3:4"]),
+       seed=st.integers(0, 99))
+def test_nm_mask_pattern(rows, groups, nm, seed):
+    n, m = parse_nm(nm)
+    scores = np.random.default_rng(seed).integers(0, 3, size=(rows, groups * m)).astype(float)
+    mask = nm_mask(scores, n, m)
+    assert (mask.reshape(rows, groups, m).sum(-1) == n).all()
+
+
+def test_parse_nm_rejects_nonsense():
+    for text in ("4:4", "2-4", "0:4"):
+        with pytest.raises(ValueError):
+            parse_nm(text)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 99), fraction=st.floats(0.1, 0.9), groups=st.sampled_from([1, 3]))
+def test_sparsegpt_exact_count_and_better_than_plain_mask(seed, fraction, groups):
+    rng = np.random.default_rng(seed)
+    cols = 24
+    w = rng.standard_normal((groups, 10, cols)).astype(np.float32)
+    x = rng.standard_normal((groups, 300, cols)) @ rng.standard_normal((cols, cols))
+    gram = np.matmul(x.transpose(0, 2, 1), x)
+    count = round(fraction * w.size)
+    repaired = sparsegpt(w, gram, count=count, blocksize=8)
+    assert (repaired == 0).sum() == count
+    plain = np.where(lowest_mask(np.abs(w), count), 0, w)
+    assert relative_output_error(w, repaired, gram) <= relative_output_error(w, plain, gram) + 1e-6
+
+
+def test_sparsegpt_nm_pattern():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((1, 6, 16)).astype(np.float32)
+    x = rng.standard_normal((100, 16))
+    pruned = sparsegpt(w, (x.T @ x)[None], nm=(2, 4))
+    assert ((pruned.reshape(6, 4, 4) == 0).sum(-1) >= 2).all()
+
+
+@given(st.lists(st.integers(0, 100), min_size=1, max_size=6), st.floats(0, 1))
+def test_allocate_counts_is_exact(sizes, fraction):
+    curves = [ErrorCurve(np.array([0, s // 2, s]), np.array([0.0, 0.1, 1.0])) for s in sizes]
+    total = round(fraction * sum(s for s in sizes))
+    counts = allocate_counts(curves, total)
+    assert sum(counts) == total
+    assert all(0 <= c <= s for c, s in zip(counts, sizes, strict=True))
+
+
+def test_allocate_counts_prefers_the_insensitive_layer():
+    cheap = ErrorCurve(np.array([0, 50, 100]), np.array([0.0, 0.01, 0.02]))
+    dear = ErrorCurve(np.array([0, 50, 100]), np.array([0.0, 1.0, 2.0]))
+    assert allocate_counts([cheap, dear], 100) == [100, 0]
+
+
+# --------------------------------------------------------------------------- pass
+
+
+def _heavy_tailed(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Return trained-like weights: a few large ones among many small ones."""
+    return (rng.standard_normal(shape) * np.where(rng.random(shape) < 0.3, 1.0, 0.03)).astype(np.float32)
+
+
+def _mlp(w1: np.ndarray | None = None, *, constant: bool = False, seed: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    w1 = _heavy_tailed(rng, (64, 96)) if w1 is None else w1
+    w2 = rng.standard_normal((96, 10)).astype(np.float32) / 8
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Gemm", ["r", "W2"], ["y"])]
+    inits = [init("W1", w1), init("W2", w2)]
+    if constant:
+        nodes.insert(0, helper.make_node("Constant", [], ["W1"], value=numpy_helper.from_array(w1, "W1")))
+        inits = inits[1:]
+    return make_model(nodes, [vi("x", [4, 64])], [vi("y", [4, 10])], inits)
+
+
+def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_exact_sparsity_with_tied_values(scope):
+    w1 = np.random.default_rng(1).choice([-1.0, -0.5, 0.5, 1.0], size=(64, 96)).astype(np.float32)
+    model = _mlp(w1)
+    result = prune_magnitude(sparsity=0.3, scope=scope, min_size=0)(model, Context())
+    weights = _weights(result.model)
+    if scope == "layer":
+        assert (weights["W1"] == 0).sum() == round(0.3 * w1.size)
+        assert (weights["W2"] == 0).sum() == round(0.3 * 960)
+    assert result.stats["weights_zeroed"] == round(0.3 * (w1.size + 960))
+    onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_constant_node_weights_are_pruned():
+    result = prune_magnitude(sparsity=0.5, scope="layer", min_size=0)(_mlp(constant=True), Context())
+    assert "Constant" not in [n.op_type for n in result.model.graph.node]
+    zeros = {n: int((v == 0).sum()) for n, v in _weights(result.model).items()}
+    assert sorted(zeros.values()) == [480, 3072]
+
+
+def test_shared_weight_is_pruned_once_and_stays_shared():
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((32, 32)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Tanh", ["h"], ["t"]),
+             helper.make_node("MatMul", ["t", "W"], ["y"])]
+    model = make_model(nodes, [vi("x", [4, 32])], [vi("y", [4, 32])], [init("W", w)])
+    data = synthesize_inputs(model, iterations=12)
+    loose = {"min_cosine": 0.5, "min_sqnr_db": 0.0, "min_top1": 0.0}
+    result = prune_magnitude(sparsity=0.25, min_size=0, budget=loose)(model, Context(calibration=data))
+    assert [t.name for t in result.model.graph.initializer] == ["W"]
+    assert (_weights(result.model)["W"] == 0).sum() == 256
+    assert [n.input[1] for n in result.model.graph.node if n.op_type == "MatMul"] == ["W", "W"]
+
+
+def test_weight_read_by_another_node_is_left_dense():
+    w = np.random.default_rng(3).standard_normal((32, 32)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Add", ["h", "W"], ["y"])]
+    model = make_model(nodes, [vi("x", [32, 32])], [vi("y", [32, 32])], [init("W", w)])
+    result = prune_magnitude(sparsity=0.5, min_size=0)(model, Context())
+    assert not result.changed and any("other nodes" in n for n in result.notes)
+
+
+def test_exclude_and_min_size():
+    model = _mlp()
+    result = prune_magnitude(sparsity=0.5, scope="layer", min_size=0, exclude=["Gemm"])(model, Context())
+    assert (_weights(result.model)["W2"] == 0).sum() == 0
+    result = prune_magnitude(sparsity=0.5, scope="layer", min_size=1000)(model, Context())
+    assert (_weights(result.model)["W2"] == 0).sum() == 0 and result.stats["layers"] == 1
+    result = prune_magnitude(sparsity=0.5, scope="layer", min_size=0, exclude=["W1"])(model, Context())
+    assert (_weights(result.model)["W1"] == 0).sum() == 0
+
+
+def test_nm_pattern_in_the_model():
+    result = prune_magnitude(nm="2:4", min_size=0)(_mlp(), Context())
+    w1 = _weights(result.model)["W1"]  # MatMul [k, n]: groups run along k (the input features)
+    assert ((w1.T.reshape(96, 16, 4) == 0).sum(-1) >= 2).all()
+
+
+def test_conv_with_groups_and_calibration_repair():
+    rng = np.random.default_rng(4)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1], group=2),
+             helper.make_node("Relu", ["c"], ["y"])]
+    model = make_model(nodes, [vi("x", [1, 8, 12, 12])], [vi("y", [1, 16, 12, 12])],
+                       [init("W", _heavy_tailed(rng, (16, 4, 3, 3)))])
+    data = synthesize_inputs(model, iterations=12)
+    result = prune_magnitude(sparsity=0.4, scope="layer", min_size=0)(model, Context(calibration=data))
+    assert (_weights(result.model)["W"] == 0).sum() == round(0.4 * 576)
+    assert_equivalent(model, result.model, profile="int8", data=Dataset(list(data)[9:]))
+
+
+def test_needs_calibration_or_sparsity():
+    with pytest.raises(CalibrationDataError, match=r"--calib.*--sparsity"):
+        prune_magnitude()(_mlp(), Context())
+
+
+def test_default_budget_search_holds_under_the_harness():
+    model = _mlp(seed=5)
+    data = synthesize_inputs(model, iterations=16, seed=3)
+    result = prune_magnitude(min_size=0)(model, Context(calibration=data))
+    assert result.changed and result.stats["sparsity"] > 0.1
+    assert_equivalent(model, result.model, profile="int8", data=Dataset(list(data)[12:]))
+
+
+def test_sparse_storage_round_trip():
+    model = _mlp()
+    dense = prune_magnitude(sparsity=0.8, scope="layer", min_size=0)(model, Context()).model
+    sparse = prune_magnitude(sparsity=0.8, scope="layer", min_size=0, sparse_storage=True)(model, Context())
+    assert sparse.stats["sparse_initializers"] == 2
+    assert len(sparse.model.SerializeToString()) < len(dense.SerializeToString())
+    onnx.checker.check_model(sparse.model)
+    x = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+    outs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+            for m in (dense, sparse.model)]
+    np.testing.assert_array_equal(outs[0], outs[1])
