@@ -128,6 +128,9 @@ class GraphIndex:
     def __init__(self, graph: onnx.GraphProto) -> None:
         self.graph = graph
         self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
+        self.sparse_initializers: dict[str, onnx.SparseTensorProto] = {
+            s.values.name: s for s in graph.sparse_initializer
+        }
         self.inputs = {i.name for i in graph.input}
         self.outputs = {o.name for o in graph.output}
         self.producer: dict[str, onnx.NodeProto] = {}
@@ -151,6 +154,9 @@ class GraphIndex:
         tensor = self.initializers.get(name)
         if tensor is not None and name not in self.inputs:
             return numpy_helper.to_array(tensor)
+        sparse = self.sparse_initializers.get(name)
+        if sparse is not None and name not in self.inputs:
+            return _densify(sparse)
         node = self.producer.get(name)
         if node is not None and node.op_type == "Constant" and is_default_domain(node):
             return constant_node_value(node)
@@ -158,10 +164,20 @@ class GraphIndex:
 
     def is_constant(self, name: str) -> bool:
         """Return True when ``name`` holds a value known without running the model."""
-        if name in self.initializers and name not in self.inputs:
+        if (name in self.initializers or name in self.sparse_initializers) and name not in self.inputs:
             return True
         node = self.producer.get(name)
         return node is not None and node.op_type == "Constant" and is_default_domain(node)
+
+
+def _densify(sparse: onnx.SparseTensorProto) -> np.ndarray:
+    """Return the dense value of a sparse tensor (COO indices, flat or per-dimension)."""
+    values = numpy_helper.to_array(sparse.values)
+    indices = numpy_helper.to_array(sparse.indices)
+    dense = np.zeros(int(np.prod(sparse.dims)), dtype=values.dtype)
+    flat = indices if indices.ndim == 1 else np.ravel_multi_index(indices.T, tuple(sparse.dims))
+    dense[flat] = values
+    return dense.reshape(tuple(sparse.dims))
 
 
 def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
@@ -201,6 +217,7 @@ class NameGenerator:
             self._used.update(i.name for i in g.input)
             self._used.update(o.name for o in g.output)
             self._used.update(t.name for t in g.initializer)
+            self._used.update(sp.values.name for sp in g.sparse_initializer)
             for node in g.node:
                 self._used.update(node.input)
                 self._used.update(node.output)
@@ -269,6 +286,10 @@ def remove_unused(graph: onnx.GraphProto) -> int:
         keep_inits = [t for t in graph.initializer if t.name in live]
         removed += len(unused_inits)
         _replace_repeated(graph.initializer, keep_inits)
+    unused_sparse = [sp for sp in graph.sparse_initializer if sp.values.name not in live]
+    if unused_sparse:
+        removed += len(unused_sparse)
+        _replace_repeated(graph.sparse_initializer, [sp for sp in graph.sparse_initializer if sp.values.name in live])
     produced = {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
     produced |= {t.name for t in graph.initializer} | {o.name for o in graph.output}
     stale = [v for v in graph.value_info if v.name not in produced]

@@ -280,3 +280,100 @@ def test_fuse_gelu_not_below_opset_20_or_when_intermediate_is_shared():
     shared = gelu_model("x_first")
     shared.graph.output.append(vi("a", [2, 8]))
     assert not run("fuse_gelu", shared).changed
+
+
+@pytest.mark.parametrize("op", ["Add", "Mul"])
+def test_fold_conv_affine_conv_transpose(op):
+    nodes = [helper.make_node("ConvTranspose", ["x", "w"], ["c"], strides=[2, 2], group=2),
+             helper.make_node(op, ["c", "k"], ["y"])]
+    model = make_model(nodes, [vi("x", [1, 4, 3, 3])], [vi("y", [1, 6, 6, 6])],
+                       [init("w", rand(4, 3, 2, 2)), init("k", rand(6, 1, 1))])
+    result = run("fold_conv_affine", model)
+    assert ops(result.model) == ["ConvTranspose"]
+    assert_equivalent(model, result.model)
+
+
+def test_conv_transpose_add_batchnorm_chain_folds_in_the_fuse_stage():
+    nodes = [helper.make_node("ConvTranspose", ["x", "w"], ["c"], strides=[2, 2]),
+             helper.make_node("Add", ["c", "k"], ["a"]), bn("a", "y")]
+    model = make_model(nodes, [vi("x", [1, 4, 3, 3])], [vi("y", [1, 3, 6, 6])],
+                       [init("w", rand(4, 3, 2, 2)), init("k", rand(3, 1, 1)), *bn_inits(3)])
+    once = run("fold_conv_affine", model)
+    twice = run("fold_batchnorm", once.model)
+    assert ops(twice.model) == ["ConvTranspose"]
+    assert_equivalent(model, twice.model)
+
+
+def test_fold_conv_affine_not_for_conv_transpose_input_channel_constant():
+    nodes = [helper.make_node("ConvTranspose", ["x", "w"], ["c"]), helper.make_node("Mul", ["c", "k"], ["y"])]
+    model = make_model(nodes, [vi("x", [1, 4, 3, 3])], [vi("y", None)], [init("w", rand(4, 3, 2, 2)),
+                                                                        init("k", rand(4, 1, 1))])
+    assert not run("fold_conv_affine", model).changed
+
+
+# --------------------------------------------------------------------------- fuse_hardswish
+
+
+def hardswish_nodes(form: str, *, add=3.0, high=6.0, divisor=6.0, other_x=False):
+    """Paddle's hard-swish/hard-sigmoid decompositions around Clip(x + 3, 0, 6)."""
+    nodes = [helper.make_node("Add", ["x", "three"], ["a"]),
+             helper.make_node("Clip", ["a", "zero", "six"], ["c"])]
+    x = "z" if other_x else "x"
+    if form == "product_first":
+        nodes += [helper.make_node("Mul", [x, "c"], ["p"]), helper.make_node("Div", ["p", "div"], ["y"])]
+    elif form == "gate_first":
+        nodes += [helper.make_node("Mul", ["c", "sixth"], ["g"]), helper.make_node("Mul", ["g", x], ["y"])]
+    else:  # hard sigmoid only
+        nodes += [helper.make_node("Div", ["c", "div"], ["y"])]
+    inits = [init("three", np.array(add)), init("zero", np.array(0.0)), init("six", np.array(high)),
+             init("div", np.array(divisor)), init("sixth", np.array(1 / divisor))]
+    return nodes, inits
+
+
+@pytest.mark.parametrize(("form", "opset", "expected"), [
+    ("product_first", 14, ["HardSwish"]), ("gate_first", 17, ["HardSwish"]),
+    ("sigmoid", 12, ["HardSigmoid"]), ("product_first", 12, ["HardSwish"])])
+def test_fuse_hardswish(form, opset, expected):
+    nodes, inits = hardswish_nodes(form)
+    model = make_model(nodes, [vi("x", [2, 3, 4, 4])], [vi("y", [2, 3, 4, 4])], inits, opset=opset)
+    result = run("fuse_hardswish", model)
+    assert ops(result.model) == expected
+    if opset < 14 and expected == ["HardSwish"]:
+        assert any("opset 12 to 14" in n for n in result.notes)
+        assert result.model.opset_import[0].version == 14
+    assert_equivalent(model, result.model, float_range=(-8.0, 8.0))
+
+
+def test_fuse_hardswish_without_upgrade_writes_hardsigmoid_product():
+    nodes, inits = hardswish_nodes("product_first")
+    model = make_model(nodes, [vi("x", [2, 3, 4, 4])], [vi("y", [2, 3, 4, 4])], inits, opset=12)
+    result = run("fuse_hardswish", model, upgrade=False)
+    assert ops(result.model) == ["HardSigmoid", "Mul"]
+    assert result.model.opset_import[0].version == 12
+    assert_equivalent(model, result.model, float_range=(-8.0, 8.0))
+
+
+@pytest.mark.parametrize("change", [{"add": 2.0}, {"high": 5.0}, {"divisor": 5.0}])
+def test_fuse_hardswish_not_for_other_constants(change):
+    nodes, inits = hardswish_nodes("product_first", **change)
+    model = make_model(nodes, [vi("x", [2, 3])], [vi("y", [2, 3])], inits, opset=14)
+    result = run("fuse_hardswish", model)
+    assert not result.changed
+    assert "HardSwish" not in ops(result.model)
+
+
+def test_fuse_hardswish_product_by_another_tensor_is_only_a_hardsigmoid_when_divided_first():
+    nodes, inits = hardswish_nodes("product_first", other_x=True)
+    model = make_model(nodes, [vi("x", [2, 3]), vi("z", [2, 3])], [vi("y", [2, 3])], inits, opset=14)
+    assert not run("fuse_hardswish", model).changed
+    nodes, inits = hardswish_nodes("gate_first", other_x=True)
+    model = make_model(nodes, [vi("x", [2, 3]), vi("z", [2, 3])], [vi("y", [2, 3])], inits, opset=14)
+    result = run("fuse_hardswish", model)
+    assert ops(result.model) == ["HardSigmoid", "Mul"]
+    assert_equivalent(model, result.model, float_range=(-8.0, 8.0))
+
+
+def test_fuse_hardswish_not_when_intermediate_is_read_elsewhere():
+    nodes, inits = hardswish_nodes("product_first")
+    model = make_model(nodes, [vi("x", [2, 3])], [vi("y", [2, 3]), vi("c", [2, 3])], inits, opset=14)
+    assert not run("fuse_hardswish", model).changed

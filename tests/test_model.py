@@ -248,3 +248,23 @@ def test_inspect_describes_real_models(real_model, key, opset, inputs, if_nodes,
         assert description.subgraphs.get("If", 0) == if_nodes
     assert description.params > 100_000
     assert description.file_bytes == real_model(key).stat().st_size
+
+
+def test_sparse_initializers_are_seen_by_graph_helpers():
+    from onnxopt.graph import GraphIndex
+
+    dense = np.zeros((4, 4), np.float32)
+    dense[1, 2], dense[3, 0] = 5.0, -1.0
+    sparse = helper.make_sparse_tensor(
+        onnx.numpy_helper.from_array(np.array([5.0, -1.0], np.float32), "w"),
+        onnx.numpy_helper.from_array(np.array([6, 12], np.int64), "w_idx"), [4, 4])
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [vi("x", [1, 4])], [vi("y", [1, 4])])
+    model.graph.sparse_initializer.append(sparse)
+    model.graph.sparse_initializer.append(helper.make_sparse_tensor(
+        onnx.numpy_helper.from_array(np.array([1.0], np.float32), "unused"),
+        onnx.numpy_helper.from_array(np.array([0], np.int64), "unused_idx"), [2]))
+    index = GraphIndex(model.graph)
+    assert index.is_constant("w") and np.array_equal(index.constant("w"), dense)
+    assert NameGenerator(model).fresh("w") != "w"
+    assert remove_unused(model.graph) == 1
+    assert [s.values.name for s in model.graph.sparse_initializer] == ["w"]
