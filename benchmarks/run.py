@@ -1,0 +1,205 @@
+"""Run every benchmark in one go and regenerate ``benchmarks/RESULTS.md`` and the charts.
+
+``python -m benchmarks`` (or ``python benchmarks/run.py``): for each preset, onnxopt and
+the tool users would otherwise pick, on the same real models and inputs, in one run.
+``--quick`` runs the digits example only (the smoke test); ``--only fuse,int8`` picks
+presets. Raw rows land in ``benchmarks/results/<preset>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from benchmarks.common import REPO, machine
+
+__all__ = ["PRESETS", "Preset", "main", "write_results"]
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One benchmark: how to run it (full or quick) and what it compares."""
+
+    name: str
+    title: str
+    competitor: str
+    run: Callable[[bool], list[dict[str, Any]]]
+
+
+def _fuse(quick: bool) -> list[dict[str, Any]]:
+    from benchmarks import fuse
+
+    models = ["digits"] if quick else ["ppocr_det", "ppocr_cls", "silero_vad", "silero_vad_op15",
+                                       "silero_vad_sequence", "silero_vad_half", "silero_vad_op18",
+                                       "silero_vad_openvino", "encoder"]
+    return fuse.run(models)
+
+
+def _int8(quick: bool) -> list[dict[str, Any]]:
+    from benchmarks import quantize
+
+    return quantize.run(["digits"] if quick else ["ppocr_det", "ppocr_cls", "encoder"], threads=1)
+
+
+def _prune(quick: bool) -> list[dict[str, Any]]:
+    from benchmarks import prune
+
+    return prune.run(("digits",) if quick else ("ppocr_cls", "ppocr_det", "encoder"))
+
+
+def _lowrank(quick: bool) -> list[dict[str, Any]]:
+    from benchmarks import lowrank
+
+    return lowrank.run(("digits",) if quick else ("encoder", "ppocr_cls"))
+
+
+def _harness(quick: bool) -> list[dict[str, Any]]:
+    from benchmarks import harness
+
+    return harness.run(["ppocr_cls"], repeats=1, samples={"ppocr_cls": 8}, int8=False) if quick else harness.run()
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset("fuse", "Exact clean-up and fusion", "onnxslim", _fuse),
+        Preset("int8", "Static int8 quantization", "onnxruntime.quantization.quantize_static", _int8),
+        Preset("prune", "Pruning", "uniform per-layer L1 magnitude pruning", _prune),
+        Preset("lowrank", "Low-rank splitting", "plain truncated SVD at a uniform rank fraction", _lowrank),
+        Preset("harness", "Equivalence check", "polygraphy run --onnxrt", _harness),
+    ]
+}
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return str(value)
+        return f"{value:.4g}"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)[:80]
+    return str(value).replace("|", "\\|").replace("\n", " ")[:120]
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Render rows (dicts) as a Markdown table; columns in order of first appearance."""
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def chart_points(rows: list[dict[str, Any]]) -> list[tuple[str, float, float, float]]:
+    """Return (label, latency ratio, agreement, size ratio) for rows that carry all three."""
+    points = []
+    for row in rows:
+        ratio, agreement, size = row.get("latency_ratio"), row.get("agreement"), row.get("size_ratio")
+        if all(isinstance(v, (int, float)) for v in (ratio, agreement, size)):
+            label = f"{row.get('model', '?')} {row.get('method', row.get('variant', ''))}".strip()
+            points.append((label, float(ratio), float(agreement), float(size)))
+    return points
+
+
+def write_chart(preset: Preset, rows: list[dict[str, Any]], path: Path) -> bool:
+    """Plot agreement against latency ratio (marker area = file size ratio); False if nothing to plot."""
+    points = chart_points(rows)
+    if not points:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, ratio, agreement, size in points:
+        ax.scatter(ratio, agreement, s=40 + 400 * size, alpha=0.6)
+        ax.annotate(label, (ratio, agreement), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.axvline(1.0, color="grey", lw=0.8, ls="--")
+    ax.axhline(0.99, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("latency ratio to the float model (lower is faster)")
+    ax.set_ylabel("task agreement with the float model")
+    ax.set_title(f"{preset.title}: onnxopt vs {preset.competitor}\nmarker area ~ file size ratio", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_results(results: dict[str, list[dict[str, Any]]], seconds: dict[str, float], target: Path,
+                  command: str) -> Path:
+    """Write RESULTS.md (machine, versions, date, one table and chart per preset)."""
+    info = machine()
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Regenerated by `{command}` on {datetime.date.today().isoformat()}. Do not edit by hand.",
+        "",
+        f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB; {info['platform']}.",
+        f"Versions: Python {info['python']}, onnx {info['onnx']}, onnxruntime {info['onnxruntime']}, "
+        f"numpy {info['numpy']}.",
+        "Latency: onnxruntime CPU, 1 intra-op thread, runs of the compared models interleaved, median.",
+        "",
+    ]
+    for name, rows in results.items():
+        preset = PRESETS[name]
+        lines += [f"## {preset.title} (`{name}`) vs {preset.competitor}", "",
+                  f"Run time: {seconds[name]:.0f} s.", ""]
+        chart = target.parent / "charts" / f"{name}.png"
+        if write_chart(preset, rows, chart):
+            lines += [f"![{name}](charts/{name}.png)", ""]
+        lines += [markdown_table(rows), ""]
+    target.write_text("\n".join(lines))
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="digits example only (smoke test)")
+    parser.add_argument("--only", default=",".join(PRESETS), help="comma-separated presets")
+    parser.add_argument("--out", type=Path, default=HERE, help="folder for RESULTS.md, charts/ and results/")
+    args = parser.parse_args(argv)
+    chosen = [p.strip() for p in args.only.split(",") if p.strip()]
+    unknown = [p for p in chosen if p not in PRESETS]
+    if unknown:
+        parser.error(f"unknown preset {unknown[0]!r}; choose from {', '.join(PRESETS)}")
+    console = Console(stderr=True)
+    results: dict[str, list[dict[str, Any]]] = {}
+    seconds: dict[str, float] = {}
+    raw = args.out / "results"
+    raw.mkdir(parents=True, exist_ok=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task("benchmarks", total=len(chosen))
+        for name in chosen:
+            progress.update(task, description=f"benchmark: {name}")
+            started = time.perf_counter()
+            results[name] = PRESETS[name].run(args.quick)
+            seconds[name] = time.perf_counter() - started
+            (raw / f"{name}.json").write_text(json.dumps(results[name], indent=1, default=str))
+            progress.advance(task)
+    command = "python -m benchmarks" + (" --quick" if args.quick else "") + (
+        f" --only {args.only}" if args.only != ",".join(PRESETS) else "")
+    target = write_results(results, seconds, args.out / "RESULTS.md", command)
+    console.print(f"wrote {target.relative_to(REPO) if target.is_relative_to(REPO) else target}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
