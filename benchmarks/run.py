@@ -109,10 +109,11 @@ def chart_points(rows: list[dict[str, Any]]) -> list[tuple[str, float, float, fl
     """Return (label, latency ratio, agreement, size ratio) for rows that carry all three."""
     points = []
     for row in rows:
-        ratio, agreement, size = row.get("latency_ratio"), row.get("agreement"), row.get("size_ratio")
-        if all(isinstance(v, (int, float)) for v in (ratio, agreement, size)):
+        values = [row.get(k) for k in ("latency_ratio", "agreement", "size_ratio")]
+        if all(isinstance(v, (int, float)) for v in values):
+            ratio, agreement, size = (float(v) for v in values)  # type: ignore[arg-type]
             label = f"{row.get('model', '?')} {row.get('method', row.get('variant', ''))}".strip()
-            points.append((label, float(ratio), float(agreement), float(size)))
+            points.append((label, ratio, agreement, size))
     return points
 
 
