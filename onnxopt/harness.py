@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 
 from onnxopt.data import Dataset, Sample, model_inputs
-from onnxopt.errors import CalibrationDataError, OnnxoptError, VerificationError
+from onnxopt.errors import CalibrationDataError, OnnxoptError, UnsupportedModelError, VerificationError
 from onnxopt.model import ModelSource, load_model
 from onnxopt.runtime import Session, expose_tensors
 
@@ -610,8 +610,16 @@ def check(
     if reference_outputs is None:
         if ref_model is None:
             raise OnnxoptError("no reference: pass a reference model or --load-outputs")
-        with Session(ref_model, optimization="disabled", label="reference") as session:
-            reference_outputs = [session.run(s) for s in data]
+        try:
+            with Session(ref_model, optimization="disabled", label="reference") as session:
+                reference_outputs = [session.run(s) for s in data]
+        except UnsupportedModelError as exc:
+            if data.source != "synthesized":
+                raise
+            raise UnsupportedModelError(
+                f"{exc} (the inputs were synthesized: pass real inputs with --data, or fit them to the model "
+                "with --shape NAME:DIMS and --int-range NAME:LOW:HIGH)"
+            ) from exc
     results: list[LevelResult] = []
     for level in levels:
         with Session(cand_model, optimization=level, label="candidate") as session:
