@@ -20,7 +20,7 @@ def test_runner_quick_writes_results_and_charts(tmp_path):
     pytest.importorskip("onnxslim")
     pytest.importorskip("matplotlib")
     assert main(["--quick", "--only", "fuse", "--out", str(tmp_path)]) == 0
-    rows = json.loads((tmp_path / "results" / "fuse.json").read_text())
+    rows = json.loads((tmp_path / "results" / "fuse.json").read_text())["rows"]
     assert {r["method"] for r in rows} == {"original", "onnxopt", "onnxslim"}
     assert all(r["exact"] for r in rows)
     text = (tmp_path / "RESULTS.md").read_text()
