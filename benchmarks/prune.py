@@ -9,6 +9,8 @@ ConvTranspose / Gemm / MatMul weights) at which held-out task agreement stays â‰
   curves weighted by measured sensitivity (what ``prune_magnitude`` does with --calib);
 
 and report the file size with ``sparse_initializer`` storage and onnxruntime latency.
+Encoder samples are single sentences tokenized *without* padding (each its own length),
+so calibration statistics are not dominated by [PAD] rows.
 Run ``python -m benchmarks.prune [model ...]``.
 """
 
@@ -19,11 +21,11 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+from onnxopt.passes._prune_plan import PrunePlan, build_plan, store_sparse
 
 from benchmarks.lowrank import CALIBRATION, latency_ms, model_and_inputs
 from onnxopt.model import serialized_size
 from onnxopt.runtime import run_model
-from passes._prune_plan import PrunePlan, build_plan, store_sparse
 
 __all__ = ["run"]
 
@@ -52,11 +54,20 @@ def _matrices(plan: PrunePlan, counts: list[int]) -> list[np.ndarray | None]:
     return [plan.pruned(i, c) if c else None for i, c in enumerate(counts)]
 
 
+def unpadded_encoder_inputs(n: int, offset: int = 0) -> list[dict]:
+    """Return ``n`` sentences tokenized one at a time, unpadded (batch 1, their own length)."""
+    from benchmarks.encoder import SENTENCES, encode_sentences
+
+    return [encode_sentences([sentence]) for sentence in SENTENCES[offset:offset + n]]
+
+
 def run_one(key: str, steps: int = 7) -> list[dict]:
     """Return the rows of one model: baseline and ours."""
     from benchmarks.inputs import task_agreement
 
     model, calib, held = model_and_inputs(key, HELD_OUT[key])
+    if key == "encoder":
+        calib, held = unpadded_encoder_inputs(CALIBRATION), unpadded_encoder_inputs(HELD_OUT[key], CALIBRATION)
     reference = run_model(model, held)
     started = time.perf_counter()
     uniform = build_plan(model, scoring="magnitude", repair=False, exclude=(), min_size=4096, samples=None)

@@ -10,6 +10,7 @@ im2col order), so the math modules see plain matrices whatever the ONNX layout.
 inputs exposed as outputs and accumulates, streaming, per layer input:
 
 * ``sq_sum[g, j]``: the sum of squares of input feature ``j`` (activation norms);
+* ``total[g, j]``: the sum of feature ``j`` (for means);
 * ``gram[g, i, j]``: the second moment ``XᵀX`` of the features (when asked for),
 
 never holding more than one sample's tensors. Rows of large feature maps are sampled
@@ -188,6 +189,12 @@ class InputStats:
     rows: int
     sq_sum: np.ndarray
     gram: np.ndarray | None = None
+    total: np.ndarray | None = None  # per-feature sums [groups, features], for means
+
+    @property
+    def mean(self) -> np.ndarray | None:
+        """Return the mean of each input feature ``[groups, features]``, or None when not collected."""
+        return None if self.total is None else self.total / max(self.rows, 1)
 
     @property
     def norms(self) -> np.ndarray:
@@ -287,12 +294,14 @@ def collect_input_stats(
                 rows = layer_rows(layer, np.asarray(values[layer.activation], dtype=np.float32), max_rows, rng)
                 acc = accumulators.get(signature)
                 if acc is None:
-                    acc = InputStats(0, np.zeros(rows.shape[1:], dtype=np.float64))
+                    acc = InputStats(0, np.zeros(rows.shape[1:], dtype=np.float64),
+                                     total=np.zeros(rows.shape[1:], dtype=np.float64))
                     if gram and layer.has_gram:
                         acc.gram = np.zeros((rows.shape[1], rows.shape[2], rows.shape[2]), dtype=np.float64)
                     accumulators[signature] = acc
                 acc.rows += rows.shape[0]
                 acc.sq_sum += np.einsum("pgi,pgi->gi", rows, rows, dtype=np.float64)
+                acc.total += rows.sum(axis=0, dtype=np.float64)  # type: ignore[operator]
                 if acc.gram is not None:
                     grouped = np.ascontiguousarray(rows.transpose(1, 0, 2))
                     acc.gram += np.matmul(grouped.transpose(0, 2, 1), grouped).astype(np.float64)

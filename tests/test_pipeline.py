@@ -194,3 +194,13 @@ def test_a_crashing_pass_is_undone_and_reported():
     assert [n.op_type for n in result.model.graph.node] == ["MatMul", "Identity"]
     with pytest.raises(IndexError):
         PassManager([create_pass("test_crash")], isolate_failures=False).run(model)
+
+
+def test_the_same_pass_imported_under_two_module_names_registers_once():
+    import importlib
+
+    import onnxopt.passes.cleanup as installed
+
+    checkout = importlib.import_module("passes.cleanup")  # the source tree on sys.path
+    assert checkout is not installed
+    assert create_pass("fold_constants").name == "fold_constants"

@@ -7,12 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper
-
-from onnxopt.data import Dataset
-from onnxopt.errors import CalibrationDataError
-from onnxopt.harness import synthesize_inputs
-from onnxopt.pipeline import Context
-from passes._prune_math import (
+from onnxopt.passes._prune_math import (
     ErrorCurve,
     allocate_counts,
     lowest_mask,
@@ -21,7 +16,12 @@ from passes._prune_math import (
     relative_output_error,
     sparsegpt,
 )
-from passes.prune import prune_magnitude
+from onnxopt.passes.prune import prune_magnitude
+
+from onnxopt.data import Dataset
+from onnxopt.errors import CalibrationDataError
+from onnxopt.harness import synthesize_inputs
+from onnxopt.pipeline import Context
 from tests.builders import assert_equivalent, init, make_model, vi
 
 # --------------------------------------------------------------------------- math
@@ -212,3 +212,23 @@ def test_sparse_storage_round_trip():
     outs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
             for m in (dense, sparse.model)]
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_prune_then_quantize_in_one_pipeline(tmp_path):
+    from onnxopt.harness import Verifier
+    from onnxopt.pipeline import load_recipe
+
+    recipe = tmp_path / "prune_int8.toml"
+    recipe.write_text('[[pass]]\nname = "prune_magnitude"\nsparsity = 0.5\nscope = "layer"\nmin_size = 0\n\n'
+                      '[[pass]]\nname = "quantize_int8"\ncheck_latency = false\n')
+    model = _mlp(seed=6)
+    data = synthesize_inputs(model, iterations=16, seed=4)
+    manager = load_recipe(recipe).build(verify=Verifier(Dataset(list(data)[12:])), isolate_failures=False)
+    result = manager.run(model, Context(calibration=data))
+    assert [r.name for r in result.records] == ["prune_magnitude", "quantize_int8"]
+    assert all(r.changed for r in result.records)
+    ops = {n.op_type for n in result.model.graph.node}
+    assert "QuantizeLinear" in ops or "QLinearMatMul" in ops or "MatMulInteger" in ops
+    weights = [numpy_helper.to_array(t) for t in result.model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert weights and max(float(np.mean(w == 0)) for w in weights) >= 0.45  # zeros survive quantization
+    assert_equivalent(model, result.model, profile="int8", data=Dataset(list(data)[12:]))

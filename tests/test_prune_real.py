@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import onnx
 import pytest
+from onnxopt.passes.prune import prune_magnitude
 
 from onnxopt.data import Dataset
 from onnxopt.normalize import normalize
 from onnxopt.pipeline import Context
-from passes.prune import prune_magnitude
 from tests.builders import assert_equivalent
 
 pytestmark = pytest.mark.real

@@ -1,0 +1,328 @@
+"""Channel groups for structured pruning: which tensors must lose the same channels, and rewriting.
+
+A *channel group* starts at the outputs of weight layers (Conv / ConvTranspose output
+channels, MatMul / Gemm output features) and follows every tensor whose channels map
+one to one onto theirs: through BatchNormalization, element-wise unary ops (Relu, Clip,
+HardSigmoid, HardSwish, Sigmoid…), pools, depthwise Convs (whose weights lose the
+channels too), and binary element-wise ops (Add, Mul, …) with constants or with other
+tensors of the same width, which joins their groups (residuals, squeeze-excitation
+gates, the ``x·clip(x+3)`` form of HardSwish). It ends at *consumers*: Conv /
+ConvTranspose inputs (group 1) and MatMul / Gemm left-hand sides with constant weights,
+which lose the matching input channels. Channel axes are kept as negative indices,
+which numpy-style broadcasting aligns.
+
+A group is left alone, with the reason, when one of its tensors is a graph output, is
+read by an op not listed above (Concat, Reshape, Flatten, Resize, Softmax…) or by a
+nested graph, mixes with a tensor no weight layer produces, has an unknown width, or
+when a weight it would rewrite is also read by other nodes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from onnxopt.graph import GraphIndex, NameGenerator, node_attribute, remove_unused, set_initializer
+from onnxopt.runtime import tensor_types
+
+__all__ = ["ChannelGroup", "find_channel_groups", "remove_channels"]
+
+log = logging.getLogger(__name__)
+
+UNARY = frozenset({"Relu", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Clip", "Elu",
+                   "Selu", "Softplus", "Softsign", "Erf", "Abs", "Neg", "Exp", "Sqrt", "Identity", "Gelu",
+                   "Dropout", "Mish", "Celu", "ThresholdedRelu", "Floor", "Ceil", "Round", "Reciprocal"})
+POOLS = frozenset({"GlobalAveragePool", "GlobalMaxPool", "AveragePool", "MaxPool", "LpPool"})
+BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"})
+WEIGHTED = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
+
+
+@dataclass
+class ChannelGroup:
+    """Tensors that must lose the same channels, the nodes that produce and read them.
+
+    ``sources`` produce the channels (their output rows are removed), ``through`` carry them
+    (their per-channel constants are sliced), ``consumers`` read them (input channels removed).
+    """
+
+    channels: int
+    axis: int
+    tensors: list[str] = field(default_factory=list)
+    sources: list[onnx.NodeProto] = field(default_factory=list)
+    through: list[onnx.NodeProto] = field(default_factory=list)
+    consumers: list[onnx.NodeProto] = field(default_factory=list)
+    blocked: str | None = None
+
+    @property
+    def key(self) -> str:
+        """Return the name used in reports (the first source's output)."""
+        return self.sources[0].output[0] if self.sources else self.tensors[0]
+
+
+class _Sets:
+    """Union-find over tensor names."""
+
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+
+    def find(self, name: str) -> str:
+        root = name
+        while self.parent.get(root, root) != root:
+            root = self.parent[root]
+        self.parent[name] = root
+        return root
+
+    def union(self, a: str, b: str) -> None:
+        self.parent.setdefault(a, a)
+        self.parent.setdefault(b, b)
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[rb] = ra
+
+
+def _shape(types: dict[str, onnx.TypeProto], name: str) -> tuple[int | None, ...] | None:
+    t = types.get(name)
+    if t is None or not t.tensor_type.HasField("shape"):
+        return None
+    return tuple(d.dim_value if d.HasField("dim_value") else None for d in t.tensor_type.shape.dim)
+
+
+def _source_width(node: onnx.NodeProto, index: GraphIndex) -> tuple[int, int] | None:
+    """Return (channels, negative axis) when ``node`` is a weight layer whose outputs can lose channels."""
+    if node.op_type not in WEIGHTED or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+        return None
+    weight = index.constant(node.input[1])
+    if weight is None or weight.dtype != np.float32:
+        return None
+    if node.op_type in ("Conv", "ConvTranspose"):
+        if weight.ndim < 3 or int(node_attribute(node, "group", 1)) != 1:  # type: ignore[arg-type]
+            return None
+        width = weight.shape[0] if node.op_type == "Conv" else weight.shape[1]
+        return int(width), 1 - weight.ndim
+    if weight.ndim != 2 or (node.op_type == "Gemm" and node_attribute(node, "transA", 0)):
+        return None
+    trans_b = node.op_type == "Gemm" and node_attribute(node, "transB", 0)
+    return int(weight.shape[0] if trans_b else weight.shape[1]), -1
+
+
+def _is_depthwise(node: onnx.NodeProto, index: GraphIndex, width: int) -> bool:
+    weight = index.constant(node.input[1]) if len(node.input) > 1 else None
+    return (node.op_type == "Conv" and weight is not None and weight.shape[0] == width and weight.shape[1] == 1
+            and int(node_attribute(node, "group", 1)) == width)  # type: ignore[arg-type]
+
+
+def _consumes(node: onnx.NodeProto, name: str, index: GraphIndex, axis: int) -> bool:
+    """Return True when ``node`` reads ``name`` as a linear layer's input we can slice."""
+    if node.op_type not in WEIGHTED or list(node.input).count(name) != 1 or node.input[0] != name:
+        return False
+    weight = index.constant(node.input[1])
+    if weight is None or weight.dtype != np.float32:
+        return False
+    if node.op_type in ("Conv", "ConvTranspose"):
+        return int(node_attribute(node, "group", 1)) == 1 and axis == 1 - weight.ndim  # type: ignore[arg-type]
+    return weight.ndim == 2 and axis == -1 and not node_attribute(node, "transA", 0)
+
+
+def _channel_axis_of(types: dict[str, onnx.TypeProto], name: str, axis: int) -> bool:
+    """Return True when ``axis`` is axis 1 (the NCHW channel axis) of tensor ``name``."""
+    shape = _shape(types, name)
+    return axis != -1 if shape is None else axis == 1 - len(shape)
+
+
+def _carry_reason(node: onnx.NodeProto, name: str, channels: int, axis: int, index: GraphIndex,
+                  types: dict[str, onnx.TypeProto], width: dict[str, tuple[int, int]]) -> str | None:
+    """Return None when ``node`` carries the channels of its input ``name`` one to one, else why not."""
+    op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+    label = f"{op} node {node.name or node.output[0]!r}" if node.output else f"{op} node {node.name!r}"
+    if op in UNARY or op == "BatchNormalization" or op in POOLS or op == "Conv":
+        if node.input[0] != name or list(node.input).count(name) != 1:
+            return f"read by {label} as a parameter"
+        if op == "Conv" and not _is_depthwise(node, index, channels):
+            return f"read by {label} (grouped, not depthwise)"
+        if op in POOLS or op == "BatchNormalization" or op == "Conv":
+            return None if _channel_axis_of(types, name, axis) else f"read by {label} along another axis"
+        if op == "PRelu" and len(node.input) > 1 and not index.is_constant(node.input[1]):
+            return f"read by {label} with a computed slope"
+        return None
+    if op not in BINARY:
+        return f"read by {label}"
+    if op == "Pow" and node.input[1] == name:
+        return f"read by {label} as the exponent"
+    for other in node.input:
+        if other in width:
+            continue
+        if index.is_constant(other):
+            value = index.constant(other)
+            at = value.ndim + axis if value is not None else -1
+            if value is None or (at >= 0 and value.shape[at] not in (1, channels)):
+                return f"read by {label} with a constant that does not broadcast per channel"
+            continue
+        shape = _shape(types, other)
+        if shape is None or len(shape) < -axis or shape[axis] not in (1, channels):
+            return f"mixed by {label} with {other!r} of unknown or different width"
+        if shape[axis] == channels:
+            return f"mixed by {label} with {other!r}, which no weight layer makes"
+    return None
+
+
+def find_channel_groups(graph: onnx.GraphProto, types: dict[str, onnx.TypeProto] | None = None
+                        ) -> list[ChannelGroup]:
+    """Return the channel groups of ``graph`` (main graph only), blocked ones with their reason."""
+    index = GraphIndex(graph)
+    types = types if types is not None else {}
+    sets = _Sets()
+    width: dict[str, tuple[int, int]] = {}  # tensor -> (channels, negative axis)
+    role: dict[str, tuple[str, onnx.NodeProto]] = {}  # tensor -> ("source" | "through", producer)
+    blocked: dict[str, str] = {}
+    consumers: list[tuple[str, onnx.NodeProto]] = []
+
+    def block(name: str, reason: str) -> None:
+        blocked.setdefault(name, reason)
+
+    for node in graph.node:
+        source = _source_width(node, index)
+        if source is not None:
+            out = node.output[0]
+            width[out], role[out] = source, ("source", node)
+            sets.union(out, out)
+        tracked = [n for n in node.input if n in width]
+        for name in tracked:
+            channels, axis = width[name]
+            if _consumes(node, name, index, axis):
+                consumers.append((name, node))
+                continue
+            out = node.output[0] if node.output else ""
+            reason = _carry_reason(node, name, channels, axis, index, types, width)
+            if reason is not None or not out:
+                block(name, reason or f"read by {node.op_type} node {node.name!r}")
+                continue
+            if out in width and role.get(out, ("",))[0] == "source":
+                block(name, f"{node.op_type} node {node.name or out!r} is both a layer and a channel op")
+                continue
+            width[out] = (channels, axis)
+            role.setdefault(out, ("through", node))
+            sets.union(name, out)
+    groups: dict[str, ChannelGroup] = {}
+    for name in width:
+        root = sets.find(name)
+        channels, axis = width[name]
+        group = groups.setdefault(root, ChannelGroup(channels, axis))
+        group.tensors.append(name)
+        if (channels, axis) != (group.channels, group.axis):
+            group.blocked = group.blocked or f"{name!r} joins tensors of a different width"
+        kind, producer = role[name]
+        target = group.sources if kind == "source" else group.through
+        if all(producer is not n for n in target):
+            target.append(producer)
+        if name in index.outputs:
+            group.blocked = group.blocked or f"{name!r} is a graph output"
+        if name in blocked:
+            group.blocked = group.blocked or f"{name!r} is {blocked[name]}"
+    for name, node in consumers:
+        group = groups[sets.find(name)]
+        if all(node is not n for n in group.consumers):
+            group.consumers.append(node)
+    for group in groups.values():
+        for node in [*group.sources, *group.consumers, *[n for n in group.through if n.op_type == "Conv"]]:
+            if index.uses(node.input[1]) > 1:
+                group.blocked = group.blocked or f"weight {node.input[1]!r} is shared with other nodes"
+        if not group.consumers and not group.blocked:
+            group.blocked = "no layer reads it"
+    return list(groups.values())
+
+
+def _constant_axis(value: np.ndarray, group: ChannelGroup) -> int | None:
+    at = value.ndim + group.axis
+    return at if at >= 0 and value.shape[at] == group.channels and group.channels > 1 else None
+
+
+def remove_channels(model: onnx.ModelProto, groups: list[ChannelGroup], kept: list[np.ndarray | None],
+                    consumer_weights: dict[str, tuple[np.ndarray, np.ndarray | None]]) -> onnx.ModelProto:
+    """Return a copy of ``model`` where each group keeps only channels ``kept[i]`` (None = all).
+
+    ``consumer_weights`` maps a consumer's output name to its new (weight, bias) in ONNX
+    layout; consumers not in it have their weights sliced.
+    """
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    graph = result.graph
+    index = GraphIndex(graph)
+    names = NameGenerator(result)
+    by_output = {n.output[0]: n for n in graph.node if n.output}
+    changed_tensors: set[str] = set()
+
+    written: dict[str, np.ndarray] = {}
+
+    def value_of(name: str) -> np.ndarray | None:
+        return written[name] if name in written else index.constant(name) if name else None
+
+    def write(node: onnx.NodeProto, position: int, value: np.ndarray) -> None:
+        old = node.input[position] if position < len(node.input) else ""
+        name = names.fresh(old or f"{node.output[0]}_bias")
+        written[name] = value.astype(np.float32)
+        set_initializer(graph, name, written[name])
+        if position < len(node.input):
+            node.input[position] = name
+        else:
+            while len(node.input) < position:
+                node.input.append("")
+            node.input.append(name)
+
+    active = [(g, k) for g, k in zip(groups, kept, strict=True) if k is not None]
+    # consumers first: a layer that reads one group and makes another gets its re-fit
+    # weight (all output rows) before its output rows are sliced
+    for group, _ in active:
+        for old in group.consumers:
+            node = by_output[old.output[0]]
+            weight_value, bias_value = consumer_weights[node.output[0]]
+            write(node, 1, weight_value)
+            if bias_value is not None:
+                write(node, 2, bias_value)
+    for group, keep in active:
+        changed_tensors.update(group.tensors)
+        for old in group.sources:
+            node = by_output[old.output[0]]
+            weight = value_of(node.input[1])
+            assert weight is not None
+            axis = {"Conv": 0, "ConvTranspose": 1, "MatMul": 1}.get(node.op_type)
+            if axis is None:
+                axis = 0 if node_attribute(node, "transB", 0) else 1
+            write(node, 1, np.take(weight, keep, axis=axis))
+            bias = value_of(node.input[2]) if len(node.input) > 2 else None
+            if bias is not None and bias.ndim >= 1 and bias.shape[-1] == group.channels:
+                write(node, 2, np.take(bias, keep, axis=-1))
+        for old in group.through:
+            node = by_output[old.output[0]]
+            if node.op_type == "Conv":  # depthwise
+                for position in range(1, len(node.input)):
+                    value = value_of(node.input[position])
+                    if value is not None:
+                        write(node, position, np.take(value, keep, axis=0))
+                for attr in node.attribute:
+                    if attr.name == "group":
+                        attr.i = len(keep)
+                continue
+            for position, name in enumerate(node.input):
+                if not name or name in group.tensors or not index.is_constant(name):
+                    continue
+                value = value_of(name)
+                at = 0 if node.op_type == "BatchNormalization" else _constant_axis(value, group)  # type: ignore[arg-type]
+                if value is not None and value.ndim and at is not None:
+                    write(node, position, np.take(value, keep, axis=at))
+    stale = [v for v in graph.value_info if v.name in changed_tensors]
+    for info in stale:
+        graph.value_info.remove(info)
+    remove_unused(graph)
+    return result
+
+
+def describe_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    """Return the known tensor types of the main graph (after best-effort shape inference)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except (onnx.shape_inference.InferenceError, ValueError):  # keep what the model declares
+        inferred = model
+    return tensor_types(inferred)
