@@ -1,10 +1,12 @@
-"""The ``fuse`` preset on real models: outputs equal under the exact profile, fewer nodes."""
+"""The ``fuse`` preset on real models and real inputs: outputs equal under the exact profile, fewer nodes."""
 
 from __future__ import annotations
 
 import onnx
 import pytest
 
+from benchmarks.common import feeds, model_path
+from onnxopt.data import Dataset
 from onnxopt.harness import check
 from onnxopt.model import model_stats
 from onnxopt.pipeline import load_recipe
@@ -15,20 +17,24 @@ SILERO = ["silero_vad", "silero_vad_op15", "silero_vad_sequence", "silero_vad_ha
           "silero_vad_openvino"]
 
 
-def synthesize_options(key: str, model: onnx.ModelProto) -> dict:
+def _real_inputs(key: str) -> Dataset:
     if key == "ppocr_det":
-        return {"shapes": {"x": (1, 3, 256, 256)}, "iterations": 2}
-    options: dict = {"dynamic_dim": 512, "iterations": 2}
-    if any(i.name == "sr" for i in model.graph.input):
-        options["int_ranges"] = {"sr": (16000, 16000)}
-    return options
+        from benchmarks.inputs import ppocr_det_inputs
+
+        return Dataset(ppocr_det_inputs(2, size=(256, 256)))
+    return Dataset(feeds(key, 3))
 
 
-@pytest.mark.parametrize("key", ["ppocr_det", "ppocr_cls", *SILERO])
+@pytest.mark.parametrize("key", ["ppocr_det", "ppocr_cls", *SILERO, "encoder"])
 def test_fuse_preset_is_exact_and_smaller(real_model, key):
-    original = onnx.load(str(real_model(key)))
+    if key == "encoder":
+        pytest.importorskip("torch")
+        pytest.importorskip("tokenizers")
+        original = onnx.load(str(model_path("encoder")))
+    else:
+        original = onnx.load(str(real_model(key)))
     result = load_recipe("fuse").build().run(original)
-    report = check(original, result.model, synthesize=synthesize_options(key, original), profile="exact")
+    report = check(original, result.model, _real_inputs(key), profile="exact")
     assert report.passed, "\n".join(report.failures())
     before, after = model_stats(original).nodes, model_stats(result.model).nodes
     assert after < before or key == "silero_vad_op18"
