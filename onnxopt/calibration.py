@@ -43,6 +43,7 @@ __all__ = [
     "MinMaxObserver",
     "Observer",
     "QuantParams",
+    "SaturatedObserver",
     "TensorHistogram",
     "affine_qparams",
     "choose_range",
@@ -259,6 +260,37 @@ class MinMaxObserver:
         return self.batches == 0
 
 
+class SaturatedObserver:
+    """Feeds ``inner`` the values clamped to ``[low, high]``: what the tensor's readers can tell apart.
+
+    A tensor read only by saturating activations (``HardSwish`` is 0 for x <= -3, ``Relu``
+    for x <= 0, ``HardSigmoid`` constant outside its ramp) needs no resolution beyond the
+    bounds, so its range is chosen on the clamped values; on PP-OCR det the pointwise
+    convolutions before HardSwish reach -95 while every value below -3 reads as 0.
+    """
+
+    def __init__(self, inner: Observer, low: float | None, high: float | None) -> None:
+        self.inner = inner
+        self.low = -math.inf if low is None else float(low)
+        self.high = math.inf if high is None else float(high)
+
+    @property
+    def nonfinite(self) -> int:
+        """Return the non-finite values the inner observer counted."""
+        return self.inner.nonfinite
+
+    def update(self, values: np.ndarray) -> None:
+        """Fold one batch in, clamped to the bounds (non-finite values pass through to be counted)."""
+        array = np.asarray(values)
+        finite = np.isfinite(array)
+        clamped = np.clip(array, self.low, self.high)
+        self.inner.update(clamped if finite.all() else np.where(finite, clamped, array))
+
+    def empty(self) -> bool:
+        """Return True while no finite value has been seen."""
+        return self.inner.empty()
+
+
 @dataclass(frozen=True)
 class TensorHistogram:
     """Counts of values in ``bins`` equal bins over [low, high], with the exact extremes."""
@@ -465,6 +497,8 @@ def entropy_range(hist: TensorHistogram, dtype: np.dtype | type = np.uint8, *, b
 def choose_range(observer: Observer, method: str, dtype: np.dtype | type, *,
                  percentile: float = 99.999) -> tuple[float, float]:
     """Return the calibrated (low, high) of a tensor from its observer under ``method``."""
+    while isinstance(observer, SaturatedObserver):
+        observer = observer.inner
     if isinstance(observer, MinMaxObserver):
         return observer.min, observer.max
     if not isinstance(observer, HistogramObserver):

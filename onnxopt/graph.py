@@ -28,6 +28,7 @@ __all__ = [
     "outer_references",
     "remove_unused",
     "rename_input",
+    "replace_repeated",
     "set_initializer",
     "subgraphs",
     "toposort",
@@ -278,36 +279,33 @@ def remove_unused(graph: onnx.GraphProto) -> int:
     if len(keep) != len(graph.node):
         kept_ids = {id(n) for n in keep}
         survivors = [n for n in graph.node if id(n) in kept_ids]
-        _replace_nodes(graph, survivors)
+        replace_repeated(graph.node, survivors)
     # An initializer that is also a graph input is that input's default value: keep it.
     live.update(i.name for i in graph.input)
     unused_inits = [t for t in graph.initializer if t.name not in live]
     if unused_inits:
         keep_inits = [t for t in graph.initializer if t.name in live]
         removed += len(unused_inits)
-        _replace_repeated(graph.initializer, keep_inits)
+        replace_repeated(graph.initializer, keep_inits)
     unused_sparse = [sp for sp in graph.sparse_initializer if sp.values.name not in live]
     if unused_sparse:
         removed += len(unused_sparse)
-        _replace_repeated(graph.sparse_initializer, [sp for sp in graph.sparse_initializer if sp.values.name in live])
+        replace_repeated(graph.sparse_initializer, [sp for sp in graph.sparse_initializer if sp.values.name in live])
     produced = {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
     produced |= {t.name for t in graph.initializer} | {o.name for o in graph.output}
     stale = [v for v in graph.value_info if v.name not in produced]
     if stale:
-        _replace_repeated(graph.value_info, [v for v in graph.value_info if v.name in produced])
+        replace_repeated(graph.value_info, [v for v in graph.value_info if v.name in produced])
     return removed
 
 
-def _replace_repeated(field: object, items: list) -> None:
+def replace_repeated(field: object, items: list) -> None:
+    """Make a repeated protobuf field hold exactly ``items`` (copied; safe when they came from it)."""
     copies = [type(item)() for item in items]
     for copy, item in zip(copies, items, strict=True):
         copy.CopyFrom(item)
     del field[:]  # type: ignore[attr-defined]
     field.extend(copies)  # type: ignore[attr-defined]
-
-
-def _replace_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
-    _replace_repeated(graph.node, nodes)
 
 
 def toposort(graph: onnx.GraphProto) -> None:
@@ -344,4 +342,4 @@ def toposort(graph: onnx.GraphProto) -> None:
     if len(order) != len(graph.node):
         raise ValueError("the graph has a cycle; it cannot be sorted")
     if order != list(range(len(order))):
-        _replace_nodes(graph, [graph.node[i] for i in order])
+        replace_repeated(graph.node, [graph.node[i] for i in order])

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from onnxopt.graph import constant_node_value, is_default_domain, iter_graphs
+from onnxopt.graph import constant_node_value, is_default_domain, iter_graphs, replace_repeated
 from onnxopt.model import exceeds_protobuf_limit
 
 __all__ = ["NormalizeResult", "infer_shapes", "lift_constants", "normalize"]
@@ -61,13 +61,7 @@ def lift_constants(model: onnx.ModelProto) -> int:
             keep.append(node)
         if new_inits:
             lifted += len(new_inits)
-            copies = []
-            for node in keep:
-                copy = onnx.NodeProto()
-                copy.CopyFrom(node)
-                copies.append(copy)
-            del graph.node[:]
-            graph.node.extend(copies)
+            replace_repeated(graph.node, keep)
             graph.initializer.extend(new_inits)
     return lifted
 
