@@ -184,6 +184,15 @@ def optimize(
         )
 
 
+def _graph_of(path: Path) -> Any:
+    """Load a model's graph without reading external data (whose references are checked)."""
+    from onnxopt.model import load_model, verify_external_data
+
+    model = load_model(path, load_external_data=False)
+    verify_external_data(model, path)
+    return model
+
+
 @app.command()
 def check(
     models: Annotated[list[Path], typer.Argument(help="REFERENCE CANDIDATE, or CANDIDATE with --load-outputs.")],
@@ -209,16 +218,17 @@ def check(
     from onnxopt.data import load_dataset
     from onnxopt.harness import check as run_check
     from onnxopt.harness import load_golden, load_tolerances, parse_named_values, save_golden
-    from onnxopt.model import load_model
     from onnxopt.runtime import run_model
 
     if len(models) == 2:
-        ref_model, cand_path = load_model(models[0]), models[1]
+        ref_path, cand_path = models
     elif len(models) == 1 and load_outputs is not None:
-        ref_model, cand_path = None, models[0]
+        ref_path, cand_path = None, models[0]
     else:
         raise OnnxoptError("pass REFERENCE CANDIDATE, or CANDIDATE with --load-outputs GOLDEN.npz")
-    candidate = load_model(cand_path)
+    # Graphs only: onnxruntime reads the files (and external data) itself.
+    ref_model = _graph_of(ref_path) if ref_path is not None else None
+    candidate = _graph_of(cand_path)
     overrides: dict[str, dict[str, float]] = load_tolerances(tolerances) if tolerances else {}
     for flag, items in (("atol", atol), ("rtol", rtol)):
         for name, value in parse_named_values(items, f"--{flag}").items():
@@ -240,11 +250,11 @@ def check(
             from onnxopt.harness import synthesize_inputs
 
             dataset = synthesize_inputs(ref_model, **synth)
-        golden_outputs = run_model(ref_model, dataset, label="reference")
+        golden_outputs = run_model(str(ref_path), dataset, label="reference")
         save_golden(save_outputs, dataset, golden_outputs)
     result = run_check(
-        ref_model,
-        candidate,
+        ref_path,
+        cand_path,
         dataset,
         profile=profile,
         overrides=overrides,

@@ -34,7 +34,7 @@ import onnx
 
 from onnxopt.data import Dataset, Sample, model_inputs
 from onnxopt.errors import CalibrationDataError, OnnxoptError, UnsupportedModelError, VerificationError
-from onnxopt.model import ModelSource, load_model
+from onnxopt.model import ModelSource, load_model, verify_external_data
 from onnxopt.runtime import Session, expose_tensors
 
 try:
@@ -561,10 +561,20 @@ def load_tolerances(path: str | Path) -> dict[str, dict[str, float]]:
 # --------------------------------------------------------------------------- check
 
 
-def _as_model(source: ModelSource, label: str) -> onnx.ModelProto:
+def _as_model(source: ModelSource) -> tuple[onnx.ModelProto, onnx.ModelProto | str]:
+    """Return (the model's graph for signatures, what a session is built from).
+
+    A file is given to onnxruntime as is, with only its graph loaded here (external
+    data checked, not read), so checking a large model holds no Python copy of it.
+    """
     if isinstance(source, onnx.ModelProto):
-        return source
-    return load_model(source)
+        return source, source
+    if isinstance(source, bytes | bytearray):
+        model = load_model(source)
+        return model, model
+    model = load_model(source, load_external_data=False)
+    verify_external_data(model, source)
+    return model, str(source)
 
 
 def _check_samples_fit(model: onnx.ModelProto, data: Dataset, label: str) -> None:
@@ -597,8 +607,8 @@ def check(
     """
     if profile not in PROFILES:
         raise OnnxoptError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
-    cand_model = _as_model(candidate, "candidate")
-    ref_model = _as_model(reference, "reference") if reference is not None else None
+    cand_model, cand_source = _as_model(candidate)
+    ref_model, ref_source = _as_model(reference) if reference is not None else (None, None)
     if data is None:
         if ref_model is None:
             raise CalibrationDataError("golden outputs need their inputs; pass --data or a golden file")
@@ -611,7 +621,7 @@ def check(
         if ref_model is None:
             raise OnnxoptError("no reference: pass a reference model or --load-outputs")
         try:
-            with Session(ref_model, optimization="disabled", label="reference") as session:
+            with Session(ref_source, optimization="disabled", label="reference") as session:  # type: ignore[arg-type]
                 reference_outputs = [session.run(s) for s in data]
         except UnsupportedModelError as exc:
             if data.source != "synthesized":
@@ -622,7 +632,7 @@ def check(
             ) from exc
     results: list[LevelResult] = []
     for level in levels:
-        with Session(cand_model, optimization=level, label="candidate") as session:
+        with Session(cand_source, optimization=level, label="candidate") as session:
             cand_outputs = [session.run(s) for s in data]
         results.append(compare_outputs(reference_outputs, cand_outputs, profile=profile,
                                        overrides=overrides, level=level))
@@ -638,8 +648,14 @@ def check(
         levels=results, notes=notes,
     )
     if layers and ref_model is not None:
-        report.layers = compare_layers(ref_model, cand_model, data[0], profile=profile)
+        report.layers = compare_layers(_in_memory(reference, ref_model), _in_memory(candidate, cand_model), data[0],
+                                       profile=profile)
     return report
+
+
+def _in_memory(source: ModelSource | None, graph_only: onnx.ModelProto) -> onnx.ModelProto:
+    """Return the whole model (weights included) for rewriting, e.g. to expose tensors."""
+    return load_model(source) if isinstance(source, str | Path) else graph_only
 
 
 def _label(source: ModelSource | None) -> str:

@@ -14,6 +14,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -32,6 +33,7 @@ __all__ = [
     "model_stats",
     "save_model",
     "serialized_size",
+    "verify_external_data",
 ]
 
 log = logging.getLogger(__name__)
@@ -113,49 +115,68 @@ def _check_structure(model: onnx.ModelProto, label: str) -> None:
         raise ModelLoadError(f"{label}: a graph output is never produced (truncated file?)")
 
 
+def _external_target(tensor: onnx.TensorProto, base_dir: Path, label: str) -> tuple[Path, int, int | None]:
+    """Return (file, offset, length) of an external tensor; refuse locations outside ``base_dir``."""
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    location = info.get("location", "")
+    target = (base_dir / location).resolve()
+    if not location or (target != base_dir and base_dir not in target.parents):
+        raise ExternalDataError(
+            f"{label}: tensor {tensor.name!r} points to external data {location!r} outside "
+            "the model's folder; move the data file next to the model"
+        )
+    if not target.is_file():
+        raise ExternalDataError(
+            f"{label}: external data file {location!r} for tensor {tensor.name!r} is missing; copy it next to the model"
+        )
+    offset = int(info.get("offset", 0))
+    length = int(info["length"]) if "length" in info else None
+    if length is not None and target.stat().st_size < offset + length:
+        raise ExternalDataError(
+            f"{label}: external data {location!r} is shorter than tensor {tensor.name!r} needs (truncated data file)"
+        )
+    return target, offset, length
+
+
+def verify_external_data(model: onnx.ModelProto, path: str | os.PathLike) -> int:
+    """Check every external-data reference of a model loaded without its data; return their count.
+
+    Lets a runtime read the data itself (no Python copy of a large model) while the same
+    rules hold as for :func:`load_model`: inside the model's folder, present, long enough.
+    """
+    base_dir = Path(path).parent.resolve()
+    count = 0
+    for tensor in iter_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            _external_target(tensor, base_dir, str(path))
+            count += 1
+    return count
+
+
 def _load_external_data(model: onnx.ModelProto, base_dir: Path, label: str) -> None:
     """Read external tensor data in place, refusing locations outside ``base_dir``."""
-    opened: dict[Path, object] = {}
+    opened: dict[Path, Any] = {}
     try:
         for tensor in iter_tensors(model):
             if tensor.data_location != onnx.TensorProto.EXTERNAL:
                 continue
-            info = {entry.key: entry.value for entry in tensor.external_data}
-            location = info.get("location", "")
-            target = (base_dir / location).resolve()
-            if not location or (target != base_dir and base_dir not in target.parents):
-                raise ExternalDataError(
-                    f"{label}: tensor {tensor.name!r} points to external data {location!r} outside "
-                    "the model's folder; move the data file next to the model"
-                )
-            if not target.is_file():
-                raise ExternalDataError(
-                    f"{label}: external data file {location!r} for tensor {tensor.name!r} is "
-                    "missing; copy it next to the model"
-                )
-            offset = int(info.get("offset", 0))
-            length = int(info["length"]) if "length" in info else None
+            target, offset, length = _external_target(tensor, base_dir, label)
             try:
                 handle = opened.get(target)
                 if handle is None:
                     handle = opened[target] = open(target, "rb")  # noqa: SIM115
-                handle.seek(offset)  # type: ignore[attr-defined]
-                raw = handle.read() if length is None else handle.read(length)  # type: ignore[attr-defined]
+                handle.seek(offset)
+                raw = handle.read() if length is None else handle.read(length)
             except OSError as exc:
                 raise ExternalDataError(
-                    f"{label}: cannot read external data {location!r} ({exc.strerror})"
+                    f"{label}: cannot read external data of {tensor.name!r} ({exc.strerror})"
                 ) from exc
-            if length is not None and len(raw) != length:
-                raise ExternalDataError(
-                    f"{label}: external data {location!r} is shorter than tensor {tensor.name!r} "
-                    "needs (truncated data file)"
-                )
             tensor.raw_data = raw
             tensor.data_location = onnx.TensorProto.DEFAULT
             del tensor.external_data[:]
     finally:
         for handle in opened.values():
-            handle.close()  # type: ignore[attr-defined]
+            handle.close()
 
 
 def serialized_size(model: onnx.ModelProto) -> int:

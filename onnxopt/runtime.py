@@ -38,11 +38,11 @@ OPTIMIZATION_LEVELS = {
 
 
 class Session:
-    """An onnxruntime CPU session built from a ModelProto (over 2 GB via a temp folder)."""
+    """An onnxruntime CPU session from a file, or a ModelProto (over 2 GB via a temp folder)."""
 
     def __init__(
         self,
-        model: onnx.ModelProto,
+        model: onnx.ModelProto | str | Path,
         *,
         optimization: str = "disabled",
         threads: int | None = None,
@@ -55,7 +55,9 @@ class Session:
             options.intra_op_num_threads = threads
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         try:
-            if exceeds_protobuf_limit(model):
+            if isinstance(model, str | Path):  # onnxruntime reads the file and its external data itself
+                self.session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+            elif exceeds_protobuf_limit(model):
                 self._tmp = tempfile.TemporaryDirectory(prefix="onnxopt-session-")
                 path = Path(self._tmp.name) / "model.onnx"
                 save_model(model, path, external_data=True)
@@ -102,7 +104,7 @@ class Session:
 
 
 def run_model(
-    model: onnx.ModelProto,
+    model: onnx.ModelProto | str | Path,
     samples: Iterable[Sample],
     *,
     optimization: str = "disabled",
