@@ -12,6 +12,15 @@ orthonormal directions of the output space:
   truncated SVD of ``LᵀW`` mapped back, which equals ``W·V_r·V_rᵀ``; no inverse of the
   Cholesky factor is needed, so an ill-conditioned ``G`` is harmless. The relative
   error of the layer output is exactly the discarded fraction of the eigenvalues.
+  Equivalently (SVD-LLM) ``B`` is the least-squares solution of ``min ‖X·A·B − X·W‖``
+  for that ``A``, so a closed-form update of ``B`` after truncation changes nothing.
+
+``G`` is estimated from a few hundred calibration rows, fewer than the features of a
+wide layer, so the split overfits it: on a sentence encoder the held-out output error
+was 4–20× the calibration one. ``G`` is therefore shrunk towards its diagonal (which
+keeps each feature's scale, outlier features included, and drops unseen correlations),
+and ranks are allocated on *cross-validated* error curves (:func:`held_out_error`:
+factors from one half of the calibration data, error measured with the other's ``G``).
 
 The factors save parameters and multiply-adds per row only when ``r·(k+n) < k·n``.
 """
@@ -25,12 +34,15 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
+    "SHRINKAGE",
     "Factorization",
     "RankCandidate",
     "allocate_ranks",
     "factorize",
+    "held_out_error",
     "max_rank",
     "rank_for_energy",
+    "shrink_gram",
     "split_factors",
 ]
 
@@ -53,25 +65,55 @@ class Factorization:
         return np.clip(1.0 - kept / total, 0.0, 1.0)
 
 
+#: Default weight of the diagonal in :func:`shrink_gram` (best of 0.01–0.7 for the
+#: held-out output error of every MatMul of a MiniLM encoder calibrated on 32 sentences).
+SHRINKAGE = 0.3
+
+
+def shrink_gram(gram: np.ndarray, shrinkage: float = SHRINKAGE) -> np.ndarray:
+    """Return ``(1 − s)·G + s·diag(G)`` plus a tiny ridge, the regularized second moment.
+
+    With fewer calibration rows than input features ``XᵀX`` is rank-deficient and its
+    off-diagonal part is noisy; the ridge (``1e-6·mean(diag)``) keeps directions never
+    seen from being thrown away for free.
+    """
+    gram = np.asarray(gram, dtype=np.float64)
+    diagonal = np.diag(np.diag(gram))
+    ridge = 1e-6 * float(np.mean(np.diag(gram))) * np.eye(len(gram))
+    return (1.0 - shrinkage) * gram + shrinkage * diagonal + ridge
+
+
 def factorize(weight: np.ndarray, gram: np.ndarray | None = None, shrinkage: float = 0.0) -> Factorization:
     """Return the output directions of ``weight`` (``k×n``), whitened by ``gram`` (``k×k``) if given.
 
-    ``shrinkage`` mixes ``gram`` with ``shrinkage·mean(diag(gram))·I``: with fewer
-    calibration rows than input features ``XᵀX`` is rank-deficient, and directions it
-    has never seen would otherwise be thrown away for free.
+    ``gram`` is first regularized by :func:`shrink_gram` with ``shrinkage``.
     """
     w = np.asarray(weight, dtype=np.float64)
     if gram is None:
         _, singular, vt = np.linalg.svd(w, full_matrices=False)
         return Factorization(vt.T, singular**2, whitened=False)
-    gram = np.asarray(gram, dtype=np.float64)
-    if shrinkage:
-        gram = gram + shrinkage * float(np.mean(np.diag(gram))) * np.eye(len(gram))
+    gram = shrink_gram(gram, shrinkage)
     moment = w.T @ gram @ w
     moment = (moment + moment.T) / 2
     values, vectors = np.linalg.eigh(moment)
     order = np.argsort(values)[::-1][: min(w.shape)]
     return Factorization(vectors[:, order], np.clip(values[order], 0.0, None), whitened=True)
+
+
+def held_out_error(weight: np.ndarray, factorization: Factorization, gram: np.ndarray) -> np.ndarray:
+    """Return, for ranks 0..m, the relative output error of the split on inputs with second moment ``gram``.
+
+    With ``M = Wᵀ·G·W`` and the split's orthonormal basis ``V``, the error at rank ``r``
+    is ``1 − Σ_{i≤r} v_iᵀ·M·v_i / tr(M)`` (the basis spans the row space of ``W``).
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    moment = w.T @ np.asarray(gram, dtype=np.float64) @ w
+    total = float(np.trace(moment))
+    if total <= 0:
+        return np.zeros(factorization.basis.shape[1] + 1)
+    captured = np.einsum("ij,ik,kj->j", factorization.basis, moment, factorization.basis)
+    kept = np.concatenate([[0.0], np.cumsum(captured)])
+    return np.clip(1.0 - kept / total, 0.0, 1.0)
 
 
 def split_factors(weight: np.ndarray, factorization: Factorization, rank: int) -> tuple[np.ndarray, np.ndarray]:

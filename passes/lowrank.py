@@ -31,10 +31,12 @@ from ._activations import (
     search_largest,
 )
 from ._lowrank_math import (
+    SHRINKAGE,
     Factorization,
     RankCandidate,
     allocate_ranks,
     factorize,
+    held_out_error,
     max_rank,
     rank_for_energy,
     split_factors,
@@ -59,12 +61,18 @@ class SplitPlan:
     notes: list[str]
 
     gains: list[float] | None = None
+    expected_errors: list[np.ndarray] | None = None
 
     def candidates(self) -> list[RankCandidate]:
-        """Return the allocation view of every layer (weighted by measured sensitivity if known)."""
+        """Return the allocation view of every layer (weighted by measured sensitivity if known).
+
+        The error curves are the cross-validated ones when known: the calibration curves
+        of a whitened split flatter it most where it overfits most.
+        """
         gains = self.gains or [1.0] * len(self.layers)
-        return [RankCandidate(f.relative_error, w.shape[0], w.shape[1], lim, g)
-                for w, f, lim, g in zip(self.weights, self.factorizations, self.limits, gains, strict=True)]
+        curves = self.expected_errors or [f.relative_error for f in self.factorizations]
+        return [RankCandidate(c, w.shape[0], w.shape[1], lim, g)
+                for w, c, lim, g in zip(self.weights, curves, self.limits, gains, strict=True)]
 
     def measure_sensitivity(self, model: onnx.ModelProto, samples: list, *, probe_error: float = 0.02,
                             progress: Progress | None = None) -> None:
@@ -108,10 +116,25 @@ def _eligible(layer: Layer, index: GraphIndex, min_params: int) -> str | None:
     return None
 
 
+def _fold_grams(model: onnx.ModelProto, ctx: Context, layers: list[Layer],
+                samples: list) -> list[dict[str, tuple[np.ndarray, int]]]:
+    """Return ``XᵀX`` sums and row counts per layer for each of two interleaved halves of ``samples``."""
+    folds = [samples[0::2], samples[1::2]] if len(samples) >= 4 else [samples]
+    grams = []
+    for fold in folds:
+        stats = collect_input_stats(model, layers, fold, gram=True, seed=ctx.seed, progress=ctx.progress)
+        grams.append({key: (s.gram[0], s.rows) for key, s in stats.items() if s.gram is not None})
+    return grams
+
+
 def plan_lowrank(model: onnx.ModelProto, ctx: Context, *, whiten: bool, min_params: int,
                  include_conv1x1: bool, min_saving: float, samples: list | None,
-                 shrinkage: float = 0.01) -> SplitPlan:
-    """Find the splittable layers and factorize them (whitened when ``samples`` are given)."""
+                 shrinkage: float = SHRINKAGE) -> SplitPlan:
+    """Find the splittable layers and factorize them (whitened when ``samples`` are given).
+
+    With four or more samples the whitened error curves are also cross-validated
+    between two halves of them (:attr:`SplitPlan.expected_errors`).
+    """
     graph = model.graph
     ops = ("MatMul", "Gemm", "Conv") if include_conv1x1 else ("MatMul", "Gemm")
     found, notes = find_layers(graph, ops)
@@ -127,14 +150,25 @@ def plan_lowrank(model: onnx.ModelProto, ctx: Context, *, whiten: bool, min_para
         layers.append(layer)
     weights = [_as_kn(layer, index.constant(layer.weight)) for layer in layers]  # type: ignore[arg-type]
     limits = [max_rank(w.shape[0], w.shape[1], min_saving) for w in weights]
-    stats = {}
-    if samples and whiten and layers:
-        stats = collect_input_stats(model, layers, samples, gram=True, seed=ctx.seed, progress=ctx.progress)
-    factorizations = []
+    folds = _fold_grams(model, ctx, layers, list(samples)) if samples and whiten and layers else []
+    factorizations: list[Factorization] = []
+    expected: list[np.ndarray] = []
     for layer, w in zip(layers, weights, strict=True):
-        gram = stats[layer.key].mean_gram if layer.key in stats else None
-        factorizations.append(factorize(w, None if gram is None else gram[0], shrinkage))
-    return SplitPlan(layers, weights, factorizations, limits, notes)
+        parts = [fold[layer.key] for fold in folds if layer.key in fold]
+        if not parts:
+            factorizations.append(factorize(w))
+            continue
+        rows = sum(n for _, n in parts)
+        factorizations.append(factorize(w, sum(g for g, _ in parts) / max(rows, 1), shrinkage))
+        if len(parts) == 2:
+            (g_a, n_a), (g_b, n_b) = parts
+            curves = [held_out_error(w, factorize(w, g_a / max(n_a, 1), shrinkage), g_b / max(n_b, 1)),
+                      held_out_error(w, factorize(w, g_b / max(n_b, 1), shrinkage), g_a / max(n_a, 1))]
+            expected.append((curves[0] + curves[1]) / 2)
+    plan = SplitPlan(layers, weights, factorizations, limits, notes)
+    if expected and len(expected) == len(layers):
+        plan.expected_errors = expected
+    return plan
 
 
 def apply_ranks(model: onnx.ModelProto, plan: SplitPlan, ranks: list[int]) -> onnx.ModelProto:
@@ -226,9 +260,11 @@ class split_lowrank(Pass):
     3. Ranks: ``rank`` for every layer, or the smallest rank keeping ``energy`` of Σσ²
        (of the whitened spectrum when calibration data is present and ``whiten``), or,
        with calibration data and neither given, ranks allocated across layers by their
-       measured output-error curves and sensitivities under ``budget`` (default: the
-       harness's ``int8`` profile; a float sets the minimum output cosine, a table sets
-       Tolerance fields), searched on held-out calibration samples.
+       output-error curves (cross-validated between two halves of the calibration
+       samples, ``XᵀX`` shrunk towards its diagonal) and measured sensitivities under
+       ``budget`` (default: the harness's ``int8`` profile; a float sets the minimum
+       output cosine, a table sets Tolerance fields), searched on held-out calibration
+       samples.
     4. Must not fire: layers under ``min_params`` weights; weights shared with other
        nodes; ranks whose factors would not save at least ``min_saving`` of the layer's
        parameters (and multiply-adds); layers in nested graphs. An explicit rank or energy

@@ -6,13 +6,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper
+from onnxopt.passes._lowrank_math import (
+    RankCandidate,
+    allocate_ranks,
+    factorize,
+    held_out_error,
+    max_rank,
+    rank_for_energy,
+    shrink_gram,
+    split_factors,
+)
+from onnxopt.passes.lowrank import split_lowrank
 
 from onnxopt.data import Dataset
 from onnxopt.errors import CalibrationDataError
 from onnxopt.harness import synthesize_inputs
 from onnxopt.pipeline import Context
-from passes._lowrank_math import RankCandidate, allocate_ranks, factorize, max_rank, rank_for_energy, split_factors
-from passes.lowrank import split_lowrank
 from tests.builders import assert_equivalent, init, make_model, vi
 
 
@@ -57,6 +66,48 @@ def test_relative_error_of_whitened_factorization_is_the_output_error():
     a, b = split_factors(w, fact, 4)
     measured = np.linalg.norm(x @ (w - a.astype(np.float64) @ b)) ** 2 / np.linalg.norm(x @ w) ** 2
     assert measured == pytest.approx(fact.relative_error[4], rel=1e-3)
+
+
+def _layer_inputs(rng: np.random.Generator, rows: int, k: int) -> np.ndarray:
+    """Inputs like a transformer's: correlated features with a few outlier channels."""
+    mix = rng.standard_normal((k, k)) / np.sqrt(k)
+    x = rng.standard_normal((rows, k)) @ mix * np.exp(rng.standard_normal(k))
+    x[:, :3] *= 20
+    return x
+
+
+def test_held_out_error_is_the_measured_output_error_on_new_inputs():
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal((24, 16))
+    fit, new = _layer_inputs(rng, 60, 24), _layer_inputs(rng, 80, 24)
+    fact = factorize(w, fit.T @ fit, 0.3)
+    curve = held_out_error(w, fact, new.T @ new)
+    for rank in (1, 5, 12):
+        a, b = split_factors(w, fact, rank)
+        measured = np.linalg.norm(new @ (w - a.astype(np.float64) @ b)) ** 2 / np.linalg.norm(new @ w) ** 2
+        assert measured == pytest.approx(curve[rank], rel=1e-3, abs=1e-6)
+    assert curve[0] == pytest.approx(1.0) and curve[-1] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_shrunk_whitening_beats_plain_svd_on_held_out_inputs():
+    # fewer calibration rows than features, as with 32 short sentences for a 384-wide layer
+    rng = np.random.default_rng(9)
+    k, n, rank = 96, 64, 24
+    w = rng.standard_normal((k, n))
+    x_fit, x_new = _layer_inputs(rng, 48, k), _layer_inputs(rng, 400, k)
+    gram_new = x_new.T @ x_new
+    plain = held_out_error(w, factorize(w), gram_new)[rank]
+    shrunk = held_out_error(w, factorize(w, x_fit.T @ x_fit, 0.3), gram_new)[rank]
+    raw = held_out_error(w, factorize(w, x_fit.T @ x_fit, 0.0), gram_new)[rank]
+    assert shrunk < plain and shrunk < raw
+
+
+def test_shrink_gram_keeps_the_diagonal():
+    gram = np.array([[4.0, 2.0], [2.0, 1.0]])
+    shrunk = shrink_gram(gram, 0.5)
+    np.testing.assert_allclose(np.diag(shrunk), np.diag(gram), rtol=1e-5)
+    assert shrunk[0, 1] == pytest.approx(1.0)
+    assert np.linalg.eigvalsh(shrunk).min() > 0
 
 
 @given(k=st.integers(1, 500), n=st.integers(1, 500), saving=st.floats(0, 0.9))
