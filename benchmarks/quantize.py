@@ -114,7 +114,8 @@ def quantize_onnxruntime(model: Path, feeds: list[dict[str, np.ndarray]], out: P
             source = prepared
             result["pre_process"] = "ok"
         except Exception as exc:
-            result["pre_process"] = f"failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}"
+            first = (str(exc).strip().splitlines() or ["(no message)"])[0]
+            result["pre_process"] = f"failed: {type(exc).__name__}: {first[:160]}"
             source = model
         try:
             quantize_static(str(source), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,

@@ -36,7 +36,7 @@ Rules, in order (a node that fails one stays float, with the reason recorded):
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,7 +47,7 @@ from onnxopt.runtime import tensor_types
 
 from ._quant_rewrite import BiasUse, WeightUse
 
-__all__ = ["ANCHOR_OPS", "DEFAULT_OP_TYPES", "FLOW_OPS", "LookupRegion", "Placement", "place"]
+__all__ = ["ANCHOR_OPS", "DEFAULT_OP_TYPES", "FLOW_OPS", "LookupRegion", "Placement", "place", "saturation_bounds"]
 
 ANCHOR_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 _OUTPUT_QUANTIZED_ANCHORS = frozenset({"Conv", "ConvTranspose"})
@@ -72,6 +72,7 @@ _FLOAT_ONLY = frozenset({"Conv", "ConvTranspose", "Gemm", "Relu", "Sigmoid", "So
                          "GlobalAveragePool", "AveragePool", "BatchNormalization", "LayerNormalization",
                          "LeakyRelu", "HardSwish", "Sqrt"})
 _MIN_TABLE = 4096
+_WEIGHT_ONLY_OPS = frozenset({"MatMul", "Gemm"})
 _MIN_WEIGHT_ONLY = 256  # smaller weights: a DequantizeLinear per run costs more than the bytes saved
 
 
@@ -248,15 +249,20 @@ def place(
     float_nodes: Mapping[str, str] | None = None,
     blocked: Mapping[str, str] | None = None,
     weight_only: bool = True,
+    weight_only_nodes: Collection[str] = frozenset(),
 ) -> Placement:
     """Return the placement for ``model`` (main graph; nodes must have unique names).
 
     ``float_nodes`` (name → reason) are kept float on top of the rules, e.g. by the
     accuracy fallback; ``blocked`` (tensor → reason) are tensors calibration ruled out.
-    ``weight_only``: an anchor kept float (by a rule or ``float_nodes``, not by the user)
-    still stores its constant weight as int8 behind a DequantizeLinear; it computes in
-    float, so only the weight's rounding reaches its output (measured on onnxruntime 1.32:
-    DequantizeLinear + MatMul [64x384]x[384x1536] no slower than the float MatMul).
+    ``weight_only``: a MatMul/Gemm kept float (by a rule or ``float_nodes``, not by the
+    user) still stores its constant weight as int8 behind a DequantizeLinear; it computes
+    in float, so only the weight's rounding reaches its output (measured on onnxruntime
+    1.32: DequantizeLinear + MatMul [64x384]x[384x1536] no slower than the float MatMul).
+    Not for Conv by default: a dequantized weight stops onnxruntime from pre-packing it
+    (NCHWc), and PP-OCR cls with 8 such depthwise convs ran 1.16x slower than with float
+    weights; ``weight_only_nodes`` names nodes of any op type that get it all the same
+    (the accuracy fallback's, where file size matters more than their speed).
     """
     g = _Graph(model)
     enabled = set(op_types)
@@ -348,7 +354,8 @@ def place(
             _weights_and_bias(node, g, per_channel, result)
     if weight_only:
         for node in g.graph.node:
-            if (node.op_type in ANCHOR_OPS and node.name not in chosen and is_default_domain(node)
+            wanted = node.op_type in _WEIGHT_ONLY_OPS or (node.name in weight_only_nodes and node.op_type in ANCHOR_OPS)
+            if (wanted and node.name not in chosen and is_default_domain(node)
                     and node.op_type in enabled and not _excluded(node, exclude)):
                 _weight_only(node, g, per_channel, result)
     result.observed = list(tensors)
@@ -378,3 +385,53 @@ def _weight_only(node: onnx.NodeProto, g: _Graph, per_channel: bool, result: Pla
         return
     result.weights.append(WeightUse(node.name, 1, _weight_axis(node, value.ndim, per_channel)))
     result.weight_only.append(node.name)
+
+
+def _reader_bounds(node: onnx.NodeProto, g: _Graph) -> tuple[float | None, float | None] | None:
+    """Return the input interval outside which ``node``'s output no longer changes; None: no such bound."""
+    if not is_default_domain(node):
+        return None
+    if node.op_type == "Relu":
+        return 0.0, None
+    if node.op_type == "HardSwish":
+        return -3.0, None
+    if node.op_type == "HardSigmoid":
+        alpha = float(node_attribute(node, "alpha", 0.2))  # type: ignore[arg-type]
+        beta = float(node_attribute(node, "beta", 0.5))  # type: ignore[arg-type]
+        return (-beta / alpha, (1.0 - beta) / alpha) if alpha > 0 else None
+    if node.op_type == "Clip":
+        bounds: list[float | None] = []
+        for position, attribute in ((1, "min"), (2, "max")):
+            name = node.input[position] if len(node.input) > position else ""
+            value = g.index.constant(name) if name else node_attribute(node, attribute)
+            if name and value is None:
+                return None
+            bounds.append(None if value is None else float(np.asarray(value).reshape(-1)[0]))  # type: ignore[arg-type]
+        return bounds[0], bounds[1]
+    return None
+
+
+def saturation_bounds(model: onnx.ModelProto, tensors: Iterable[str]) -> dict[str, tuple[float | None, float | None]]:
+    """Return, per tensor read only by saturating activations, the interval those readers distinguish.
+
+    HardSwish reads every x <= -3 as 0, Relu every x <= 0, HardSigmoid(alpha, beta) is
+    constant outside [-beta/alpha, (1-beta)/alpha], Clip outside its constant bounds; with
+    several readers the union of their intervals. A graph output or a tensor with any
+    other reader gets no entry.
+    """
+    g = _Graph(model)
+    result = {}
+    for tensor in tensors:
+        readers = g.index.consumers.get(tensor, ())
+        if not readers or tensor in g.outputs:
+            continue
+        bounds = [_reader_bounds(r, g) for r in readers]
+        if any(b is None for b in bounds):
+            continue
+        lows = [b[0] for b in bounds if b is not None]
+        highs = [b[1] for b in bounds if b is not None]
+        low = None if any(v is None for v in lows) else min(v for v in lows if v is not None)
+        high = None if any(v is None for v in highs) else max(v for v in highs if v is not None)
+        if low is not None or high is not None:
+            result[tensor] = (low, high)
+    return result

@@ -27,7 +27,8 @@ from onnxopt.data import Dataset, Sample
 from onnxopt.harness import Tolerance, compare_outputs
 from onnxopt.runtime import Session
 
-__all__ = ["DEFAULT_TARGET", "Target", "depthwise_groups", "measure_latency", "output_noise", "parse_target", "rank_by_removal"]
+__all__ = ["DEFAULT_TARGET", "Target", "depthwise_groups", "measure_latency", "output_noise", "parse_target",
+           "rank_by_removal"]
 
 #: The default accuracy target: every float output keeps cosine >= 0.999 and SQNR >= 25 dB
 #: against the float model on the held-out calibration samples.

@@ -14,6 +14,7 @@ from onnxopt.calibration import (
     HistogramObserver,
     MinMaxObserver,
     QuantParams,
+    SaturatedObserver,
     affine_qparams,
     collect_statistics,
     dequantize,
@@ -198,3 +199,24 @@ def test_collector_runs_groups_and_ignores_inf():
     observers = collect_statistics(model, ["y", "z"], data, lambda _: MinMaxObserver(), memory_budget=1)
     assert observers["y"].nonfinite == 5 and observers["y"].max == 4.0
     assert observers["z"].nonfinite == 0 and observers["z"].min == 0.0 and math.isfinite(observers["z"].max)
+
+
+def test_saturated_observer_clamps_before_the_inner_statistics():
+    observer = SaturatedObserver(MinMaxObserver(), -3.0, None)
+    observer.update(np.array([-95.0, -1.0, 0.5, 40.0, np.inf], np.float32))
+    assert (observer.inner.min, observer.inner.max) == (-3.0, 40.0)
+    assert observer.nonfinite == 1 and not observer.empty()
+    hist = SaturatedObserver(make_observer("mse"), -3.0, 3.0)
+    hist.update(np.linspace(-50, 50, 1001, dtype=np.float32))
+    from onnxopt.calibration import choose_range
+
+    low, high = choose_range(hist, "mse", np.uint8)
+    assert -3.0 <= low < 0 < high <= 3.0
+
+
+def test_saturated_observer_without_bounds_is_the_inner_observer():
+    values = np.random.default_rng(0).normal(size=500).astype(np.float32)
+    plain, wrapped = MinMaxObserver(), SaturatedObserver(MinMaxObserver(), None, None)
+    plain.update(values)
+    wrapped.update(values)
+    assert (plain.min, plain.max) == (wrapped.inner.min, wrapped.inner.max)

@@ -288,3 +288,123 @@ def test_latency_check_reports_both_timings():
     data = _data([1, 3, 8, 8], n=4)
     result = _quantize(model, data, check_latency=True)
     assert result.stats["latency_float_ms"] > 0 and result.stats["latency_int8_ms"] > 0
+
+
+def _matmul_chain():
+    w1 = RNG.normal(size=(16, 32)).astype(np.float32)
+    w2 = RNG.normal(size=(32, 8)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
+    return make_model(nodes, [vi("x", [2, 4, 16])], [vi("y", [2, 4, 8])], [init("w1", w1), init("w2", w2)])
+
+
+def test_matmul_kept_float_by_fallback_stores_an_int8_weight():
+    model = _matmul_chain()
+    data = _data([2, 4, 16])
+    result = _quantize(model, data, exclude=[], weight_only=True, op_types=["MatMul", "Relu"],
+                       target=lambda ref, cand: False, max_fallback=8)
+    q = result.model
+    assert result.stats["weight_only_nodes"] >= 1
+    mm = {n.name: n for n in q.graph.node}
+    assert all(mm[name].input[1] != w for name, w in (("mm1", "w1"), ("mm2", "w2")))  # both weights dequantized
+    assert not any(t.data_type == onnx.TensorProto.FLOAT and t.name in ("w1", "w2") for t in q.graph.initializer)
+    assert_equivalent(model, q, profile="int8", data=data)
+
+
+def _wide_conv_model():
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
+    inits = [init("w", RNG.normal(size=(16, 8, 3, 3))), init("w2", RNG.normal(size=(8, 16, 3, 3)))]
+    return make_model(nodes, [vi("x", [1, 8, 6, 6])], [vi("y", [1, 8, 6, 6])], inits)
+
+
+def test_weight_only_not_for_user_exclusions():
+    model = _matmul_chain()
+    data = _data([2, 4, 16])
+    q = _quantize(model, data, exclude=["mm2"]).model
+    assert next(n for n in q.graph.node if n.name == "mm2").input[1] == "w2"
+    conv = _wide_conv_model()
+    q = _quantize(conv, _data([1, 8, 6, 6]), exclude=["conv2"]).model
+    assert next(n for n in q.graph.node if n.name == "conv2").input[1] == "w2"
+
+
+def test_conv_returned_to_float_by_the_fallback_keeps_an_int8_weight():
+    model = _wide_conv_model()
+    data = _data([1, 8, 6, 6])
+    result = _quantize(model, data, target=lambda ref, cand: False, max_fallback=8)
+    assert result.stats["fallback_nodes"] >= 1 and result.stats["weight_only_nodes"] >= 1
+    assert not any(t.name in ("w", "w2") for t in result.model.graph.initializer)
+    assert_equivalent(model, result.model, profile="int8", data=data)
+    kept = _quantize(model, data, target=lambda ref, cand: False, max_fallback=8, weight_only=False)
+    assert kept.stats["weight_only_nodes"] == 0
+
+
+def test_depthwise_groups_large_kernels_first():
+    from onnxopt.passes._quant_search import depthwise_groups
+
+    nodes = [helper.make_node("Conv", ["x", "dw5"], ["a"], name="dw5", group=4, pads=[2, 2, 2, 2]),
+             helper.make_node("Conv", ["a", "dw3"], ["b"], name="dw3", group=4, pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["b", "pw"], ["y"], name="pw")]
+    model = make_model(nodes, [vi("x", [1, 4, 8, 8])], [vi("y", [1, 4, 8, 8])],
+                       [init("dw5", RNG.normal(size=(4, 1, 5, 5))), init("dw3", RNG.normal(size=(4, 1, 3, 3))),
+                        init("pw", RNG.normal(size=(4, 4, 1, 1)))])
+    groups = depthwise_groups(model, {n.name: n for n in model.graph.node})
+    assert groups == {"depthwise convs above 3x3": ["dw5"], "depthwise convs": ["dw5", "dw3"]}
+    only_small = depthwise_groups(model, {n.name: n for n in model.graph.node if n.name != "dw5"})
+    assert only_small == {"depthwise convs": ["dw3"]}
+
+
+
+@pytest.mark.parametrize(("readers", "expected"), [
+    (["HardSwish"], (-3.0, None)), (["Relu"], (0.0, None)), (["HardSigmoid"], (-3.0, 3.0)),
+    (["HardSwish", "Relu"], (-3.0, None)), (["HardSwish", "Sigmoid"], None), (["Identity"], None)])
+def test_saturation_bounds_from_readers(readers, expected):
+    from onnxopt.passes._quant_placement import saturation_bounds
+
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv")]
+    for i, op in enumerate(readers):
+        attrs = {"alpha": 1 / 6, "beta": 0.5} if op == "HardSigmoid" else {}
+        nodes.append(helper.make_node(op, ["c"], [f"y{i}"], name=f"r{i}", **attrs))
+    model = make_model(nodes, [vi("x", [1, 3, 4, 4])], [vi(f"y{i}", None) for i in range(len(readers))],
+                       [init("w", RNG.normal(size=(4, 3, 1, 1)))], opset=17)
+    found = saturation_bounds(model, ["c"]).get("c")
+    if expected is None:
+        assert found is None
+    else:
+        assert found == pytest.approx(expected, rel=1e-6)
+
+
+def test_saturation_bounds_not_for_graph_outputs_and_clip_constants():
+    from onnxopt.passes._quant_placement import saturation_bounds
+
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("Clip", ["c", "lo", "hi"], ["y"], name="clip")]
+    model = make_model(nodes, [vi("x", [1, 3, 4, 4])], [vi("y", None)],
+                       [init("w", RNG.normal(size=(4, 3, 1, 1))), init("lo", np.array(-1.0)),
+                        init("hi", np.array(2.0))])
+    assert saturation_bounds(model, ["c"]) == {"c": (-1.0, 2.0)}
+    model.graph.output.append(vi("c", None))
+    assert saturation_bounds(model, ["c"]) == {}
+
+
+def test_hardswish_input_range_is_clamped_and_still_equivalent():
+    w = RNG.normal(size=(4, 3, 1, 1)).astype(np.float32) * 4
+    w2 = RNG.normal(size=(2, 4, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("HardSwish", ["c"], ["h"], name="hswish"),
+             helper.make_node("Conv", ["h", "w2"], ["y"], name="conv2")]
+    model = make_model(nodes, [vi("x", [1, 3, 8, 8])], [vi("y", [1, 2, 8, 8])], [init("w", w), init("w2", w2)])
+    data = _data([1, 3, 8, 8])
+    on = _quantize(model, data)
+    off = _quantize(model, data, saturation_aware=False)
+    assert on.stats["ranges_saturation_clamped"] == 1 and off.stats["ranges_saturation_clamped"] == 0
+
+    def scale_of(q):
+        inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+        dq = next(n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == "c")
+        return float(inits[dq.input[1]])
+
+    assert scale_of(on.model) < scale_of(off.model)  # the negative tail below -3 no longer costs resolution
+    assert_equivalent(model, on.model, profile="int8", data=data)

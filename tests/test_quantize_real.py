@@ -37,9 +37,10 @@ def test_ppocr_det_small_input(real_model):
     feeds = real_inputs.ppocr_det_inputs(10, size=(160, 224))
     model, quantized, record = _quantize(real_model("ppocr_det"), feeds[:8], max_fallback=0)
     assert record.changed, record.notes
-    assert any("opset 12 to 13" in note for note in record.notes)
+    # the fuse stage upgraded opset 12 to 14 for HardSwish, which per-channel weights (13) need too
+    assert next(o.version for o in quantized.opset_import if o.domain in ("", "ai.onnx")) >= 13
     held = feeds[8:]
     agreement = real_inputs.task_agreement("ppocr_det", run_model(model, held),
                                            run_model(quantized, held, optimization="default"), held)
-    assert agreement >= 0.8  # measured 0.90-0.93 at 480x640; the 0.99 goal is not reached yet
+    assert agreement >= 0.8  # measured 0.96 at 480x640 (benchmarks/quantize.py); the 0.99 goal is not reached
     assert record.stats["bytes_after"] < 0.35 * record.stats["bytes_before"]
