@@ -11,6 +11,7 @@ import collections
 import heapq
 import itertools
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import onnx
@@ -107,7 +108,7 @@ def outer_references(graph: onnx.GraphProto) -> set[str]:
     return used - defined
 
 
-def node_attribute(node: onnx.NodeProto, name: str, default: object = None) -> object:
+def node_attribute(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
     """Return the Python value of attribute ``name`` of ``node``, or ``default``."""
     for attr in node.attribute:
         if attr.name == name:
