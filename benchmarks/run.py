@@ -50,7 +50,13 @@ def _fuse(quick: bool) -> list[dict[str, Any]]:
 def _int8(quick: bool) -> list[dict[str, Any]]:
     from benchmarks import quantize
 
-    return quantize.run(["digits"] if quick else ["ppocr_det", "ppocr_cls", "encoder"], threads=1)
+    rows = quantize.run(["digits"] if quick else ["ppocr_det", "ppocr_cls", "encoder"], threads=1)
+    if not quick:  # calibration memory must not grow with the number of samples
+        peaks = {n: quantize.calibration_memory(n) for n in (32, 256)}
+        rows.append({"model": "encoder", "method": "onnxopt peak RSS, 32 vs 256 calibration samples",
+                     "peak_mib_32": peaks[32] / 2**20, "peak_mib_256": peaks[256] / 2**20,
+                     "ratio": peaks[256] / peaks[32]})
+    return rows
 
 
 def _prune(quick: bool) -> list[dict[str, Any]]:
