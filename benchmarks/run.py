@@ -116,6 +116,8 @@ def chart_points(rows: list[dict[str, Any]]) -> list[tuple[str, float, float, fl
     points = []
     for row in rows:
         values = [row.get(k) for k in ("latency_ratio", "agreement", "size_ratio")]
+        if row.get("method") in ("float", "original"):  # the reference sits at (1, 1) by definition
+            continue
         if all(isinstance(v, (int, float)) for v in values):
             ratio, agreement, size = (float(v) for v in values)  # type: ignore[arg-type]
             label = f"{row.get('model', '?')} {row.get('method', row.get('variant', ''))}".strip()
@@ -135,13 +137,15 @@ def write_chart(preset: Preset, rows: list[dict[str, Any]], path: Path) -> bool:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, ratio, agreement, size in points:
-        ax.scatter(ratio, agreement, s=40 + 400 * size, alpha=0.6)
+        ours = "onnxopt" in label or "ours" in label
+        ax.scatter(ratio, agreement, s=40 + 400 * size, alpha=0.6, color="tab:blue" if ours else "tab:orange")
         ax.annotate(label, (ratio, agreement), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.axvline(1.0, color="grey", lw=0.8, ls="--")
     ax.axhline(0.99, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("latency ratio to the float model (lower is faster)")
     ax.set_ylabel("task agreement with the float model")
-    ax.set_title(f"{preset.title}: onnxopt vs {preset.competitor}\nmarker area ~ file size ratio", fontsize=9)
+    ax.set_title(f"{preset.title}: onnxopt (blue) vs {preset.competitor} (orange)\n"
+                 "marker area ~ file size ratio; the float model is at (1, 1)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
