@@ -16,21 +16,29 @@ Run ``python -m benchmarks.prune [model ...]``.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
 
 import numpy as np
+import onnx
 from onnxopt.passes._prune_plan import PrunePlan, build_plan, store_sparse
+from onnxopt.passes.prune import prune_magnitude
 
-from benchmarks.lowrank import CALIBRATION, latency_ms, model_and_inputs
+from benchmarks.lowrank import CALIBRATION, model_and_inputs
+from onnxopt.data import Dataset
 from onnxopt.model import serialized_size
-from onnxopt.runtime import run_model
+from onnxopt.pipeline import Context
+from onnxopt.runtime import Session, run_model
 
 __all__ = ["run"]
 
 TARGET = 0.99
 MODELS = ("ppocr_cls", "ppocr_det", "encoder")
+#: The methods run (``PRUNE_METHODS``: a ";"-separated subset; also "ours (sequential)", slow).
+METHODS = os.environ.get("PRUNE_METHODS", "uniform per-layer L1;ours (one-shot);pass, default budget, margin 0.5"
+                         ).split(";")
 HELD_OUT = {"ppocr_det": 24, "ppocr_cls": 64, "encoder": 64}
 
 
@@ -48,6 +56,19 @@ def _highest(evaluate: Callable[[float], float], steps: int, high: float = 0.95)
         else:
             high = middle
     return best
+
+
+def latency_ms(model: onnx.ModelProto, sample: dict, repeats: int = 20) -> float:
+    """Return the median latency (ms) of one run under onnxruntime (all optimizations, 1 thread)."""
+    with Session(model, optimization="default", threads=1) as session:
+        for _ in range(3):
+            session.run(sample)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            session.run(sample)
+            times.append(time.perf_counter() - start)
+    return 1000 * float(np.median(times))
 
 
 def _matrices(plan: PrunePlan, counts: list[int]) -> list[np.ndarray | None]:
@@ -76,20 +97,27 @@ def run_one(key: str, steps: int = 7) -> list[dict]:
     curves = ours.curves()
     prepare = time.perf_counter() - started
 
-    def agreement(plan: PrunePlan, counts: list[int]) -> float:
-        candidate = plan.apply(model, _matrices(plan, counts))
+    def agreement(plan: PrunePlan, matrices: list[np.ndarray | None]) -> float:
+        candidate = plan.apply(model, matrices)
         return task_agreement(key, reference, run_model(candidate, held), held)
 
+    def sequential(sparsity: float) -> list[np.ndarray | None]:
+        return ours.prune_sequentially(model, ours.counts_for(sparsity, "global", curves), calib)
+
     methods = {
-        "uniform per-layer L1": (uniform, lambda s: uniform.counts_for(s, "layer")),
-        "ours (activation scores + repair + allocation)": (ours, lambda s: ours.counts_for(s, "global", curves)),
+        "uniform per-layer L1": (uniform, lambda s: _matrices(uniform, uniform.counts_for(s, "layer"))),
+        "ours (one-shot)": (ours, lambda s: _matrices(ours, ours.counts_for(s, "global", curves))),
+        "ours (sequential)": (ours, sequential),
     }
     base_latency = latency_ms(model, held[0])
     rows = []
-    for method, (plan, counts_at) in methods.items():
-        sparsity, agree = _highest(lambda s, plan=plan, counts_at=counts_at: agreement(plan, counts_at(s)), steps)
-        counts = counts_at(sparsity)
-        pruned = plan.apply(model, _matrices(plan, counts))
+    for method, (plan, matrices_at) in methods.items():
+        if method not in METHODS:
+            continue
+        started = time.perf_counter()
+        sparsity, agree = _highest(lambda s, plan=plan, at=matrices_at: agreement(plan, at(s)), steps)
+        matrices = matrices_at(sparsity)
+        pruned = plan.apply(model, matrices)
         dense_bytes = serialized_size(pruned)
         store_sparse(pruned)
         rows.append({
@@ -98,9 +126,23 @@ def run_one(key: str, steps: int = 7) -> list[dict]:
             "bytes_dense": dense_bytes, "bytes_sparse_storage": serialized_size(pruned),
             "latency_ms_before": round(base_latency, 2),
             "latency_ms_after": round(latency_ms(pruned, held[0]), 2),
-            "per_layer_sparsity": {u.key: round(c / u.size, 3) for u, c in zip(plan.units, counts, strict=True)},
+            "search_seconds": round(time.perf_counter() - started, 1),
+            "per_layer_sparsity": {u.key: round(float(np.mean(u.matrix == 0 if m is None else m == 0)), 3)
+                                   for u, m in zip(plan.units, matrices, strict=True)},
         })
-    rows[-1]["ratio_vs_uniform"] = round(rows[-1]["sparsity"] / max(rows[0]["sparsity"], 1e-9), 2)
+    for margin in (1.0, 0.5):
+        method = f"pass, default budget, margin {margin}"
+        if method not in METHODS:
+            continue
+        started = time.perf_counter()
+        result = prune_magnitude(min_size=4096, margin=margin)(model, Context(calibration=Dataset(calib)))
+        rows.append({
+            "model": key, "method": method, "sparsity": round(float(result.stats["sparsity"]), 4),
+            "agreement": round(task_agreement(key, reference, run_model(result.model, held), held), 4),
+            "search_seconds": round(time.perf_counter() - started, 1), "per_layer_sparsity": {},
+        })
+    for row in rows[1:]:
+        row["ratio_vs_uniform"] = round(row["sparsity"] / max(rows[0]["sparsity"], 1e-9), 2)
     rows[-1]["prepare_seconds"] = round(prepare, 1)
     return rows
 
@@ -112,7 +154,7 @@ def run(models: tuple[str, ...] = MODELS, steps: int = 7) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     """Render the rows as a Markdown table (per-layer sparsity left out)."""
-    columns = ["model", "method", "sparsity", "agreement", "ratio_vs_uniform", "bytes_dense",
+    columns = ["model", "method", "sparsity", "agreement", "ratio_vs_uniform", "search_seconds", "bytes_dense",
                "bytes_sparse_storage", "latency_ms_before", "latency_ms_after"]
     lines = [" | ".join(columns), " | ".join("---" for _ in columns)]
     lines += [" | ".join(str(r.get(c, "")) for c in columns) for r in rows]

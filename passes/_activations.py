@@ -355,15 +355,17 @@ class HeldOutCheck:
             self.reference: Outputs = [session.run(s) for s in self.samples]
         self.evaluations = 0
 
-    def __call__(self, candidate: onnx.ModelProto) -> tuple[bool, str]:
-        """Return whether ``candidate`` is within budget, and a one-line summary."""
+    def __call__(self, candidate: onnx.ModelProto,
+                 budget: Tolerance | Acceptance | None = None) -> tuple[bool, str]:
+        """Return whether ``candidate`` is within budget (or a stricter ``budget``), and a one-line summary."""
         self.evaluations += 1
+        budget = self.budget if budget is None else budget
         with Session(candidate, label="candidate") as session:
             outputs = [session.run(s) for s in self.samples]
-        if callable(self.budget):
-            passed = bool(self.budget(self.reference, outputs))
+        if callable(budget):
+            passed = bool(budget(self.reference, outputs))
             return passed, "task check " + ("passed" if passed else "failed")
-        result = compare_outputs(self.reference, outputs, profile=self.budget)
+        result = compare_outputs(self.reference, outputs, profile=budget)
         floats = [o for o in result.outputs if o.elements]
         summary = ", ".join(f"{o.name}: cosine {o.cosine:.5f} SQNR {o.sqnr_db:.1f} dB" for o in floats[:3])
         return result.passed, summary

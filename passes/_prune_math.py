@@ -9,8 +9,11 @@ Weights come in the canonical view ``W[g, r, c]`` (groups, output rows, input fe
 * Repair (:func:`sparsegpt`): the OBS update of SparseGPT — columns are pruned left to
   right and each pruning error is spread over the not yet processed columns through the
   inverse Hessian ``(XᵀX + λI)⁻¹``, a least-squares re-fit of the kept weights so the
-  layer output stays close. The mask is chosen adaptively per block of columns by
-  ``w²/[H⁻¹]_jj²``.
+  layer output stays close. The mask is chosen adaptively per block of columns by the
+  OBS saliency ``w²/[H_F⁻¹]_jj`` (``F``: the columns not yet processed; the Cholesky
+  diagonal of ``H⁻¹`` squared), or given.
+* Upstream compensation (:func:`compensate_upstream`): when earlier layers are already
+  pruned, the dense weight that maps the changed inputs to the original outputs.
 * Error: the relative output error of a change ``Δ`` is ``Σ_g tr(Δ_g G_g Δ_gᵀ) / Σ_g tr(W_g G_g W_gᵀ)``.
 * Allocation (:func:`allocate_counts`): given each layer's error at a few sparsity
   levels, the cheapest per-layer counts for a total, on the lower convex hull of each
@@ -29,6 +32,7 @@ __all__ = [
     "ErrorCurve",
     "activation_scores",
     "allocate_counts",
+    "compensate_upstream",
     "lowest_mask",
     "nm_mask",
     "parse_nm",
@@ -100,11 +104,15 @@ def _block_counts(total: int, sizes: Sequence[int]) -> list[int]:
 
 
 def sparsegpt(weight: np.ndarray, gram: np.ndarray, *, count: int | None = None,
-              nm: tuple[int, int] | None = None, blocksize: int = 128, damp: float = 0.01) -> np.ndarray:
-    """Prune ``W[g, r, c]`` to ``count`` zeros (or an N:M pattern) and re-fit the kept weights.
+              nm: tuple[int, int] | None = None, mask: np.ndarray | None = None, blocksize: int = 128,
+              damp: float = 0.01) -> np.ndarray:
+    """Prune ``W[g, r, c]`` to ``count`` zeros (or an N:M pattern, or a given ``mask``) and re-fit the kept weights.
 
     ``gram`` is ``XᵀX`` per group ``[g, c, c]``; ``damp`` adds ``damp·mean(diag)`` to it.
-    Exactly ``count`` weights are zeroed (spread over column blocks in proportion).
+    Exactly ``count`` weights are zeroed (spread over column blocks in proportion), chosen
+    per block by the OBS saliency ``w²/[H⁻¹]_jj`` of the weights as updated so far.
+    ``mask`` (True = prune) fixes the pattern instead; each row's kept weights are then
+    updated column by column, exactly the least-squares re-fit when the mask is a prefix.
     """
     w = weight.astype(np.float64).copy()
     groups, rows, cols = w.shape
@@ -126,15 +134,18 @@ def sparsegpt(weight: np.ndarray, gram: np.ndarray, *, count: int | None = None,
         err1 = np.zeros_like(w1)
         h1 = upper[:, start:end, start:end]
         d = np.einsum("gii->gi", h1)
-        mask = np.zeros(w1.shape, dtype=bool)
-        if nm is None:
-            mask = lowest_mask(w1**2 / d[:, None, :] ** 2, block_count)
+        if mask is not None:
+            block_mask = mask[:, :, start:end]
+        elif nm is None:
+            block_mask = lowest_mask(w1**2 / d[:, None, :] ** 2, block_count)
+        else:
+            block_mask = np.zeros(w1.shape, dtype=bool)
         for i in range(end - start):
-            if nm is not None and i % nm[1] == 0:
+            if mask is None and nm is not None and i % nm[1] == 0:
                 span = slice(i, i + nm[1])
-                mask[:, :, span] = nm_mask(w1[:, :, span] ** 2 / d[:, None, span] ** 2, *nm)
+                block_mask[:, :, span] = nm_mask(w1[:, :, span] ** 2 / d[:, None, span] ** 2, *nm)
             column = w1[:, :, i]
-            q = np.where(mask[:, :, i], 0.0, column)
+            q = np.where(block_mask[:, :, i], 0.0, column)
             q1[:, :, i] = q
             err = (column - q) / d[:, None, i]
             w1[:, :, i:] -= err[:, :, None] * h1[:, None, i, i:]
@@ -142,6 +153,27 @@ def sparsegpt(weight: np.ndarray, gram: np.ndarray, *, count: int | None = None,
         w[:, :, start:end] = q1
         w[:, :, end:] -= np.matmul(err1, upper[:, start:end, end:])
     return w.astype(np.float32)
+
+
+def compensate_upstream(weight: np.ndarray, gram: np.ndarray, cross: np.ndarray, *, damp: float = 0.01) -> np.ndarray:
+    """Return the dense ``W*`` that best maps the layer's actual inputs to its original outputs.
+
+    With ``X'`` the inputs after upstream layers were pruned and ``X`` the original ones,
+    ``gram = X'ᵀX'`` and ``cross = X'ᵀX`` (``[g, c, c]``), ``W*`` minimizes
+    ``‖X'W*ᵀ − XWᵀ‖² + λ‖W* − W‖²`` with ``λ = damp·mean(diag X'ᵀX')``: a ridge pulled
+    towards the original weight, not towards zero, so few calibration rows cannot drag it far.
+    Since ``‖X'W'ᵀ − XWᵀ‖² = ‖X'(W' − W*)ᵀ‖² + const``, pruning ``W*`` under ``gram``
+    (:func:`sparsegpt`) then also undoes the upstream error.
+    """
+    w = weight.astype(np.float64)
+    h = gram.astype(np.float64).copy()
+    cols = h.shape[-1]
+    index = np.arange(cols)
+    diag = h[:, index, index]
+    ridge = damp * np.maximum(diag.mean(axis=1, keepdims=True), 1e-12)
+    h[:, index, index] = diag + ridge
+    rhs = np.matmul(cross.astype(np.float64), w.transpose(0, 2, 1)) + ridge[:, :, None] * w.transpose(0, 2, 1)
+    return np.linalg.solve(h, rhs).transpose(0, 2, 1).astype(np.float32)
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,9 @@
 Magnitude pruning without retraining fails on compact networks when every layer is cut
 by the same share of its smallest weights. With calibration data this pass scores a
 weight by what it contributes to the layer output (``|W|·‖X‖``), re-fits the kept
-weights by least squares (SparseGPT), and spreads the sparsity over layers by their
-measured sensitivity, under an error budget checked on held-out calibration samples.
+weights by the OBS update (SparseGPT), and spreads the sparsity over layers by their
+error curves measured *after* that repair and weighted by measured sensitivity, under
+an error budget checked on held-out calibration samples (searched with a margin).
 The math lives in :mod:`._prune_math`, the units and rewriting in :mod:`._prune_plan`.
 
 ``prune_channels`` removes whole channels instead (groups in :mod:`._prune_channels`,
@@ -15,16 +16,25 @@ so the graph really shrinks and runs faster.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import numpy as np
 import onnx
 
 from onnxopt.errors import CalibrationDataError
+from onnxopt.harness import Tolerance
 from onnxopt.model import serialized_size
 from onnxopt.pipeline import Context, Pass, PassResult, register_pass
 
-from ._activations import BudgetSpec, HeldOutCheck, budget_tolerance, describe_budget, search_largest
+from ._activations import (
+    Acceptance,
+    BudgetSpec,
+    HeldOutCheck,
+    budget_tolerance,
+    describe_budget,
+    search_largest,
+)
 from ._prune_channel_plan import ChannelPlan, build_channel_plan
 from ._prune_math import parse_nm
 from ._prune_plan import PrunePlan, build_plan, store_sparse
@@ -37,6 +47,23 @@ log = logging.getLogger(__name__)
 SENSITIVITY_SAMPLES = 4
 #: The highest overall sparsity the budget search tries.
 MAX_SPARSITY = 0.9
+
+
+def tightened(budget: Tolerance | Acceptance, margin: float) -> Tolerance | Acceptance:
+    """Return ``budget`` with only ``margin`` of its distance from lossless left (cosine, SQNR, top-1).
+
+    The search picks the sparsity on a few held-out samples; a stricter bar there keeps
+    the result within the real budget on samples it has not seen. A task check (callable)
+    is returned as is.
+    """
+    if not isinstance(budget, Tolerance) or margin >= 1:
+        return budget
+
+    def closer(floor: float | None) -> float | None:
+        return None if floor is None else 1 - (1 - floor) * margin
+
+    sqnr = None if budget.min_sqnr_db is None else budget.min_sqnr_db - 10 * math.log10(margin)
+    return budget.replace(min_cosine=closer(budget.min_cosine), min_sqnr_db=sqnr, min_top1=closer(budget.min_top1))
 
 
 @register_pass
@@ -57,7 +84,9 @@ class prune_magnitude(Pass):
        ``|W|·‖X_j‖``; ``repair`` re-fits the kept weights (SparseGPT). Without
        ``sparsity`` the highest overall sparsity within ``budget`` is searched (default:
        the harness's ``int8`` profile on held-out calibration samples; a float sets the
-       minimum output cosine, a table sets Tolerance fields); an explicit
+       minimum output cosine, a table sets Tolerance fields), searched against the
+       budget tightened to ``margin`` of its distance from lossless (the few held-out
+       samples flatter the search); an explicit
        ``sparsity`` or ``nm`` that breaks the budget backs off, most sensitive layers
        first, to dense.
     4. Must not fire on: layers matching ``exclude`` (fnmatch on op type, node name,
@@ -74,9 +103,11 @@ class prune_magnitude(Pass):
 
     def __init__(self, *, sparsity: float | None = None, scope: str = "global", scoring: str | None = None,
                  repair: bool = True, nm: str | None = None, exclude: Sequence[str] = (), min_size: int = 4096,
-                 budget: BudgetSpec = None, sparse_storage: bool = False) -> None:
+                 budget: BudgetSpec = None, margin: float = 0.5, sparse_storage: bool = False) -> None:
         if sparsity is not None and not 0 <= sparsity < 1:
             raise ValueError("sparsity must be in [0, 1)")
+        if not 0 < margin <= 1:
+            raise ValueError("margin must be in (0, 1]")
         if scope not in ("global", "layer"):
             raise ValueError("scope must be 'global' or 'layer'")
         if scoring not in (None, "magnitude", "activation"):
@@ -91,6 +122,7 @@ class prune_magnitude(Pass):
         self.exclude = exclude
         self.min_size = min_size
         self.budget = budget
+        self.margin = margin
         self.sparse_storage = sparse_storage
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
@@ -148,14 +180,15 @@ class prune_magnitude(Pass):
             matrices = matrices_at(self.sparsity)
             return matrices if check is None else _back_off(plan, model, matrices, check, notes)
         assert check is not None
+        strict = tightened(check.budget, self.margin)
 
         def fits(sparsity: float) -> bool:
-            passed, summary = check(plan.apply(model, matrices_at(sparsity)))
+            passed, summary = check(plan.apply(model, matrices_at(sparsity)), strict)
             log.info("prune_magnitude: sparsity %.4f: %s (%s)", sparsity, passed, summary)
             return passed
 
         best = search_largest(fits, 0.0, MAX_SPARSITY, steps=7)
-        notes.append(f"highest overall sparsity within the budget ({describe_budget(check.budget)}): {best:.3f}")
+        notes.append(f"highest overall sparsity within the tightened budget ({describe_budget(strict)}): {best:.3f}")
         return matrices_at(best) if best > 0 else [None] * len(plan.units)
 
 
