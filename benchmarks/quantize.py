@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from benchmarks import inputs as real_inputs
+from benchmarks.common import feeds, interleaved_latency, model_path
 from benchmarks.models import fetch
+from onnxopt.runtime import run_model
 
 CALIBRATION = 32
 HELD_OUT = 16
@@ -41,38 +41,15 @@ DET_SIZE = (480, 640)
 def _model_and_inputs(key: str, n: int) -> tuple[Path, list[dict[str, np.ndarray]]]:
     if key == "ppocr_det":
         return fetch(key), real_inputs.ppocr_det_inputs(n, size=DET_SIZE)
-    if key == "ppocr_cls":
-        return fetch(key), real_inputs.ppocr_cls_inputs(n)
-    from benchmarks.encoder import encoder_model_path
+    if key == "encoder":
+        from benchmarks.encoder import encoder_model_path
 
-    return encoder_model_path(), real_inputs.encoder_inputs(n)
-
-
-def _session(path: Path, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 4
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return encoder_model_path(), real_inputs.encoder_inputs(n)
+    return model_path(key), feeds(key, n)
 
 
 def _run(path: Path, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-    session = _session(path, 0)
-    names = [o.name for o in session.get_outputs()]
-    return [dict(zip(names, session.run(names, f), strict=True)) for f in feeds]
-
-
-def _latencies(paths: list[Path], feed: dict[str, np.ndarray], threads: int, rounds: int = 20) -> list[float]:
-    sessions = [_session(p, threads) for p in paths]
-    for s in sessions:
-        s.run(None, feed)
-        s.run(None, feed)
-    times: list[list[float]] = [[] for _ in sessions]
-    for _ in range(rounds):
-        for i, s in enumerate(sessions):
-            t0 = time.perf_counter()
-            s.run(None, feed)
-            times[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
+    return run_model(str(path), feeds)
 
 
 def quantize_ours(model: Path, feeds: list[dict[str, np.ndarray]], out: Path) -> dict[str, Any]:
@@ -147,7 +124,8 @@ def run(keys: list[str] | None = None, threads: int = 1) -> list[dict[str, Any]]
             paths = {"float": model, "onnxopt": ours}
             if theirs.exists():
                 paths["onnxruntime"] = theirs
-            latency = dict(zip(paths, _latencies(list(paths.values()), held[0], threads), strict=True))
+            latency = dict(zip(paths, interleaved_latency(list(paths.values()), held[0], threads=threads, rounds=20),
+                                  strict=True))
             for method, path in paths.items():
                 outputs = reference if method == "float" else _run(path, held)
                 row = {

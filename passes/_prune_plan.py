@@ -22,7 +22,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxopt.data import Sample
-from onnxopt.graph import GraphIndex, NameGenerator, remove_unused
+from onnxopt.graph import GraphIndex, NameGenerator, remove_unused, replace_repeated
 from onnxopt.progress import Progress
 from onnxopt.runtime import Session, expose_tensors
 
@@ -374,11 +374,5 @@ def store_sparse(model: onnx.ModelProto) -> list[str]:
         graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, list(array.shape)))
         moved.append(tensor.name)
     if moved:
-        copies = []
-        for tensor in keep:
-            copy = onnx.TensorProto()
-            copy.CopyFrom(tensor)
-            copies.append(copy)
-        del graph.initializer[:]
-        graph.initializer.extend(copies)
+        replace_repeated(graph.initializer, keep)
     return moved

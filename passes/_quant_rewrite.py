@@ -40,7 +40,7 @@ from onnxopt.calibration import (
     quantize_bias,
     weight_qparams,
 )
-from onnxopt.graph import GraphIndex, NameGenerator, remove_unused, rename_input, toposort
+from onnxopt.graph import GraphIndex, NameGenerator, remove_unused, rename_input, replace_repeated, toposort
 
 __all__ = ["BiasUse", "LookupUse", "QDQPlan", "WeightUse", "apply_plan", "lookup_table"]
 
@@ -249,13 +249,7 @@ def _drop_stale_value_info(graph: onnx.GraphProto) -> None:
     produced = {o for n in graph.node for o in n.output}
     keep = [v for v in graph.value_info if v.name in produced]
     if len(keep) != len(graph.value_info):
-        copies = []
-        for v in keep:
-            c = onnx.ValueInfoProto()
-            c.CopyFrom(v)
-            copies.append(c)
-        del graph.value_info[:]
-        graph.value_info.extend(copies)
+        replace_repeated(graph.value_info, keep)
 
 
 

@@ -19,10 +19,14 @@ def test_markdown_table_has_every_column():
 def test_runner_quick_writes_results_and_charts(tmp_path):
     pytest.importorskip("onnxslim")
     pytest.importorskip("matplotlib")
-    assert main(["--quick", "--only", "fuse", "--out", str(tmp_path)]) == 0
+    assert main(["--quick", "--only", "fuse,int8", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "results" / "fuse.json").read_text())["rows"]
     assert {r["method"] for r in rows} == {"original", "onnxopt", "onnxslim"}
     assert all(r["exact"] for r in rows)
     text = (tmp_path / "RESULTS.md").read_text()
     assert "onnxruntime" in text and "| digits | onnxopt |" in text
     assert (tmp_path / "charts" / "fuse.png").stat().st_size > 1000
+    int8 = json.loads((tmp_path / "results" / "int8.json").read_text())["rows"]
+    ours = next(r for r in int8 if r["method"] == "onnxopt")
+    assert ours["agreement"] >= 0.99 and ours["size_ratio"] < 0.5
+    assert {r["method"] for r in int8} == {"float", "onnxopt", "onnxruntime"}
