@@ -119,6 +119,13 @@ def chart_points(rows: list[dict[str, Any]]) -> list[tuple[str, float, float, fl
     """Return (label, latency ratio, agreement, size ratio) for rows that carry all three."""
     points = []
     for row in rows:
+        row = {**row}
+        if "latency_ratio" not in row and row.get("latency_ms_before") and row.get("latency_ms_after"):
+            row["latency_ratio"] = row["latency_ms_after"] / row["latency_ms_before"]
+        if "size_ratio" not in row and row.get("bytes_dense"):
+            row["size_ratio"] = row.get("bytes_sparse_storage", row["bytes_dense"]) / row["bytes_dense"]
+        if "size_ratio" not in row and row.get("matmul_params"):
+            row["size_ratio"] = 1 - row.get("params_saved", 0) / row["matmul_params"]
         values = [row.get(k) for k in ("latency_ratio", "agreement", "size_ratio")]
         if row.get("method") in ("float", "original"):  # the reference sits at (1, 1) by definition
             continue
@@ -141,7 +148,7 @@ def write_chart(preset: Preset, rows: list[dict[str, Any]], path: Path) -> bool:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, ratio, agreement, size in points:
-        ours = "onnxopt" in label or "ours" in label
+        ours = any(word in label for word in ("onnxopt", "ours", "pass"))
         ax.scatter(ratio, agreement, s=40 + 400 * size, alpha=0.6, color="tab:blue" if ours else "tab:orange")
         ax.annotate(label, (ratio, agreement), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.axvline(1.0, color="grey", lw=0.8, ls="--")
