@@ -72,8 +72,8 @@ def predicted_bytes(node: onnx.NodeProto, inputs: dict[str, onnx.TensorProto]) -
             return int(np.prod(shape, dtype=np.int64)) * 4
         if node.op_type == "Expand":
             data = inputs[node.input[0]]
-            shape = np.broadcast_shapes(tuple(data.dims), tuple(int(d) for d in _array(inputs[node.input[1]])))
-            return int(np.prod(shape, dtype=np.int64)) * 4
+            expanded = np.broadcast_shapes(tuple(data.dims), tuple(int(d) for d in _array(inputs[node.input[1]])))
+            return int(np.prod(expanded, dtype=np.int64)) * 4
         if node.op_type == "Tile":
             data = inputs[node.input[0]]
             repeats = _array(inputs[node.input[1]])

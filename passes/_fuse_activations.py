@@ -63,9 +63,10 @@ class FuseLayerNorm(Fusion):
         if normalized != list(range(rank - len(normalized), rank)) or \
                 sorted(a % rank for a in m.reduce_axes(variance)) != normalized:
             raise NoMatch("ReduceMean does not reduce the trailing axes")
-        shape = tuple(dims[normalized[0]:])
-        if any(d is None for d in shape):
+        trailing = dims[normalized[0]:]
+        if any(d is None for d in trailing):
             raise NoMatch("normalized dims are not static")
+        shape = tuple(int(d) for d in trailing if d is not None)
         chain = [node, sub, square, variance, add_eps, sqrt, divide]
         affine: dict[str, np.ndarray] = {}
         for op in ("Mul", "Add"):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -95,7 +96,7 @@ def _dequantize_node(graph: onnx.GraphProto, names: NameGenerator, source: str, 
                      output: str, base: str) -> onnx.NodeProto:
     scale = _add_initializer(graph, names, f"{base}_scale", params.scale)
     zero = _add_initializer(graph, names, f"{base}_zero_point", params.zero_point)
-    attrs = {"axis": params.axis} if params.per_channel and params.axis is not None else {}
+    attrs: dict[str, Any] = {"axis": params.axis} if params.per_channel and params.axis is not None else {}
     return helper.make_node("DequantizeLinear", [source, scale, zero], [output], name=names.fresh(f"{base}_dq"),
                             **attrs)
 
@@ -263,7 +264,7 @@ def lookup_table(model: onnx.ModelProto, region: list[onnx.NodeProto], source: s
     codes = np.arange(info.min, info.max + 1).astype(source_params.dtype)
     values = dequantize(codes, source_params)
     index = _Index(model.graph)
-    constants = []
+    constants: list[Any] = []
     for node in region:
         for name in node.input:
             value = index.constant(name) if name else None

@@ -40,7 +40,7 @@ def _shape(node: onnx.NodeProto, types: TypeMap) -> ShapeValue | None:
     end = node_attribute(node, "end")
     stop = rank if end is None else int(end)  # type: ignore[call-overload]
     axes = range(rank)[start:stop]
-    return ShapeValue(tuple(dims[a] if dims[a] is not None else (node.input[0], a) for a in axes))
+    return ShapeValue(tuple(dims[a] if dims[a] is not None else (node.input[0], a) for a in axes))  # type: ignore[misc]
 
 
 def propagate(node: onnx.NodeProto, known: dict[str, ShapeValue], constant, types: TypeMap) -> ShapeValue | None:
@@ -106,7 +106,8 @@ def shape_value(node: onnx.NodeProto, types: TypeMap) -> np.ndarray | None:
     if dims is None:
         return None
     if node.op_type == "Size":
-        return None if any(d is None for d in dims) else np.array(int(np.prod(dims, dtype=np.int64)), np.int64)
+        known = [d for d in dims if d is not None]
+        return None if len(known) != len(dims) else np.array(int(np.prod(known, dtype=np.int64)), np.int64)
     start = int(node_attribute(node, "start", 0))  # type: ignore[arg-type]
     end = node_attribute(node, "end")
     selected = dims[start:] if end is None else dims[start:int(end)]  # type: ignore[call-overload]

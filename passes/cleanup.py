@@ -168,6 +168,7 @@ class SimplifyShapes(Pass):
                                                                                             names, constants):
                     stats["reshape_targets_resolved"] += 1
                     continue
+                value: np.ndarray | None
                 tracked = None if node.op_type == "Size" else propagate(node, known, constant, types)
                 if tracked is not None and all(isinstance(e, int) for e in tracked.elements):
                     value = np.array(tracked.elements, dtype=np.int64)

@@ -189,13 +189,13 @@ class QuantizeInt8(Pass):
             if tracing:
                 tracemalloc.stop()
         ranges, blocked = {}, {}
-        for name, observer in observers.items():
-            if observer.nonfinite:
-                blocked[name] = f"holds {observer.nonfinite} non-finite values (e.g. an attention mask)"
-            elif observer.empty():
+        for name, stats_of in observers.items():
+            if stats_of.nonfinite:
+                blocked[name] = f"holds {stats_of.nonfinite} non-finite values (e.g. an attention mask)"
+            elif stats_of.empty():
                 blocked[name] = "had no values during calibration"
             else:
-                ranges[name] = choose_range(observer, self.method, dtype, percentile=self.percentile)
+                ranges[name] = choose_range(stats_of, self.method, dtype, percentile=self.percentile)
         stats["calibration_seconds"] = round(time.perf_counter() - started, 3)
         stats["calibration_peak_bytes"] = int(peak)
         stats["calibration_samples"] = len(data)
@@ -206,7 +206,7 @@ class QuantizeInt8(Pass):
               float_nodes: dict[str, str], int8_weights: Collection[str] = ()) -> tuple[Placement, QDQPlan]:
         """Return placement and plan; ``int8_weights``: float nodes that still store an int8 weight (any op)."""
         op_types = self.op_types if self.op_types is not None else DEFAULT_OP_TYPES
-        common = {"op_types": op_types, "exclude": self.exclude, "per_channel": self.per_channel,
+        common: dict[str, Any] = {"op_types": op_types, "exclude": self.exclude, "per_channel": self.per_channel,
                   "weight_only": self.weight_only,
                   "weight_only_nodes": frozenset(int8_weights) if self.weight_only else frozenset()}
         placement = place(model, float_nodes=float_nodes, blocked=blocked, **common)
