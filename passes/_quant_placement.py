@@ -45,7 +45,7 @@ import onnx
 from onnxopt.graph import GraphIndex, is_default_domain, node_attribute
 from onnxopt.runtime import tensor_types
 
-from ._quant_rewrite import BiasUse, WeightUse
+from ._quant_rewrite import BiasUse, LookupRegion, WeightUse
 
 __all__ = ["ANCHOR_OPS", "DEFAULT_OP_TYPES", "FLOW_OPS", "LookupRegion", "Placement", "place", "saturation_bounds"]
 
@@ -78,15 +78,6 @@ _MIN_WEIGHT_ONLY = 256  # smaller weights: a DequantizeLinear per run costs more
 
 _ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Clip", "Relu", "HardSigmoid", "HardSwish", "Sigmoid",
                           "Tanh", "LeakyRelu", "Neg", "Abs", "Erf", "Sqrt", "Exp", "Softplus", "Elu", "Selu"})
-
-
-@dataclass(frozen=True)
-class LookupRegion:
-    """Elementwise nodes computing ``output = f(input)`` of one tensor; replaced by a table."""
-
-    input: str
-    output: str
-    nodes: tuple[str, ...]
 
 
 @dataclass

@@ -43,7 +43,7 @@ from onnxopt.calibration import (
 )
 from onnxopt.graph import GraphIndex, NameGenerator, remove_unused, rename_input, replace_repeated, toposort
 
-__all__ = ["BiasUse", "LookupUse", "QDQPlan", "WeightUse", "apply_plan", "lookup_table"]
+__all__ = ["BiasUse", "LookupRegion", "QDQPlan", "WeightUse", "apply_plan", "lookup_table"]
 
 
 @dataclass(frozen=True)
@@ -66,8 +66,8 @@ class BiasUse:
 
 
 @dataclass(frozen=True)
-class LookupUse:
-    """Nodes ``nodes`` compute ``output = f(input)`` elementwise; both tensors are quantized."""
+class LookupRegion:
+    """Elementwise nodes computing ``output = f(input)`` of one tensor; replaced by a table."""
 
     input: str
     output: str
@@ -83,7 +83,7 @@ class QDQPlan:
     biases: list[BiasUse] = field(default_factory=list)
     tables: list[str] = field(default_factory=list)
     absorbed: set[str] = field(default_factory=set)
-    lookups: list[LookupUse] = field(default_factory=list)
+    lookups: list[LookupRegion] = field(default_factory=list)
 
 
 def _add_initializer(graph: onnx.GraphProto, names: NameGenerator, base: str, array: np.ndarray) -> str:

@@ -41,7 +41,7 @@ from onnxopt.pipeline import Context, Pass, PassResult, register_pass
 from onnxopt.runtime import Session
 
 from ._quant_placement import ANCHOR_OPS, DEFAULT_OP_TYPES, Placement, place, saturation_bounds
-from ._quant_rewrite import LookupUse, QDQPlan, apply_plan
+from ._quant_rewrite import QDQPlan, apply_plan
 from ._quant_search import DEFAULT_TARGET, Target, depthwise_groups, measure_latency, parse_target, rank_by_removal
 
 __all__ = ["QuantizeInt8"]
@@ -223,7 +223,7 @@ class QuantizeInt8(Pass):
                         low = min(ranges[t][0] for t in node.input if t in ranges)
                         high = max(ranges[t][1] for t in node.input if t in ranges)
                         params[tensor] = params[node.output[0]] = affine_qparams(low, high, dtype)
-        lookups = [LookupUse(r.input, r.output, r.nodes) for r in placement.lookups]
+        lookups = list(placement.lookups)
         plan = QDQPlan(params, placement.weights, placement.biases, placement.tables, placement.absorbed, lookups)
         return placement, plan
 

@@ -9,9 +9,11 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt.data import Dataset
+from onnxopt.graph import iter_graphs
 from onnxopt.harness import Report, check, synthesize_inputs
+from onnxopt.pipeline import Context, PassResult, create_pass
 
-__all__ = ["FLOAT", "assert_equivalent", "init", "make_model", "parse_model", "run_check", "vi"]
+__all__ = ["FLOAT", "assert_equivalent", "init", "make_model", "ops", "parse_model", "run_check", "run_pass", "vi"]
 
 FLOAT = TensorProto.FLOAT
 
@@ -64,3 +66,15 @@ def assert_equivalent(reference: onnx.ModelProto, candidate: onnx.ModelProto, *,
     report = run_check(reference, candidate, profile=profile, data=data, **synth)
     assert report.passed, "\n".join(report.failures())
     return report
+
+
+def run_pass(name: str, model: onnx.ModelProto, **params: object) -> PassResult:
+    """Run the registered pass ``name`` on a copy of ``model``."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return create_pass(name, **params)(copy, Context())
+
+
+def ops(model: onnx.ModelProto) -> list[str]:
+    """Return the op types of every node, subgraphs included."""
+    return [n.op_type for g in iter_graphs(model.graph) for n in g.node]

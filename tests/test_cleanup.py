@@ -3,23 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from onnxopt.graph import iter_graphs
-from onnxopt.pipeline import Context, create_pass
-from tests.builders import assert_equivalent, init, make_model, vi
-
-
-def run(name: str, model: onnx.ModelProto, **params):
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    return create_pass(name, **params)(copy, Context())
-
-
-def ops(model: onnx.ModelProto) -> list[str]:
-    return [n.op_type for g in iter_graphs(model.graph) for n in g.node]
+from tests.builders import assert_equivalent, init, make_model, ops, vi
+from tests.builders import run_pass as run
 
 
 def if_model(then_nodes, else_nodes, then_out, else_out, cond_init=None, initializers=(), opset=17):

@@ -8,9 +8,8 @@ import pytest
 from onnx import helper
 from onnxopt.passes._fusemath import batchnorm_affine, channel_vector, scale_output_channels, shift_bias
 
-from onnxopt.graph import iter_graphs
-from onnxopt.pipeline import Context, create_pass
-from tests.builders import assert_equivalent, init, make_model, vi
+from tests.builders import assert_equivalent, init, make_model, ops, vi
+from tests.builders import run_pass as run
 
 RNG = np.random.default_rng(0)
 
@@ -19,14 +18,6 @@ def rand(*shape):
     return RNG.standard_normal(shape).astype(np.float32)
 
 
-def run(name: str, model: onnx.ModelProto, **params):
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    return create_pass(name, **params)(copy, Context())
-
-
-def ops(model: onnx.ModelProto) -> list[str]:
-    return [n.op_type for g in iter_graphs(model.graph) for n in g.node]
 
 
 def bn_inits(channels, prefix="bn"):
