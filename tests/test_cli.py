@@ -175,3 +175,18 @@ def test_usage_errors_exit_2_without_traceback(capsys, args):
     code, _, err = _run(args, capsys)
     assert code == 2
     assert "Traceback" not in err and "internal error" not in err
+
+
+def test_check_reads_external_data_models_from_their_files(tmp_path, capsys):
+    ref = tmp_path / "ref"
+    cand = tmp_path / "cand"
+    ref.mkdir()
+    cand.mkdir()
+    save_model(_model(width=256), ref / "m.onnx", external_data=True)
+    save_model(_model(width=256), cand / "m.onnx", external_data=True)
+    assert (ref / "m.onnx.data").exists()
+    code, out, _ = _run(["check", ref / "m.onnx", cand / "m.onnx"], capsys)
+    assert code == 0 and "PASS" in out
+    (cand / "m.onnx.data").write_bytes(b"\0" * 10)  # truncated data: refused before onnxruntime sees it
+    code, _, err = _run(["check", ref / "m.onnx", cand / "m.onnx"], capsys)
+    _assert_one_line_error(code, err, "shorter than tensor")
