@@ -21,7 +21,6 @@ __all__ = [
     "GraphIndex",
     "NameGenerator",
     "constant_node_value",
-    "constant_value",
     "is_default_domain",
     "iter_graphs",
     "iter_tensors",
@@ -114,11 +113,6 @@ def node_attribute(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
         if attr.name == name:
             return onnx.helper.get_attribute_value(attr)
     return default
-
-
-def constant_value(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
-    """Return the value of ``name`` if it is an initializer or a Constant node's output."""
-    return GraphIndex(graph).constant(name)
 
 
 class GraphIndex:

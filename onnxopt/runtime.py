@@ -19,7 +19,6 @@ __all__ = [
     "OPTIMIZATION_LEVELS",
     "Session",
     "expose_tensors",
-    "float_intermediates",
     "run_model",
     "tensor_types",
 ]
@@ -148,17 +147,3 @@ def expose_tensors(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelPr
         exposed.graph.output.append(info)
         known.add(name)
     return exposed
-
-
-def float_intermediates(model: onnx.ModelProto) -> list[str]:
-    """Return main-graph node outputs whose type is known to be float, in graph order."""
-    types = tensor_types(model)
-    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
-              onnx.TensorProto.BFLOAT16}
-    names = []
-    for node in model.graph.node:
-        for out in node.output:
-            t = types.get(out)
-            if out and t is not None and t.tensor_type.elem_type in floats:
-                names.append(out)
-    return names
