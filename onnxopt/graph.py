@@ -24,6 +24,7 @@ __all__ = [
     "is_default_domain",
     "iter_graphs",
     "iter_tensors",
+    "nested_ops",
     "node_attribute",
     "outer_references",
     "remove_unused",
@@ -105,6 +106,18 @@ def outer_references(graph: onnx.GraphProto) -> set[str]:
     used.update(o.name for o in graph.output)
     used.discard("")
     return used - defined
+
+
+def nested_ops(graph: onnx.GraphProto, op_types: Iterable[str]) -> int:
+    """Return how many nodes of ``op_types`` sit inside ``graph``'s If/Loop/Scan bodies.
+
+    Passes that work on the main graph only use it to say what they left alone.
+    """
+    wanted = set(op_types)
+    return sum(
+        1 for node in graph.node for sub in subgraphs(node) for g in iter_graphs(sub)
+        for inner in g.node if inner.op_type in wanted and is_default_domain(inner)
+    )
 
 
 def node_attribute(node: onnx.NodeProto, name: str, default: Any = None) -> Any:

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 
 from onnxopt.data import Sample
-from onnxopt.graph import GraphIndex, NameGenerator, node_attribute, set_initializer
+from onnxopt.graph import GraphIndex, NameGenerator, nested_ops, node_attribute, set_initializer
 from onnxopt.harness import PROFILES, Tolerance, compare_outputs
 from onnxopt.progress import NullProgress, Progress
 from onnxopt.runtime import Session, expose_tensors
@@ -126,6 +126,10 @@ def find_layers(graph: onnx.GraphProto, op_types: Iterable[str] = WEIGHT_OPS) ->
             dilations=tuple(node_attribute(node, "dilations", [1] * spatial)),  # type: ignore[arg-type]
             auto_pad=auto_pad,
         ))
+    nested = nested_ops(graph, wanted)
+    if nested:
+        notes.append(f"left {nested} {'/'.join(sorted(wanted))} node(s) inside If/Loop/Scan bodies alone "
+                     "(only main-graph layers are handled)")
     return layers, notes
 
 

@@ -35,7 +35,8 @@ from onnxopt.calibration import (
 )
 from onnxopt.data import Dataset
 from onnxopt.errors import CalibrationDataError
-from onnxopt.graph import NameGenerator
+from onnxopt.graph import NameGenerator, nested_ops
+from onnxopt.model import serialized_size
 from onnxopt.normalize import infer_shapes
 from onnxopt.pipeline import Context, Pass, PassResult, register_pass
 from onnxopt.runtime import Session
@@ -237,7 +238,11 @@ class QuantizeInt8(Pass):
                 "inputs, stacked on a new first axis) or set Context.calibration"
             )
         notes: list[str] = []
-        stats: dict[str, Any] = {"bytes_before": model.ByteSize()}
+        stats: dict[str, Any] = {"bytes_before": serialized_size(model)}
+        nested = nested_ops(model.graph, ANCHOR_OPS)
+        if nested:
+            notes.append(f"left {nested} node(s) inside If/Loop/Scan bodies in float (only the main graph is "
+                         "quantized)")
         target: Target | None = parse_target(self.target) if self.target is not None else None
         work = _upgrade_opset(model, notes) if self.per_channel else model
         version = next((o.version for o in work.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -273,7 +278,7 @@ class QuantizeInt8(Pass):
         stats["nodes_kept_float"] = len(placement.float_reasons)
         stats["fallback_nodes"] = len(fallback)
         stats["weight_only_nodes"] = len(placement.weight_only)
-        stats["bytes_after"] = quantized.ByteSize()
+        stats["bytes_after"] = serialized_size(quantized)
         kept = self._latency(work, quantized, ctx.calibration[0], stats, notes)
         reasons: dict[str, list[str]] = {}
         for name, reason in placement.float_reasons.items():

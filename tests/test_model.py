@@ -268,3 +268,21 @@ def test_sparse_initializers_are_seen_by_graph_helpers():
     assert NameGenerator(model).fresh("w") != "w"
     assert remove_unused(model.graph) == 1
     assert [s.values.name for s in model.graph.sparse_initializer] == ["w"]
+
+
+def test_lossy_passes_say_they_left_subgraph_layers_alone():
+    from onnxopt.graph import nested_ops
+    from onnxopt.pipeline import Context, create_pass
+
+    rng = np.random.default_rng(0)
+    body = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["t"])], "then", [], [vi("t", [1, 64])])
+    other = helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "else", [], [vi("e", [1, 64])])
+    model = make_model(
+        [helper.make_node("If", ["c"], ["y"], then_branch=body, else_branch=other)],
+        [vi("x", [1, 64]), vi("c", [], TensorProto.BOOL)], [vi("y", [1, 64])],
+        [init("w", rng.standard_normal((64, 64)))],
+    )
+    assert nested_ops(model.graph, ["MatMul"]) == 1 and nested_ops(model.graph, ["Conv"]) == 0
+    result = create_pass("prune_magnitude", sparsity=0.5)(load_model(model), Context())
+    assert not result.changed
+    assert any("inside If/Loop/Scan bodies alone" in note for note in result.notes)
