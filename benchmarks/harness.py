@@ -39,12 +39,11 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from benchmarks import inputs as real_inputs
+from benchmarks.faults import rename_internal_tensors, reorder_nodes, scale_weight_slice
 from benchmarks.models import fetch
 from onnxopt.data import save_dataset
-from onnxopt.graph import iter_graphs, toposort
 from onnxopt.model import load_model, save_model
 from onnxopt.normalize import normalize
 
@@ -87,41 +86,8 @@ def _normalized(path: Path) -> onnx.ModelProto:
     return normalize(load_model(path), shapes=False).model
 
 
-def _reorder_nodes(model: onnx.ModelProto) -> None:
-    """Shuffle the nodes of every graph, then restore a topological order."""
-    rng = np.random.default_rng(0)
-    for graph in iter_graphs(model.graph):
-        order = rng.permutation(len(graph.node))
-        nodes = [onnx.NodeProto() for _ in order]
-        for copy, index in zip(nodes, order, strict=True):
-            copy.CopyFrom(graph.node[int(index)])
-        del graph.node[:]
-        graph.node.extend(nodes)
-        toposort(graph)
-
-
-def _rename_internal_tensors(model: onnx.ModelProto) -> None:
-    """Rename every main-graph tensor that is not an input, output or initializer."""
-    graph = model.graph
-    keep = {i.name for i in graph.input} | {o.name for o in graph.output} | {t.name for t in graph.initializer}
-    mapping: dict[str, str] = {}
-    for node in graph.node:
-        for name in node.output:
-            if name and name not in keep:
-                mapping[name] = f"renamed_{len(mapping)}"
-    for sub in iter_graphs(graph):  # subgraphs read outer-scope tensors by name
-        for node in sub.node:
-            node.input[:] = [mapping.get(n, n) for n in node.input]
-            if sub is graph:
-                node.output[:] = [mapping.get(n, n) for n in node.output]
-    del graph.value_info[:]
-
-
 def _rewritten(path: Path) -> onnx.ModelProto:
-    model = _normalized(path)
-    _reorder_nodes(model)
-    _rename_internal_tensors(model)
-    return model
+    return rename_internal_tensors(reorder_nodes(_normalized(path)))
 
 
 def _fused(path: Path) -> onnx.ModelProto:
@@ -141,30 +107,9 @@ def _equivalents(path: Path, notes: list[str]) -> dict[str, onnx.ModelProto]:
     return candidates
 
 
-def _weight_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
-    """Float initializers of rank >= 2 that feed a Conv/MatMul/Gemm/LSTM, largest first."""
-    graphs = list(iter_graphs(model.graph))
-    weight_inputs = {
-        name for graph in graphs for node in graph.node
-        if node.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm", "LSTM") for name in node.input[1:3]
-    }
-    found = [
-        tensor for graph in graphs for tensor in graph.initializer
-        if tensor.name in weight_inputs and len(tensor.dims) >= 2 and tensor.data_type == onnx.TensorProto.FLOAT
-    ]
-    found.sort(key=lambda t: -int(np.prod(t.dims)))
-    return found
-
-
 def _faulty(path: Path) -> onnx.ModelProto:
     """Return the model with the first quarter of one weight's leading axis scaled by 1.3."""
-    model = _normalized(path)
-    weights = _weight_tensors(model)
-    tensor = weights[len(weights) // 3]
-    value = numpy_helper.to_array(tensor).copy()
-    value[: max(1, value.shape[0] // 4)] *= 1.3
-    tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
-    return model
+    return scale_weight_slice(_normalized(path))
 
 
 def _write_inputs(feeds: Sequence[Feed], folder: Path) -> tuple[Path, Path]:
