@@ -263,6 +263,18 @@ def layer_rows(layer: Layer, x: np.ndarray, max_rows: int, rng: np.random.Genera
     return rows.reshape(rows.shape[0], layer.groups, -1)
 
 
+def layer_inputs(model: onnx.ModelProto, layers: Sequence[Layer]) -> tuple[dict[tuple, list[Layer]], list[str]]:
+    """Group layers that read the same input the same way; return the groups and the tensors to expose.
+
+    Graph inputs need no exposing: a sample already holds them.
+    """
+    by_signature: dict[tuple, list[Layer]] = {}
+    for layer in layers:
+        by_signature.setdefault(layer.signature, []).append(layer)
+    inputs = {i.name for i in model.graph.input}
+    return by_signature, sorted({layer.activation for layer in layers if layer.activation not in inputs})
+
+
 def collect_input_stats(
     model: onnx.ModelProto,
     layers: Sequence[Layer],
@@ -281,18 +293,14 @@ def collect_input_stats(
     """
     samples = list(samples)
     rng = np.random.default_rng(seed)
-    by_signature: dict[tuple, list[Layer]] = {}
-    for layer in layers:
-        by_signature.setdefault(layer.signature, []).append(layer)
-    inputs = {i.name for i in model.graph.input}
-    exposed = sorted({layer.activation for layer in layers if layer.activation not in inputs})
+    by_signature, exposed = layer_inputs(model, layers)
     accumulators: dict[tuple, InputStats] = {}
     progress = progress or NullProgress()
     with Session(expose_tensors(model, exposed), label="model with exposed layer inputs") as session, \
             progress.task("collecting layer inputs", len(samples)) as task:
         for sample in samples:
             values = session.run(sample, exposed) if exposed else {}
-            values.update({k: v for k, v in sample.items() if k in inputs})
+            values.update(sample)  # layers reading graph inputs read them from the sample
             for signature, group in by_signature.items():
                 layer = group[0]
                 rows = layer_rows(layer, np.asarray(values[layer.activation], dtype=np.float32), max_rows, rng)

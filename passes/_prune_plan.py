@@ -32,6 +32,7 @@ from ._activations import (
     collect_input_stats,
     find_layers,
     from_canonical,
+    layer_inputs,
     layer_rows,
     measure_gains,
     to_canonical,
@@ -272,18 +273,14 @@ def collect_paired_stats(reference: onnx.ModelProto, candidate: onnx.ModelProto,
     Both models must name the layers' inputs alike (pruning changes only weights); the
     same rows are sampled from both, one calibration sample at a time.
     """
-    by_signature: dict[tuple, list[Layer]] = {}
-    for layer in layers:
-        by_signature.setdefault(layer.signature, []).append(layer)
-    inputs = {i.name for i in reference.graph.input}
-    exposed = sorted({layer.activation for layer in layers if layer.activation not in inputs})
+    by_signature, exposed = layer_inputs(reference, layers)
     accumulators: dict[tuple, PairedStats] = {}
     with Session(expose_tensors(reference, exposed), label="input model, layer inputs exposed") as original, \
             Session(expose_tensors(candidate, exposed), label="changed model, layer inputs exposed") as changed:
         for number, sample in enumerate(samples):
             pair = [session.run(sample, exposed) if exposed else {} for session in (original, changed)]
             for values in pair:
-                values.update({k: v for k, v in sample.items() if k in inputs})
+                values.update(sample)  # layers reading graph inputs read them from the sample
             for position, (signature, group) in enumerate(by_signature.items()):
                 layer = group[0]
                 rows_x, rows_p = (layer_rows(layer, np.asarray(values[layer.activation], dtype=np.float32), max_rows,
