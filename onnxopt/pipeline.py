@@ -8,12 +8,11 @@ individual pass: ``onnxopt.passes`` registers them (and the presets) on import.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -67,13 +66,17 @@ class Context:
 
     ``calibration`` holds representative inputs (lossy passes split off a held-out
     part to check their budget); ``budget`` overrides a lossy pass's default error
-    target; ``progress`` reports long work (a no-op unless the CLI installs one).
+    target; ``progress`` reports long work (a no-op unless the CLI installs one);
+    ``reference`` is the pipeline's starting model when a pass wants it.
     """
 
     calibration: Dataset | None = None
     budget: dict[str, float] = field(default_factory=dict)
     target: str = "cpu"
     seed: int = 0
+    #: the model the pipeline started from (normalized, before any pass), kept only when a
+    #: pass asks for it (:meth:`Pass.wants_reference`): e.g. int8 times itself against it
+    reference: onnx.ModelProto | None = None
     progress: Progress = field(default_factory=NullProgress)
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("onnxopt"))
 
@@ -95,6 +98,10 @@ class Pass:
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         """Rewrite ``model`` and say what changed."""
         raise NotImplementedError
+
+    def wants_reference(self) -> bool:
+        """Return True when the pass compares against the pipeline's starting model (``Context.reference``)."""
+        return False
 
     def params(self) -> dict[str, Any]:
         """Return the pass's parameter values by name."""
@@ -231,7 +238,7 @@ class PipelineSpec:
                         merged[key] = value
                         used.add(key)
                 updated.append((name, merged))
-            stages.append(dataclasses.replace(stage, passes=updated))
+            stages.append(replace(stage, passes=updated))
         unused = [k for k in overrides if k not in used]
         if unused:
             accepted = sorted({p for n in self.pass_names if n in passes for p in pass_parameters(passes[n])})
@@ -239,7 +246,7 @@ class PipelineSpec:
                 f"no pass in pipeline {self.name!r} takes {unused[0]!r}; its parameters: "
                 f"{', '.join(accepted) or '(none)'}"
             )
-        return dataclasses.replace(self, stages=stages)
+        return replace(self, stages=stages)
 
     def build(self, **manager_options: Any) -> PassManager:
         """Create the passes and a manager that runs them."""
@@ -483,6 +490,8 @@ class PassManager:
             normalized = normalize_model(working)
             working = normalized.model
             notes.extend(normalized.notes)
+        if ctx.reference is None and any(getattr(p, "wants_reference", lambda: False)() for p in self.passes):
+            ctx = replace(ctx, reference=load_model(working))
         instruments = [*self.instruments, *([self.verify] if self.verify else [])]
         for instrument in instruments:
             instrument.before_pipeline(working, ctx)

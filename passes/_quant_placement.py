@@ -47,7 +47,17 @@ from onnxopt.runtime import tensor_types
 
 from ._quant_rewrite import BiasUse, LookupRegion, WeightUse
 
-__all__ = ["ANCHOR_OPS", "DEFAULT_OP_TYPES", "FLOW_OPS", "LookupRegion", "Placement", "place", "saturation_bounds"]
+__all__ = [
+    "ANCHOR_OPS",
+    "DEFAULT_OP_TYPES",
+    "FLOW_OPS",
+    "LookupRegion",
+    "Placement",
+    "is_depthwise",
+    "place",
+    "saturation_bounds",
+    "weight_axis",
+]
 
 ANCHOR_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 _OUTPUT_QUANTIZED_ANCHORS = frozenset({"Conv", "ConvTranspose"})
@@ -72,8 +82,7 @@ _FLOAT_ONLY = frozenset({"Conv", "ConvTranspose", "Gemm", "Relu", "Sigmoid", "So
                          "GlobalAveragePool", "AveragePool", "BatchNormalization", "LayerNormalization",
                          "LeakyRelu", "HardSwish", "Sqrt"})
 _MIN_TABLE = 4096
-_WEIGHT_ONLY_OPS = frozenset({"MatMul", "Gemm"})
-_MIN_WEIGHT_ONLY = 256  # smaller weights: a DequantizeLinear per run costs more than the bytes saved
+_MIN_WEIGHT_ONLY = 256  # smaller weights: two more nodes and a scale cost about what int8 saves
 
 
 _ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Clip", "Relu", "HardSigmoid", "HardSwish", "Sigmoid",
@@ -145,7 +154,8 @@ class _Graph:
         return None
 
 
-def _weight_axis(node: onnx.NodeProto, value_ndim: int, per_channel: bool) -> int | None:
+def weight_axis(node: onnx.NodeProto, value_ndim: int, per_channel: bool) -> int | None:
+    """Return the per-channel axis of ``node``'s weight (its output channels), or None for one scale."""
     if not per_channel:
         return None
     if node.op_type == "Conv":
@@ -177,6 +187,15 @@ def _anchor_check(node: onnx.NodeProto, g: _Graph) -> str | None:
     if not (g.is_activation(inputs[1]) or g.index.is_constant(inputs[1])):
         return "its second input is neither a float activation nor a constant"
     return None
+
+
+def is_depthwise(node: onnx.NodeProto, index: GraphIndex) -> bool:
+    """Return True for a Conv whose every group reads one input channel (a depthwise convolution)."""
+    if node.op_type != "Conv" or len(node.input) < 2:
+        return False
+    weight = index.constant(node.input[1])
+    group = int(node_attribute(node, "group", 1))  # type: ignore[call-overload]
+    return weight is not None and weight.ndim >= 3 and group > 1 and weight.shape[1] == 1
 
 
 def _table_check(node: onnx.NodeProto, g: _Graph) -> bool:
@@ -240,20 +259,26 @@ def place(
     float_nodes: Mapping[str, str] | None = None,
     blocked: Mapping[str, str] | None = None,
     weight_only: bool = True,
-    weight_only_nodes: Collection[str] = frozenset(),
+    float_weights: Collection[str] = frozenset(),
+    depthwise: bool = False,
 ) -> Placement:
     """Return the placement for ``model`` (main graph; nodes must have unique names).
 
     ``float_nodes`` (name → reason) are kept float on top of the rules, e.g. by the
     accuracy fallback; ``blocked`` (tensor → reason) are tensors calibration ruled out.
-    ``weight_only``: a MatMul/Gemm kept float (by a rule or ``float_nodes``, not by the
-    user) still stores its constant weight as int8 behind a DequantizeLinear; it computes
-    in float, so only the weight's rounding reaches its output (measured on onnxruntime
-    1.32: DequantizeLinear + MatMul [64x384]x[384x1536] no slower than the float MatMul).
-    Not for Conv by default: a dequantized weight stops onnxruntime from pre-packing it
-    (NCHWc), and PP-OCR cls with 8 such depthwise convs ran 1.16x slower than with float
-    weights; ``weight_only_nodes`` names nodes of any op type that get it all the same
-    (the accuracy fallback's, where file size matters more than their speed).
+    ``weight_only``: an anchor kept float (by a rule or ``float_nodes``, not by the user)
+    still stores its constant weight as int8, read through ``Cast`` and ``Mul`` that
+    onnxruntime folds into a float initializer when the session starts: the file shrinks,
+    run time does not change, and only the weight's rounding reaches the output;
+    ``float_weights`` names nodes whose weight stays float all the same (the accuracy
+    fallback's second step).
+    ``depthwise`` (default False): depthwise convolutions compute in float (weight-only
+    int8 as above). onnxruntime's int8 depthwise kernel was slower than its float one on
+    both PP-OCR models (cls: 60 us against 22 us for a 200-channel 3x3 depthwise conv on
+    2x96), and their few weights per channel (9 for 3x3) round coarsely with nothing to
+    compensate (PP-OCR det, weights int8 and activations float, IoU of the text maps:
+    0.9904 with depthwise weights int8, 0.9942 float): the accuracy fallback may return
+    their weights to float.
     """
     g = _Graph(model)
     enabled = set(op_types)
@@ -280,7 +305,8 @@ def place(
             if _table_check(node, g):
                 result.tables.append(node.name)
         elif node.op_type in ANCHOR_OPS:
-            reason = _anchor_check(node, g)
+            reason = _anchor_check(node, g) or (None if depthwise or not is_depthwise(node, g.index) else
+                                                "depthwise convolution (computes in float by default)")
             if reason:
                 result.float_reasons[node.name] = reason
             else:
@@ -345,9 +371,8 @@ def place(
             _weights_and_bias(node, g, per_channel, result)
     if weight_only:
         for node in g.graph.node:
-            wanted = node.op_type in _WEIGHT_ONLY_OPS or (node.name in weight_only_nodes and node.op_type in ANCHOR_OPS)
-            if (wanted and node.name not in chosen and is_default_domain(node)
-                    and node.op_type in enabled and not _excluded(node, exclude)):
+            if (node.op_type in ANCHOR_OPS and node.name not in chosen and node.name not in float_weights
+                    and is_default_domain(node) and node.op_type in enabled and not _excluded(node, exclude)):
                 _weight_only(node, g, per_channel, result)
     result.observed = list(tensors)
     for name in result.absorbed:
@@ -362,7 +387,7 @@ def _weights_and_bias(node: onnx.NodeProto, g: _Graph, per_channel: bool, result
         value = g.index.constant(name) if name else None
         if value is None or value.dtype.kind != "f":
             continue
-        axis = _weight_axis(node, value.ndim, per_channel) if i == 1 else None
+        axis = weight_axis(node, value.ndim, per_channel) if i == 1 else None
         result.weights.append(WeightUse(node.name, i, axis))
         if i == 1 and node.op_type != "MatMul" and len(node.input) > 2 and node.input[2]:
             result.biases.append(BiasUse(node.name, 2, node.input[0], 1))
@@ -374,7 +399,7 @@ def _weight_only(node: onnx.NodeProto, g: _Graph, per_channel: bool, result: Pla
     value = g.index.constant(node.input[1])
     if value is None or value.dtype.kind != "f" or value.ndim < 2 or value.size < _MIN_WEIGHT_ONLY:
         return
-    result.weights.append(WeightUse(node.name, 1, _weight_axis(node, value.ndim, per_channel)))
+    result.weights.append(WeightUse(node.name, 1, weight_axis(node, value.ndim, per_channel)))
     result.weight_only.append(node.name)
 
 

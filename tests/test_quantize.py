@@ -36,7 +36,7 @@ def _dq_of(model, weight_base):
     """Return the DequantizeLinear node whose int8 input was made from initializer ``weight_base``."""
     inits = {t.name: t for t in model.graph.initializer}
     for node in model.graph.node:
-        if node.op_type == "DequantizeLinear" and node.input[0].startswith(weight_base + "_quantized"):
+        if node.op_type == "DequantizeLinear" and node.name.startswith(weight_base + "_dq"):
             return node, numpy_helper.to_array(inits[node.input[0]]), numpy_helper.to_array(inits[node.input[1]])
     raise AssertionError(f"no DequantizeLinear for {weight_base}")
 
@@ -139,7 +139,7 @@ def test_shared_weight_quantized_once():
     result = _quantize(model, data)
     q = result.model
     assert result.stats["weights_quantized"] == 1
-    dqs = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("w_quantized")]
+    dqs = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.name.startswith("w_dq")]
     assert len(dqs) == 1
     readers = [n for n in q.graph.node if n.op_type == "MatMul"]
     assert readers[0].input[1] == readers[1].input[1] == dqs[0].output[0]
@@ -180,7 +180,7 @@ def test_concat_of_similar_ranges_shares_one_scale():
     data = _data([1, 3, 4, 4])
     q = _quantize(model, data).model
     inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
-    scales = {n.input[0]: float(inits[n.input[1]]) for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    scales = {n.name: float(inits[n.input[1]]) for n in q.graph.node if n.op_type == "QuantizeLinear"}
     cat = [v for k, v in scales.items() if k.startswith("cat")]
     s_in = [v for k, v in scales.items() if k.startswith(("s_", "boxes_s"))]
     assert cat and s_in and all(v == cat[0] for v in s_in)
