@@ -58,14 +58,18 @@ def gptq_round(weight: np.ndarray, gram: np.ndarray, scale: np.ndarray, *, qmin:
     """Return the integers ``q[g, r, c]`` (int64) such that ``q·scale`` approximates ``weight`` on the inputs.
 
     ``weight`` and ``scale`` are ``[groups, rows, features]`` (scale > 0 everywhere),
-    ``gram`` is ``XᵀX`` per group ``[groups, features, features]``.
+    ``gram`` is ``XᵀX`` per group ``[groups, features, features]``. Weights that are
+    exactly zero (pruned) stay zero; the error of keeping them there is compensated like
+    any rounding error, so a pruned model keeps its sparsity through quantization.
     """
+    zeros = weight == 0
     w = weight.astype(np.float64).copy()
     s = np.broadcast_to(scale, w.shape).astype(np.float64)
     cols = w.shape[2]
     order = np.argsort(-np.einsum("gii->gi", gram), axis=1, kind="stable")  # per group, descending energy
     w = np.take_along_axis(w, order[:, None, :], axis=2)
     s = np.take_along_axis(s, order[:, None, :], axis=2)
+    zeros = np.take_along_axis(zeros, order[:, None, :], axis=2)
     h = np.take_along_axis(np.take_along_axis(gram, order[:, :, None], axis=1), order[:, None, :], axis=2)
     upper = _inverse_cholesky(h, damp)
     q = np.zeros(w.shape, dtype=np.float64)
@@ -77,7 +81,7 @@ def gptq_round(weight: np.ndarray, gram: np.ndarray, scale: np.ndarray, *, qmin:
         for i in range(end - start):
             column = w1[:, :, i]
             s_i = s[:, :, start + i]
-            q_i = np.clip(np.round(column / s_i), qmin, qmax)
+            q_i = np.where(zeros[:, :, start + i], 0.0, np.clip(np.round(column / s_i), qmin, qmax))
             q[:, :, start + i] = q_i
             err = (column - q_i * s_i) / h1[:, None, i, i]
             w1[:, :, i:] -= err[:, :, None] * h1[:, None, i, i:]

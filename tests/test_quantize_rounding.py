@@ -223,3 +223,15 @@ def test_fallback_stops_before_a_step_that_breaks_the_latency_budget():
     result = quantize(model, Context(calibration=data))
     assert seen and result.stats["fallback_nodes"] == 0 and result.stats["target_met"] == 0
     assert any("accuracy fallback stopped at 0 node(s)" in note for note in result.notes)
+
+
+def test_gptq_keeps_pruned_weights_at_zero():
+    rng = np.random.default_rng(9)
+    x = _correlated_rows(1000, 16, seed=4)
+    weight = rng.normal(size=(1, 6, 16))
+    weight[rng.random(weight.shape) < 0.5] = 0.0
+    scale = np.broadcast_to(np.abs(weight).max(axis=2, keepdims=True) / 127, weight.shape)
+    q = gptq_round(weight, (x.T @ x)[None], scale)
+    assert np.all(q[weight == 0] == 0)
+    gram = (x.T @ x)[None]
+    assert output_error(weight, q * scale, gram) <= output_error(weight, _nearest(weight, scale) * scale, gram)
