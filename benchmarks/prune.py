@@ -7,6 +7,8 @@ ConvTranspose / Gemm / MatMul weights) at which held-out task agreement stays �
 * ``uniform L1``: every layer loses the same share of its smallest-magnitude weights;
 * ``ours``: ``|W|·‖X‖`` scores, SparseGPT repair, per-layer sparsity allocated on error
   curves weighted by measured sensitivity (what ``prune_magnitude`` does with --calib);
+* ``ours (one-shot, cv damping)``: the same with each layer's repair damping picked by
+  4-fold cross-validation on the calibration samples (``prune_magnitude(damping="cv")``);
 
 and report the file size with ``sparse_initializer`` storage and onnxruntime latency.
 Encoder samples are single sentences tokenized *without* padding (each its own length),
@@ -24,7 +26,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 from onnxopt.passes._prune_plan import PrunePlan, build_plan, store_sparse
-from onnxopt.passes.prune import prune_magnitude
+from onnxopt.passes.prune import FOLDS, prune_magnitude
 
 from benchmarks.lowrank import CALIBRATION, model_and_inputs
 from onnxopt.data import Dataset
@@ -37,8 +39,8 @@ __all__ = ["run"]
 TARGET = 0.99
 MODELS = ("ppocr_cls", "ppocr_det", "encoder")
 #: The methods run (``PRUNE_METHODS``: a ";"-separated subset; also "ours (sequential)", slow).
-METHODS = os.environ.get("PRUNE_METHODS", "uniform per-layer L1;ours (one-shot);pass, default budget, margin 0.5"
-                         ).split(";")
+METHODS = os.environ.get("PRUNE_METHODS", "uniform per-layer L1;ours (one-shot);ours (one-shot, cv damping);"
+                         "pass, default budget, margin 0.5").split(";")
 HELD_OUT = {"ppocr_det": 24, "ppocr_cls": 64, "encoder": 64}
 
 
@@ -96,6 +98,13 @@ def run_one(key: str, steps: int = 7) -> list[dict]:
     ours.measure_sensitivity(model, calib[:4])
     curves = ours.curves()
     prepare = time.perf_counter() - started
+    tuned, tuned_curves = ours, curves
+    if "ours (one-shot, cv damping)" in METHODS:
+        tuned = build_plan(model, scoring="activation", repair=True, exclude=(), min_size=4096, samples=calib,
+                           folds=FOLDS)
+        tuned.choose_damping()
+        tuned.measure_sensitivity(model, calib[:4])
+        tuned_curves = tuned.curves()
 
     def agreement(plan: PrunePlan, matrices: list[np.ndarray | None]) -> float:
         candidate = plan.apply(model, matrices)
@@ -107,6 +116,8 @@ def run_one(key: str, steps: int = 7) -> list[dict]:
     methods = {
         "uniform per-layer L1": (uniform, lambda s: _matrices(uniform, uniform.counts_for(s, "layer"))),
         "ours (one-shot)": (ours, lambda s: _matrices(ours, ours.counts_for(s, "global", curves))),
+        "ours (one-shot, cv damping)": (tuned, lambda s: _matrices(tuned, tuned.counts_for(s, "global",
+                                                                                        tuned_curves))),
         "ours (sequential)": (ours, sequential),
     }
     base_latency = latency_ms(model, held[0])

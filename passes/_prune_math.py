@@ -33,6 +33,8 @@ __all__ = [
     "activation_scores",
     "allocate_counts",
     "compensate_upstream",
+    "cross_validated_error",
+    "inverse_factor",
     "lowest_mask",
     "nm_mask",
     "parse_nm",
@@ -103,12 +105,29 @@ def _block_counts(total: int, sizes: Sequence[int]) -> list[int]:
     return list(np.diff(marks))
 
 
-def sparsegpt(weight: np.ndarray, gram: np.ndarray, *, count: int | None = None,
+def inverse_factor(gram: np.ndarray, damp: float = 0.01) -> np.ndarray:
+    """Return the upper Cholesky factor ``U`` of ``(XᵀX + λI)⁻¹ = UᵀU`` per group, ``λ = damp·mean(diag)``.
+
+    It depends on the statistics and the damping only, so it can be computed once and
+    shared by every :func:`sparsegpt` call on the same layer (different counts).
+    """
+    h = gram.astype(np.float64).copy()
+    index = np.arange(h.shape[-1])
+    diag = h[:, index, index]
+    diag[diag <= 0] = 1.0  # inputs that are always zero: any weight there is harmless
+    h[:, index, index] = diag + damp * diag.mean(axis=1, keepdims=True)
+    h_inv = np.linalg.inv(h)
+    h_inv = (h_inv + h_inv.transpose(0, 2, 1)) / 2
+    return np.linalg.cholesky(h_inv).transpose(0, 2, 1)
+
+
+def sparsegpt(weight: np.ndarray, gram: np.ndarray | None, *, count: int | None = None,
               nm: tuple[int, int] | None = None, mask: np.ndarray | None = None, blocksize: int = 128,
-              damp: float = 0.01) -> np.ndarray:
+              damp: float = 0.01, factor: np.ndarray | None = None) -> np.ndarray:
     """Prune ``W[g, r, c]`` to ``count`` zeros (or an N:M pattern, or a given ``mask``) and re-fit the kept weights.
 
-    ``gram`` is ``XᵀX`` per group ``[g, c, c]``; ``damp`` adds ``damp·mean(diag)`` to it.
+    ``gram`` is ``XᵀX`` per group ``[g, c, c]``; ``damp`` adds ``damp·mean(diag)`` to it
+    (or ``factor``, :func:`inverse_factor` of both, is given and ``gram`` is not used).
     Exactly ``count`` weights are zeroed (spread over column blocks in proportion), chosen
     per block by the OBS saliency ``w²/[H⁻¹]_jj`` of the weights as updated so far.
     ``mask`` (True = prune) fixes the pattern instead; each row's kept weights are then
@@ -116,14 +135,11 @@ def sparsegpt(weight: np.ndarray, gram: np.ndarray, *, count: int | None = None,
     """
     w = weight.astype(np.float64).copy()
     groups, rows, cols = w.shape
-    h = gram.astype(np.float64).copy()
-    index = np.arange(cols)
-    diag = h[:, index, index]
-    diag[diag <= 0] = 1.0  # inputs that are always zero: any weight there is harmless
-    h[:, index, index] = diag + damp * diag.mean(axis=1, keepdims=True)
-    h_inv = np.linalg.inv(h)
-    h_inv = (h_inv + h_inv.transpose(0, 2, 1)) / 2
-    upper = np.linalg.cholesky(h_inv).transpose(0, 2, 1)
+    if factor is None:
+        if gram is None:
+            raise ValueError("sparsegpt needs gram or factor")
+        factor = inverse_factor(gram, damp)
+    upper = factor
     starts = list(range(0, cols, blocksize))
     sizes = [min(blocksize, cols - s) * rows * groups for s in starts]
     counts = _block_counts(count or 0, sizes) if nm is None else [0] * len(starts)
@@ -153,6 +169,34 @@ def sparsegpt(weight: np.ndarray, gram: np.ndarray, *, count: int | None = None,
         w[:, :, start:end] = q1
         w[:, :, end:] -= np.matmul(err1, upper[:, start:end, end:])
     return w.astype(np.float32)
+
+
+def cross_validated_error(weight: np.ndarray, fold_grams: Sequence[np.ndarray], counts: Sequence[int], *,
+                          damp: float = 0.01, max_rows: int | None = None) -> list[float]:
+    """Return the held-out relative output error of :func:`sparsegpt` at each of ``counts``, by k-fold.
+
+    ``fold_grams`` holds ``XᵀX`` of disjoint parts of the calibration rows. For each part,
+    the layer is pruned and repaired on the others' statistics and its error measured on
+    that part; noise and signal are summed over parts. With few rows per input feature
+    the repair fits the calibration rows' noise, and this says how much of its gain
+    carries over to inputs it has not seen. ``max_rows`` estimates it on evenly spaced
+    output rows only (counts scaled alike), which cuts the cost of wide layers.
+    """
+    w = weight
+    if max_rows is not None and weight.shape[1] > max_rows:
+        w = weight[:, np.linspace(0, weight.shape[1] - 1, max_rows).round().astype(int)]
+    scale = w.size / weight.size
+    noise = np.zeros(len(counts))
+    signal = 0.0
+    total = sum(fold_grams)
+    w64 = w.astype(np.float64)
+    for held in fold_grams:
+        factor = inverse_factor(total - held, damp)
+        signal += float(np.einsum("grc,gcd,grd->", w64, held, w64, optimize=True))
+        for n, count in enumerate(counts):
+            delta = w64 - sparsegpt(w, None, count=round(count * scale), factor=factor)
+            noise[n] += float(np.einsum("grc,gcd,grd->", delta, held, delta, optimize=True))
+    return (noise / signal if signal > 0 else np.zeros(len(counts))).tolist()
 
 
 def compensate_upstream(weight: np.ndarray, gram: np.ndarray, cross: np.ndarray, *, damp: float = 0.01) -> np.ndarray:

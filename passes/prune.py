@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 SENSITIVITY_SAMPLES = 4
 #: The highest overall sparsity the budget search tries.
 MAX_SPARSITY = 0.9
+#: Parts of the calibration samples for cross-validating the repair damping (``damping="cv"``).
+FOLDS = 4
 
 
 def tightened(budget: Tolerance | Acceptance, margin: float) -> Tolerance | Acceptance:
@@ -94,7 +96,12 @@ class prune_magnitude(Pass):
        nodes, non-float32 weights, nested graphs; N:M skips layers whose input width is
        not a multiple of M. ``sparse_storage`` writes mostly-zero weights as
        ``sparse_initializer`` where that is smaller; run it as the last step, since
-       passes that read initializers do not see sparse ones.
+       passes that read initializers do not see sparse ones. ``damping="cv"`` picks each
+       layer's repair damping by 4-fold cross-validation on the calibration samples
+       (instead of 1 % of the mean ``XᵀX`` diagonal): it pays where layers see few input
+       rows per feature (MiniLM encoder, 32 sentences: 28.2 % vs 24.5 % sparsity at 0.99
+       embedding cosine), but is opt-in, since on PP-OCR cls the top-1 check is too coarse
+       to show a gain (34.1 % vs 47.5 %, one sample of 64 deciding).
     """
 
     name = "prune_magnitude"
@@ -103,7 +110,8 @@ class prune_magnitude(Pass):
 
     def __init__(self, *, sparsity: float | None = None, scope: str = "global", scoring: str | None = None,
                  repair: bool = True, nm: str | None = None, exclude: Sequence[str] = (), min_size: int = 4096,
-                 budget: BudgetSpec = None, margin: float = 0.5, sparse_storage: bool = False) -> None:
+                 budget: BudgetSpec = None, margin: float = 0.5, sparse_storage: bool = False,
+                 damping: str = "fixed") -> None:
         if sparsity is not None and not 0 <= sparsity < 1:
             raise ValueError("sparsity must be in [0, 1)")
         if not 0 < margin <= 1:
@@ -112,8 +120,11 @@ class prune_magnitude(Pass):
             raise ValueError("scope must be 'global' or 'layer'")
         if scoring not in (None, "magnitude", "activation"):
             raise ValueError("scoring must be 'magnitude' or 'activation'")
+        if damping not in ("fixed", "cv"):
+            raise ValueError("damping must be 'fixed' or 'cv'")
         if nm is not None:
             parse_nm(nm)
+        self.damping = damping
         self.sparsity = sparsity
         self.scope = scope
         self.scoring = scoring
@@ -141,7 +152,9 @@ class prune_magnitude(Pass):
         plan = build_plan(model, scoring=scoring, repair=self.repair and calibration is not None,
                           exclude=list(self.exclude), min_size=self.min_size,
                           samples=list(calibration) if calibration is not None else None,
-                          seed=ctx.seed, progress=ctx.progress)
+                          seed=ctx.seed, folds=FOLDS if self.damping == "cv" else 0, progress=ctx.progress)
+        if plan.repair and self.damping == "cv":
+            plan.choose_damping(progress=ctx.progress)
         notes = list(plan.notes)
         if not plan.units:
             return PassResult(model, False, {"sparsity": 0.0}, [*notes, "no layer to prune"])
