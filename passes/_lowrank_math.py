@@ -37,6 +37,7 @@ __all__ = [
     "SHRINKAGE",
     "Factorization",
     "RankCandidate",
+    "WidthCandidate",
     "allocate_ranks",
     "factorize",
     "held_out_error",
@@ -160,22 +161,40 @@ class RankCandidate:
         return self.k * self.n if rank == 0 else rank * (self.k + self.n)
 
 
-def allocate_ranks(candidates: Sequence[RankCandidate], price: float) -> list[int]:
+@dataclass(frozen=True)
+class WidthCandidate:
+    """One group of projections narrowed in place (attention heads) for allocation.
+
+    ``rank`` is the width kept (0 = unchanged); the parameters scale linearly with it.
+    """
+
+    relative_error: np.ndarray
+    per_rank: int
+    full: int
+    limit: int
+    weight: float = 1.0
+
+    def params(self, rank: int) -> int:
+        """Return the parameters kept at ``rank`` (0 means unchanged)."""
+        return self.full if rank == 0 else rank * self.per_rank
+
+
+def allocate_ranks(candidates: Sequence[RankCandidate | WidthCandidate], price: float) -> list[int]:
     """Return a rank per layer (0 = keep dense) minimizing ``weight·error + price·params/total``.
 
     A larger ``price`` of parameters gives smaller ranks and more error; each layer
     decides alone, which is the Lagrangian relaxation of "fewest parameters for a total
     error". Monotone in ``price``.
     """
-    total = sum(c.k * c.n for c in candidates) or 1
+    total = sum(c.params(0) for c in candidates) or 1
     ranks = []
     for c in candidates:
         if c.limit < 1:
             ranks.append(0)
             continue
         r = np.arange(1, c.limit + 1)
-        cost = c.weight * c.relative_error[r] + price * r * (c.k + c.n) / total
+        cost = c.weight * c.relative_error[r] + price * np.array([c.params(int(i)) for i in r]) / total
         best = int(np.argmin(cost))
-        dense_cost = price * c.k * c.n / total
+        dense_cost = price * c.params(0) / total
         ranks.append(int(r[best]) if cost[best] < dense_cost else 0)
     return ranks

@@ -2,13 +2,15 @@
 
 A weight ``W`` (``k×n``) is replaced by two thinner factors ``A`` (``k×r``) and ``B``
 (``r×n``), so ``x·W`` becomes ``(x·A)·B``; the math lives in :mod:`._lowrank_math`.
+The query and key projections of attention heads are instead narrowed jointly to a
+smaller head width (:mod:`._lowrank_heads`), in the same budgeted allocation.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -22,6 +24,7 @@ from onnxopt.progress import Progress
 from ._activations import (
     BudgetSpec,
     HeldOutCheck,
+    InputStats,
     Layer,
     budget_tolerance,
     collect_input_stats,
@@ -30,10 +33,20 @@ from ._activations import (
     measure_gains,
     search_largest,
 )
+from ._lowrank_heads import (
+    HeadPair,
+    apply_head_ranks,
+    augmented_gram,
+    find_head_pairs,
+    head_error_curve,
+    set_statistics,
+    unmatched_score_matmuls,
+)
 from ._lowrank_math import (
     SHRINKAGE,
     Factorization,
     RankCandidate,
+    WidthCandidate,
     allocate_ranks,
     factorize,
     held_out_error,
@@ -52,7 +65,12 @@ SENSITIVITY_SAMPLES = 4
 
 @dataclass
 class SplitPlan:
-    """The splittable layers of a model with their weights (``k×n``) and factorizations."""
+    """The splittable layers of a model with their weights (``k×n``) and factorizations.
+
+    With :attr:`pairs` (attention heads whose query/key projections are narrowed
+    jointly, :mod:`._lowrank_heads`) a rank vector has one entry per layer then one
+    head width per pair (0 = unchanged); the projections of a pair are not layers.
+    """
 
     layers: list[Layer]
     weights: list[np.ndarray]
@@ -62,17 +80,27 @@ class SplitPlan:
 
     gains: list[float] | None = None
     expected_errors: list[np.ndarray] | None = None
+    pairs: list[HeadPair] = field(default_factory=list)
+    pair_errors: list[np.ndarray] = field(default_factory=list)
+    pair_limits: list[int] = field(default_factory=list)
+    pair_expected: list[np.ndarray] | None = None
 
-    def candidates(self) -> list[RankCandidate]:
-        """Return the allocation view of every layer (weighted by measured sensitivity if known).
+    def candidates(self) -> list[RankCandidate | WidthCandidate]:
+        """Return the allocation view of every layer then pair (weighted by measured sensitivity if known).
 
         The error curves are the cross-validated ones when known: the calibration curves
         of a whitened split flatter it most where it overfits most.
         """
-        gains = self.gains or [1.0] * len(self.layers)
+        gains = self.gains or [1.0] * (len(self.layers) + len(self.pairs))
         curves = self.expected_errors or [f.relative_error for f in self.factorizations]
-        return [RankCandidate(c, w.shape[0], w.shape[1], lim, g)
-                for w, c, lim, g in zip(self.weights, curves, self.limits, gains, strict=True)]
+        found: list[RankCandidate | WidthCandidate] = [
+            RankCandidate(c, w.shape[0], w.shape[1], lim, g)
+            for w, c, lim, g in zip(self.weights, curves, self.limits, gains[:len(self.layers)], strict=True)]
+        pair_curves = self.pair_expected or self.pair_errors
+        found += [WidthCandidate(c, p.params_at(1), p.params, lim, g)
+                  for p, c, lim, g in zip(self.pairs, pair_curves, self.pair_limits, gains[len(self.layers):],
+                                          strict=True)]
+        return found
 
     def measure_sensitivity(self, model: onnx.ModelProto, samples: list, *, probe_error: float = 0.02,
                             progress: Progress | None = None) -> None:
@@ -92,6 +120,15 @@ class SplitPlan:
             ranks[i] = rank
             probes.append((float(fact.relative_error[rank]),
                            lambda ranks=ranks: apply_ranks(model, self, ranks)))
+        for i, (curve, limit) in enumerate(zip(self.pair_errors, self.pair_limits, strict=True)):
+            if limit < 1:
+                probes.append((0.0, lambda: model))
+                continue
+            errors = curve[1:limit + 1]
+            width = int(np.argmax(errors <= probe_error)) + 1 if (errors <= probe_error).any() else limit
+            ranks = [0] * (len(self.layers) + len(self.pairs))
+            ranks[len(self.layers) + i] = width
+            probes.append((float(curve[width]), lambda ranks=ranks: apply_ranks(model, self, ranks)))
         self.gains = measure_gains(model, samples, probes, progress)
 
 
@@ -116,32 +153,64 @@ def _eligible(layer: Layer, index: GraphIndex, min_params: int) -> str | None:
     return None
 
 
-def _fold_grams(model: onnx.ModelProto, ctx: Context, layers: list[Layer],
-                samples: list) -> list[dict[str, tuple[np.ndarray, int]]]:
-    """Return ``XᵀX`` sums and row counts per layer for each of two interleaved halves of ``samples``."""
+def _fold_stats(model: onnx.ModelProto, ctx: Context, layers: list[Layer],
+                samples: list) -> list[dict[str, InputStats]]:
+    """Return the input statistics (with ``XᵀX``) per layer for each of two interleaved halves of ``samples``."""
     folds = [samples[0::2], samples[1::2]] if len(samples) >= 4 else [samples]
-    grams = []
-    for fold in folds:
-        stats = collect_input_stats(model, layers, fold, gram=True, seed=ctx.seed, progress=ctx.progress)
-        grams.append({key: (s.gram[0], s.rows) for key, s in stats.items() if s.gram is not None})
-    return grams
+    return [{key: s for key, s in collect_input_stats(model, layers, fold, gram=True, seed=ctx.seed,
+                                                       progress=ctx.progress).items() if s.gram is not None}
+            for fold in folds]
+
+
+def _merged(parts: list[InputStats]) -> InputStats:
+    """Return the statistics of the union of the folds."""
+    first = parts[0]
+    return InputStats(sum(p.rows for p in parts), sum(p.sq_sum for p in parts),  # type: ignore[arg-type]
+                      sum(p.gram for p in parts),  # type: ignore[arg-type, misc]
+                      sum(p.total for p in parts) if first.total is not None else None)  # type: ignore[arg-type, misc]
+
+
+def _pair_limit(pair: HeadPair, min_saving: float) -> int:
+    """Return the largest head width below the full one keeping at most ``1 - min_saving`` of the weights."""
+    return max(0, min(pair.head_dim - 1, math.floor((1.0 - min_saving) * pair.head_dim + 1e-9)))
+
+
+def _head_pairs(model: onnx.ModelProto, found: list[Layer], index: GraphIndex, min_params: int,
+                notes: list[str]) -> list[HeadPair]:
+    """Return the query/key pairs whose projections are eligible layers (noting those that are not)."""
+    by_key = {layer.key: layer for layer in found}
+    pairs = []
+    for pair in find_head_pairs(model):
+        sides = [by_key.get(side.matmul) for side in (pair.query, pair.key)]
+        reasons = [_eligible(layer, index, min_params) if layer is not None else "not a plain MatMul layer"
+                   for layer in sides]
+        reason = next((r for r in reasons if r is not None), None)
+        if reason is not None:
+            notes.append(f"heads {pair.query.matmul} / {pair.key.matmul}: head width kept ({reason})")
+            continue
+        pairs.append(pair)
+    return pairs
 
 
 def plan_lowrank(model: onnx.ModelProto, ctx: Context, *, whiten: bool, min_params: int,
                  include_conv1x1: bool, min_saving: float, samples: list | None,
-                 shrinkage: float = SHRINKAGE) -> SplitPlan:
+                 shrinkage: float = SHRINKAGE, heads: bool = False) -> SplitPlan:
     """Find the splittable layers and factorize them (whitened when ``samples`` are given).
 
     With four or more samples the whitened error curves are also cross-validated
-    between two halves of them (:attr:`SplitPlan.expected_errors`).
+    between two halves of them (:attr:`SplitPlan.expected_errors`). With ``heads`` and
+    ``samples``, matched attention query/key pairs become :attr:`SplitPlan.pairs` (their
+    score-error curves cross-validated likewise) and their projections are not layers.
     """
     graph = model.graph
     ops = ("MatMul", "Gemm", "Conv") if include_conv1x1 else ("MatMul", "Gemm")
     found, notes = find_layers(graph, ops)
     index = GraphIndex(graph)
+    pairs = _head_pairs(model, found, index, min_params, notes) if heads and samples else []
+    paired = {side.matmul for pair in pairs for side in (pair.query, pair.key)}
     layers: list[Layer] = []
     for layer in found:
-        if layer.op_type == "Conv" and layer.kernel != (1, 1):
+        if (layer.op_type == "Conv" and layer.kernel != (1, 1)) or layer.key in paired:
             continue
         reason = _eligible(layer, index, min_params)
         if reason is not None:
@@ -150,29 +219,58 @@ def plan_lowrank(model: onnx.ModelProto, ctx: Context, *, whiten: bool, min_para
         layers.append(layer)
     weights = [_as_kn(layer, index.constant(layer.weight)) for layer in layers]  # type: ignore[arg-type]
     limits = [max_rank(w.shape[0], w.shape[1], min_saving) for w in weights]
-    folds = _fold_grams(model, ctx, layers, list(samples)) if samples and whiten and layers else []
+    measured = (layers if whiten else []) + [layer for layer in found if layer.key in paired]
+    folds = _fold_stats(model, ctx, measured, list(samples)) if samples and measured else []
     factorizations: list[Factorization] = []
     expected: list[np.ndarray] = []
     for layer, w in zip(layers, weights, strict=True):
-        parts = [fold[layer.key] for fold in folds if layer.key in fold]
+        parts = [fold[layer.key] for fold in folds if layer.key in fold] if whiten else []
         if not parts:
             factorizations.append(factorize(w))
             continue
-        rows = sum(n for _, n in parts)
-        factorizations.append(factorize(w, sum(g for g, _ in parts) / max(rows, 1), shrinkage))
+        rows = sum(p.rows for p in parts)
+        factorizations.append(factorize(w, sum(p.gram[0] for p in parts) / max(rows, 1), shrinkage))  # type: ignore
         if len(parts) == 2:
-            (g_a, n_a), (g_b, n_b) = parts
-            curves = [held_out_error(w, factorize(w, g_a / max(n_a, 1), shrinkage), g_b / max(n_b, 1)),
-                      held_out_error(w, factorize(w, g_b / max(n_b, 1), shrinkage), g_a / max(n_a, 1))]
+            g_a, g_b = (p.gram[0] / max(p.rows, 1) for p in parts)  # type: ignore[index]
+            curves = [held_out_error(w, factorize(w, g_a, shrinkage), g_b),
+                      held_out_error(w, factorize(w, g_b, shrinkage), g_a)]
             expected.append((curves[0] + curves[1]) / 2)
     plan = SplitPlan(layers, weights, factorizations, limits, notes)
     if expected and len(expected) == len(layers):
         plan.expected_errors = expected
+    if pairs:
+        _plan_pairs(model, plan, pairs, folds, min_saving)
     return plan
 
 
+def _plan_pairs(model: onnx.ModelProto, plan: SplitPlan, pairs: list[HeadPair],
+                folds: list[dict[str, InputStats]], min_saving: float) -> None:
+    """Set the pairs of ``plan`` with their statistics, score-error curves and width limits."""
+    keys = [side.matmul for pair in pairs for side in (pair.query, pair.key)]
+    set_statistics(model, pairs, {key: _merged([fold[key] for fold in folds]) for key in keys})
+    plan.pairs = pairs
+    plan.pair_limits = [_pair_limit(pair, min_saving) for pair in pairs]
+    plan.pair_errors = [head_error_curve(p.tq, p.tk, p.gram_q, p.gram_k, p.heads)  # type: ignore[arg-type]
+                        for p in pairs]
+    if len(folds) != 2:
+        return
+    expected = []
+    for pair in pairs:
+        (q_a, q_b), (k_a, k_b) = ([augmented_gram(fold[side.matmul]) for fold in folds]
+                                  for side in (pair.query, pair.key))
+        curves = [head_error_curve(pair.tq, pair.tk, q_a, k_a, pair.heads, q_b, k_b),  # type: ignore[arg-type]
+                  head_error_curve(pair.tq, pair.tk, q_b, k_b, pair.heads, q_a, k_a)]  # type: ignore[arg-type]
+        expected.append((curves[0] + curves[1]) / 2)
+    plan.pair_expected = expected
+
+
 def apply_ranks(model: onnx.ModelProto, plan: SplitPlan, ranks: list[int]) -> onnx.ModelProto:
-    """Return a copy of ``model`` with each planned layer split at its rank (0 = dense)."""
+    """Return a copy of ``model`` with each planned layer split at its rank (0 = dense).
+
+    Entries after the layers' are the head widths of :attr:`SplitPlan.pairs` (0 = unchanged).
+    """
+    widths = list(ranks[len(plan.layers):])
+    ranks = list(ranks[:len(plan.layers)])
     result = onnx.ModelProto()
     result.CopyFrom(model)
     graph = result.graph
@@ -223,13 +321,17 @@ def apply_ranks(model: onnx.ModelProto, plan: SplitPlan, ranks: list[int]) -> on
         del graph.node[:]
         graph.node.extend(nodes)
         remove_unused(graph)
+    if any(widths):
+        result = apply_head_ranks(result, plan.pairs, widths + [0] * (len(plan.pairs) - len(widths)))
     return result
 
 
 def _layer_rows(plan: SplitPlan, ranks: list[int]) -> tuple[dict[str, float], list[str]]:
-    """Return totals and one note per layer: rank, params and MACs per row, output error."""
+    """Return totals and one note per changed layer (rank, params and MACs per row, output error) and pair."""
     before = after = 0
     lines = []
+    widths = ranks[len(plan.layers):]
+    ranks = ranks[:len(plan.layers)]
     for layer, w, fact, rank in zip(plan.layers, plan.weights, plan.factorizations, ranks, strict=True):
         k, n = w.shape
         kept = rank * (k + n) if rank else k * n
@@ -240,8 +342,22 @@ def _layer_rows(plan: SplitPlan, ranks: list[int]) -> tuple[dict[str, float], li
             kind = "output" if fact.whitened else "weight"
             lines.append(f"{layer.key}: rank {rank} of {min(k, n)}, params/MACs per row {k * n} -> {kept}, "
                          f"relative {kind} error {error:.2e}")
+    curves = plan.pair_expected or plan.pair_errors
+    for pair, curve, width in zip(plan.pairs, curves, widths, strict=True):
+        kept = pair.params_at(width) if width else pair.params
+        before += pair.params
+        after += kept
+        head = f"heads {pair.query.matmul} / {pair.key.matmul}"
+        if width:
+            lines.append(f"{head}: query/key head width {width} of {pair.head_dim} ({pair.heads} heads), "
+                         f"params/MACs per row {pair.params} -> {kept}, expected relative score error "
+                         f"{float(curve[width]):.2e}")
+        else:
+            lines.append(f"{head}: head width {pair.head_dim} kept ({pair.heads} heads, {pair.params} params)")
     stats = {"layers_split": sum(1 for r in ranks if r), "layers_considered": len(ranks),
              "params_before": before, "params_after": after, "params_saved": before - after}
+    if plan.pairs:
+        stats |= {"head_pairs": len(plan.pairs), "head_pairs_narrowed": sum(1 for w in widths if w)}
     return stats, lines
 
 
@@ -265,7 +381,14 @@ class split_lowrank(Pass):
        ``budget`` (default: the harness's ``int8`` profile; a float sets the minimum
        output cosine, a table sets Tolerance fields), searched on held-out calibration
        samples.
-    4. Must not fire: layers under ``min_params`` weights; weights shared with other
+    4. With ``heads`` (default) and budgeted ranks, the query and key projections of
+       each attention block (``MatMul [→ Add] → Reshape(.., H, d) → Transpose`` on both
+       sides of the score MatMul) are not split: both are narrowed to a head width
+       ``r < d`` by the joint low rank of each head's ``q·kᵀ`` form (no extra layer).
+       Each pair is one more candidate of the same allocation (its cross-validated
+       score-error curve weighted by its measured sensitivity) and the held-out check
+       judges the whole model. ``heads=False``: the projections are ordinary layers.
+    5. Must not fire: layers under ``min_params`` weights; weights shared with other
        nodes; ranks whose factors would not save at least ``min_saving`` of the layer's
        parameters (and multiply-adds); layers in nested graphs. An explicit rank or energy
        that breaks the budget backs off, most sensitive layers first, to dense.
@@ -277,7 +400,7 @@ class split_lowrank(Pass):
 
     def __init__(self, *, rank: int | None = None, energy: float | None = None, budget: BudgetSpec = None,
                  whiten: bool = True, min_params: int = 16384, include_conv1x1: bool = False,
-                 min_saving: float = 0.1) -> None:
+                 min_saving: float = 0.1, heads: bool = True) -> None:
         if rank is not None and rank < 1:
             raise ValueError("rank must be at least 1")
         if energy is not None and not 0 < energy <= 1:
@@ -291,6 +414,7 @@ class split_lowrank(Pass):
         self.min_params = min_params
         self.include_conv1x1 = include_conv1x1
         self.min_saving = min_saving
+        self.heads = heads
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         """Plan, choose ranks, check them on held-out samples, and rewrite."""
@@ -302,14 +426,17 @@ class split_lowrank(Pass):
         calibration = held_out = None
         if ctx.calibration is not None and len(ctx.calibration):
             calibration, held_out = ctx.calibration.split()
+        allocate = self.rank is None and self.energy is None and bool(held_out)
         plan = plan_lowrank(model, ctx, whiten=self.whiten, min_params=self.min_params,
                             include_conv1x1=self.include_conv1x1, min_saving=self.min_saving,
-                            samples=list(calibration) if calibration is not None else None)
+                            samples=list(calibration) if calibration is not None else None,
+                            heads=self.heads and allocate)
         notes = list(plan.notes)
-        if not plan.layers:
+        notes += self._head_notes(model, plan, allocate)
+        if not plan.layers and not plan.pairs:
             return PassResult(model, False, {"layers_split": 0}, [*notes, "no layer worth splitting"])
         check = HeldOutCheck(model, held_out, budget_tolerance(self.budget, ctx.budget)) if held_out else None
-        if check is not None and calibration is not None and self.rank is None and self.energy is None:
+        if check is not None and calibration is not None and allocate:
             plan.measure_sensitivity(model, list(calibration)[:SENSITIVITY_SAMPLES], progress=ctx.progress)
         ranks = self._choose(plan, model, check, notes)
         if not any(ranks):
@@ -320,6 +447,18 @@ class split_lowrank(Pass):
         if check is not None:
             stats["checks"] = check.evaluations
         return PassResult(result, True, stats, notes + lines)
+
+    def _head_notes(self, model: onnx.ModelProto, plan: SplitPlan, allocate: bool) -> list[str]:
+        """Return notes on attention heads left to the ordinary path, where there are any."""
+        if not self.heads:
+            return []
+        if not allocate:
+            found = find_head_pairs(model)
+            return [f"{len(found)} attention query/key pair(s) split as ordinary layers: head widths are "
+                    "narrowed only when ranks are allocated under the budget (calibration data, no rank/energy)"
+                    ] if found else []
+        return [f"attention scores {name}: query/key projections not matched as heads, split as ordinary layers"
+                for name in unmatched_score_matmuls(model, plan.pairs)]
 
     def _choose(self, plan: SplitPlan, model: onnx.ModelProto, check: HeldOutCheck | None,
                 notes: list[str]) -> list[int]:

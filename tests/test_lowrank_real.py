@@ -23,4 +23,7 @@ def test_encoder_split_within_default_budget():
     calibration = Dataset(encoder_inputs(12))
     result = split_lowrank()(model, Context(calibration=calibration))
     assert result.changed and result.stats["params_saved"] > 0
+    # every attention block's query/key pair is matched and planned for joint head narrowing
+    assert result.stats["head_pairs"] > 0
+    assert sum(1 for n in result.notes if n.startswith("heads ")) == result.stats["head_pairs"]
     assert_equivalent(model, result.model, profile="int8", data=calibration.split()[1])
