@@ -1,7 +1,9 @@
 """Accuracy targets, node sensitivity and latency measurement for ``quantize_int8`` (private).
 
 * A **target** is a string such as ``"cosine>=0.999,sqnr>=30"`` (every float output must
-  reach each floor; ``top1>=0.99`` judges score-like outputs) or a Python callable
+  reach each floor; ``top1>=0.99`` judges score-like outputs), optionally scoped to some
+  outputs with ``@``: ``"cosine>=0.999,sqnr>=25@sentence_embedding"`` (names joined by
+  ``|``; the sensitivity ranking then measures those outputs only), or a Python callable
   ``metric(reference_outputs, candidate_outputs) -> bool`` on per-sample output dicts.
 * **Sensitivity** of a node is measured, not estimated: the model is rebuilt with only that
   node returned to float and the output noise that disappears is its share. Local
@@ -47,6 +49,11 @@ class Target:
     text: str
     tolerance: Tolerance | None = None
     metric: Metric | None = None
+    outputs: tuple[str, ...] = ()  # the outputs judged; empty: all
+
+    def scoped(self, outputs: Outputs) -> list[dict[str, np.ndarray]]:
+        """Return ``outputs`` restricted to the judged outputs."""
+        return [{k: v for k, v in o.items() if not self.outputs or k in self.outputs} for o in outputs]
 
     def judge(self, reference: Outputs, candidate: Outputs) -> tuple[bool, str]:
         """Return (met, the worst figure or failure as text)."""
@@ -54,7 +61,7 @@ class Target:
             met = bool(self.metric(reference, candidate))
             return met, f"user metric {'met' if met else 'not met'}"
         assert self.tolerance is not None
-        result = compare_outputs(reference, candidate, profile=self.tolerance)
+        result = compare_outputs(self.scoped(reference), self.scoped(candidate), profile=self.tolerance)
         worst = min(result.outputs, key=lambda o: o.cosine, default=None)
         summary = f"cosine {worst.cosine:.5f}, SQNR {worst.sqnr_db:.1f} dB ({worst.name})" if worst else "no outputs"
         return result.passed, summary
@@ -66,8 +73,12 @@ def parse_target(target: str | Metric | None) -> Target:
         target = DEFAULT_TARGET
     if callable(target):
         return Target(getattr(target, "__name__", "user metric"), metric=target)
+    terms, _, scope = str(target).partition("@")
+    outputs = tuple(name.strip() for name in scope.split("|") if name.strip())
+    if scope and not outputs:
+        raise ValueError(f"target {target!r}: expected output names after '@'")
     floors: dict[str, float] = {}
-    for term in re.split(r",|\band\b", str(target)):
+    for term in re.split(r",|\band\b", terms):
         if not term.strip():
             continue
         match = _TERM.match(term)
@@ -78,7 +89,7 @@ def parse_target(target: str | Metric | None) -> Target:
         raise ValueError(f"empty target {target!r}")
     tolerance = Tolerance(elementwise=False, min_cosine=floors.get("cosine"), min_sqnr_db=floors.get("sqnr"),
                           min_top1=floors.get("top1"))
-    return Target(str(target), tolerance=tolerance)
+    return Target(str(target), tolerance=tolerance, outputs=outputs)
 
 
 def _noise_ratio(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:

@@ -35,7 +35,7 @@ from onnxopt.calibration import (
     make_observer,
 )
 from onnxopt.data import Dataset
-from onnxopt.errors import CalibrationDataError
+from onnxopt.errors import CalibrationDataError, OnnxoptError
 from onnxopt.graph import NameGenerator, nested_ops
 from onnxopt.model import serialized_size
 from onnxopt.normalize import infer_shapes
@@ -114,7 +114,9 @@ class QuantizeInt8(Pass):
     calibration data it refuses with :class:`CalibrationDataError`.
 
     ``target`` (default ``"cosine>=0.999,sqnr>=25"`` on every float output, against the
-    float model on the held-out ``holdout`` fraction of the calibration data) drives the
+    float model on the held-out ``holdout`` fraction of the calibration data; ``@name``
+    scopes it to the outputs that matter, e.g. a sentence encoder's pooled embedding
+    rather than its per-token states) drives the
     fallback: the most sensitive nodes return to float compute, then (ranked together) the
     weights of float nodes to float, at most ``max_fallback`` of them (default: no limit).
     ``weight_only`` (default True): a layer kept float (by a rule or by the fallback) still
@@ -277,6 +279,11 @@ class QuantizeInt8(Pass):
             notes.append(f"left {nested} node(s) inside If/Loop/Scan bodies in float (only the main graph is "
                          "quantized)")
         target: Target | None = parse_target(self.target) if self.target is not None else None
+        outputs = [o.name for o in model.graph.output]
+        unknown = [name for name in (target.outputs if target else ()) if name not in outputs]
+        if unknown:
+            raise OnnxoptError(f"the accuracy target names output(s) {', '.join(unknown)} that the model does not "
+                               f"have; its outputs are {', '.join(outputs)}")
         work = _upgrade_opset(model, notes) if self.per_channel else model
         version = next((o.version for o in work.opset_import if o.domain in ("", "ai.onnx")), 0)
         per_channel_ok = self.per_channel and version >= _MIN_OPSET
@@ -365,28 +372,44 @@ class QuantizeInt8(Pass):
 
             probe = Dataset(list(held)[:2])
             with ctx.progress.task("ranking node sensitivity", len(candidates)) as task:
-                gains = rank_by_removal(build, candidates, probe, reference[:2], task.advance)
+                gains = rank_by_removal(build, candidates, probe, target.scoped(reference[:2]), task.advance)
             order = sorted(gains, key=gains.__getitem__, reverse=True)
             step = 1
+            def trial(names: list[str]) -> tuple[dict[str, str], set[str], Placement, QDQPlan, onnx.ModelProto,
+                                                  dict[str, int]]:
+                nodes = {**float_nodes, **{name: (f"accuracy fallback: alone in float it removes {gains[name]:.2e} "
+                                                  f"of the output noise ({summary})")
+                                           for name in names if name not in stored_int8}}
+                weights = float_weights | (set(names) & stored_int8)
+                trial_placement, trial_plan = self._plan(work, state, nodes, weights)
+                return (nodes, weights, trial_placement, trial_plan, *apply_plan(work, trial_plan))
+
             while not met and order and len(fallback) < limit:
                 batch, order = order[:step], order[step:]
                 batch = batch[: limit - len(fallback)]
-                trial_nodes = {**float_nodes, **{name: (f"accuracy fallback: alone in float it removes "
-                                                        f"{gains[name]:.2e} of the output noise ({summary})")
-                                                 for name in batch if name not in stored_int8}}
-                trial_weights = float_weights | (set(batch) & stored_int8)
-                trial_placement, trial_plan = self._plan(work, state, trial_nodes, trial_weights)
-                trial, trial_counts = apply_plan(work, trial_plan)
-                too_slow = budget(trial) if budget is not None else None
+                candidate = trial(batch)
+                too_slow = budget(candidate[4]) if budget is not None else None
                 if too_slow:
                     notes.append(f"accuracy fallback stopped at {len(fallback)} node(s): {len(batch)} more would make "
                                  f"the model {too_slow}")
                     break
-                float_nodes.update(trial_nodes)
-                float_weights |= trial_weights
+                met, batch_summary = judge(candidate[4])
+                if met and len(batch) > 1:  # the shortest prefix of this batch that still meets the target
+                    low, high, best = 0, len(batch), (candidate, batch_summary)
+                    while high - low > 1:
+                        middle = (low + high) // 2
+                        shorter = trial(batch[:middle])
+                        ok, text = judge(shorter[4])
+                        if ok:
+                            high, best = middle, (shorter, text)
+                        else:
+                            low = middle
+                    batch, (candidate, batch_summary) = batch[:high], best
+                float_nodes.update(candidate[0])
+                float_weights |= candidate[1]
                 fallback += batch
-                placement, plan, quantized, counts = trial_placement, trial_plan, trial, trial_counts
-                met, summary = judge(quantized)
+                placement, plan, quantized, counts = candidate[2:]
+                summary = batch_summary
                 step *= 2
         stats["target_met"] = int(met)
         notes.append(f"accuracy on {len(held)} held-out samples: {summary} (target {target.text}: "

@@ -235,3 +235,23 @@ def test_gptq_keeps_pruned_weights_at_zero():
     assert np.all(q[weight == 0] == 0)
     gram = (x.T @ x)[None]
     assert output_error(weight, q * scale, gram) <= output_error(weight, _nearest(weight, scale) * scale, gram)
+
+
+def test_target_scoped_to_one_output_ignores_the_others():
+    from onnxopt.passes._quant_search import parse_target
+
+    from onnxopt.errors import OnnxoptError
+
+    target = parse_target("cosine>=0.99,sqnr>=20@kept|other")
+    assert target.outputs == ("kept", "other")
+    reference = [{"kept": np.ones(4, np.float32), "noisy": np.ones(4, np.float32)}]
+    candidate = [{"kept": np.ones(4, np.float32), "noisy": -np.ones(4, np.float32)}]
+    assert target.judge(reference, candidate)[0]
+    assert not parse_target("cosine>=0.99").judge(reference, candidate)[0]
+    model, data = _correlated_matmul()
+    try:
+        _quantize(model, data, target="cosine>=0.99@missing")
+    except OnnxoptError as error:
+        assert "missing" in str(error) and "y" in str(error)
+    else:
+        raise AssertionError("an unknown output in the target must be refused")
