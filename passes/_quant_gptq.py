@@ -33,24 +33,11 @@ from onnxopt.graph import GraphIndex
 from onnxopt.progress import Progress
 
 from ._activations import collect_input_stats, find_layers, from_canonical, to_canonical
+from ._prune_math import inverse_factor
 from ._quant_placement import weight_axis
 from ._quant_rewrite import Rounded
 
 __all__ = ["damping", "gptq_round", "output_error", "round_weights"]
-
-
-def _inverse_cholesky(gram: np.ndarray, damp: float) -> np.ndarray:
-    """Return the upper Cholesky factor of ``(H + damp·mean(diag)·I)⁻¹`` per group."""
-    h = gram.astype(np.float64).copy()
-    cols = h.shape[-1]
-    index = np.arange(cols)
-    diag = h[:, index, index]
-    dead = diag <= 0
-    diag[dead] = 1.0  # features that are always zero: any weight there is harmless
-    h[:, index, index] = diag + damp * diag.mean(axis=1, keepdims=True)
-    h_inv = np.linalg.inv(h)
-    h_inv = (h_inv + h_inv.transpose(0, 2, 1)) / 2
-    return np.linalg.cholesky(h_inv).transpose(0, 2, 1)
 
 
 def gptq_round(weight: np.ndarray, gram: np.ndarray, scale: np.ndarray, *, qmin: int = -127, qmax: int = 127,
@@ -71,7 +58,7 @@ def gptq_round(weight: np.ndarray, gram: np.ndarray, scale: np.ndarray, *, qmin:
     s = np.take_along_axis(s, order[:, None, :], axis=2)
     zeros = np.take_along_axis(zeros, order[:, None, :], axis=2)
     h = np.take_along_axis(np.take_along_axis(gram, order[:, :, None], axis=1), order[:, None, :], axis=2)
-    upper = _inverse_cholesky(h, damp)
+    upper = inverse_factor(h, damp)
     q = np.zeros(w.shape, dtype=np.float64)
     for start in range(0, cols, blocksize):
         end = min(start + blocksize, cols)

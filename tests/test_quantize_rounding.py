@@ -11,6 +11,7 @@ from onnxopt.data import Dataset
 from onnxopt.harness import check
 from onnxopt.pipeline import Context, Pass, PassManager, PassResult, create_pass
 from tests.builders import init, make_model, vi
+from tests.test_quantize import _quantize
 
 
 def _nearest(weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -69,14 +70,6 @@ def _correlated_matmul():
     model = make_model(nodes, [vi("x", [1, 64, 24])], [vi("y", [1, 64, 8])], [init("w1", w1), init("w2", w2)])
     data = Dataset([{"x": _correlated_rows(64, 24, seed=10 + i).astype(np.float32)[None]} for i in range(16)])
     return model, data
-
-
-def _quantize(model, data, **params):
-    params.setdefault("check_latency", False)
-    params.setdefault("target", None)
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
-    return create_pass("quantize_int8", **params)(work, Context(calibration=data))
 
 
 def _weight(model, base):
