@@ -21,6 +21,7 @@ __all__ = [
     "GraphIndex",
     "NameGenerator",
     "constant_node_value",
+    "drop_shape_annotations",
     "is_default_domain",
     "iter_graphs",
     "iter_tensors",
@@ -214,6 +215,15 @@ def set_initializer(graph: onnx.GraphProto, name: str, array: np.ndarray) -> Non
             graph.initializer[i].CopyFrom(tensor)
             return
     graph.initializer.append(tensor)
+
+
+def drop_shape_annotations(model: onnx.ModelProto) -> int:
+    """Remove every ``value_info`` entry (main graph and subgraphs); return how many there were."""
+    count = 0
+    for graph in iter_graphs(model.graph):
+        count += len(graph.value_info)
+        del graph.value_info[:]
+    return count
 
 
 class NameGenerator:

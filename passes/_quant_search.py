@@ -134,16 +134,22 @@ def rank_by_removal(
 
 
 def measure_latency(models: Sequence[onnx.ModelProto], sample: Sample, *, rounds: int = 15,
-                    threads: int | None = None, budget_seconds: float = 20.0) -> list[float]:
-    """Return the median seconds per run of each model, runs interleaved (A, B, A, B, ...)."""
-    sessions = [Session(m, optimization="default", threads=threads, label="model under timing") for m in models]
+                    threads: int | None = None, budget_seconds: float = 20.0, min_seconds: float = 0.5) -> list[float]:
+    """Return the median seconds per run of each model, runs interleaved (A, B, A, B, ...).
+
+    At least ``rounds`` rounds and, for fast models, as many as fill ``min_seconds`` (15
+    rounds of a 25 us model decided int8 vs float on noise), stopping after ``budget_seconds``.
+    Models are timed without their ``value_info``, as the pipeline writes a model whose
+    input had none (onnxruntime's shape-dependent fusions differ with it).
+    """
+    sessions = [_bare_session(m, threads) for m in models]
     try:
         for session in sessions:  # warm up: allocations, thread pools
             session.run(sample)
             session.run(sample)
         times: list[list[float]] = [[] for _ in sessions]
         started = time.perf_counter()
-        for _ in range(rounds):
+        while len(times[0]) < rounds or time.perf_counter() - started < min_seconds:
             for i, session in enumerate(sessions):
                 t0 = time.perf_counter()
                 session.run(sample)
@@ -154,6 +160,16 @@ def measure_latency(models: Sequence[onnx.ModelProto], sample: Sample, *, rounds
     finally:
         for session in sessions:
             session.close()
+
+
+def _bare_session(model: onnx.ModelProto, threads: int | None) -> Session:
+    """Return a timing session of ``model`` built without its ``value_info`` (restored afterwards)."""
+    saved = list(model.graph.value_info)
+    del model.graph.value_info[:]
+    try:
+        return Session(model, optimization="default", threads=threads, label="model under timing")
+    finally:
+        model.graph.value_info.extend(saved)
 
 
 def depthwise_groups(model: onnx.ModelProto, nodes: Mapping[str, onnx.NodeProto]) -> dict[str, list[str]]:

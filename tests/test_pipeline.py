@@ -204,3 +204,17 @@ def test_the_same_pass_imported_under_two_module_names_registers_once():
     checkout = importlib.import_module("passes.cleanup")  # the source tree on sys.path
     assert checkout is not installed
     assert create_pass("fold_constants").name == "fold_constants"
+
+
+def test_shape_annotations_added_for_the_passes_are_not_written_when_the_input_had_none():
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Neg", ["a"], ["b"]),
+             helper.make_node("Abs", ["b"], ["y"])]
+    bare = make_model(nodes, [vi("x", [2, 3])], [vi("y", [2, 3])])
+    assert not bare.graph.value_info
+    result = PassManager([]).run(bare)
+    assert not result.model.graph.value_info
+    assert any("shape annotations" in note for note in result.notes)
+    annotated = make_model(nodes, [vi("x", [2, 3])], [vi("y", [2, 3])])
+    annotated.graph.value_info.append(vi("a", [2, 3]))
+    kept = PassManager([]).run(annotated)
+    assert {v.name for v in kept.model.graph.value_info} >= {"a"}
