@@ -5,9 +5,12 @@ parameters), which node inputs are weights (per-channel axis or per tensor), whi
 become int32, which embedding tables are stored as int8, and which Relu/Clip nodes the
 quantizer's saturation replaces. The rewrite itself makes no decision:
 
-1. an activation ``t`` keeps its name for every reader: its producer now writes a fresh
-   name, ``Q`` and ``DQ`` follow and the ``DQ`` writes ``t`` (graph outputs keep their
-   names); a graph input gets ``Q``/``DQ`` and its readers are renamed;
+1. an activation ``t`` written by an integer kernel keeps its name for every reader: its
+   producer now writes a fresh name, ``Q`` and ``DQ`` follow and the ``DQ`` writes ``t``
+   (graph outputs keep their names). An activation written by a float node (or a graph
+   input) gets ``Q``/``DQ`` for its integer readers only (``quantized_nodes``); its float
+   readers keep reading the exact value (a residual ``Add`` beside a quantized MatMul
+   must not carry that MatMul's input rounding: MiniLM pooled cosine 0.990 -> 0.994);
 2. a weight becomes one int8 initializer, its scales and a ``DQ`` (``axis`` when per
    channel), created once per (weight, axis) however many nodes share it (a node in
    ``weight_only`` computes in float and reads ``Cast(int8) · scale`` instead); the float
@@ -96,6 +99,8 @@ class QDQPlan:
     rounded: Rounded = field(default_factory=dict)
     #: nodes that stay float but read their weight stored as int8 (``Cast`` and ``Mul``, folded by the runtime)
     weight_only: set[str] = field(default_factory=set)
+    #: the nodes that compute in integers; None: every reader of a quantized tensor reads its DQ
+    quantized_nodes: frozenset[str] | None = None
 
 
 def _add_initializer(graph: onnx.GraphProto, names: NameGenerator, base: str, array: np.ndarray) -> str:
@@ -262,7 +267,19 @@ def apply_plan(model: onnx.ModelProto, plan: QDQPlan) -> tuple[onnx.ModelProto, 
             new_nodes.append(_dequantize_node(graph, names, quantized, params, tensor, tensor, tag))
             counts["activations_quantized"] += 1
             continue
-        if tensor in graph_inputs:
+        producer = index.producer.get(tensor)
+        if plan.quantized_nodes is not None and tensor not in absorbed_by_output and (
+                producer is None or producer.name not in plan.quantized_nodes):
+            # a float producer: only the integer readers read the DQ, float readers keep the exact value
+            dq_out = names.fresh(f"{tag}d")
+            for reader in index.consumers.get(tensor, ()):
+                if reader.name in plan.quantized_nodes:
+                    for i, name in enumerate(reader.input):
+                        if name == tensor:
+                            reader.input[i] = dq_out
+            source = tensor
+            dq = _dequantize_node(graph, names, quantized, params, dq_out, tensor, tag)
+        elif tensor in graph_inputs:
             dq_out = names.fresh(f"{tag}d")
             rename_input(graph, tensor, dq_out)
             source = tensor
