@@ -54,7 +54,7 @@ def _run(path: Path, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.nd
 
 #: Extra rows per model: the int8 preset with the harness's int8 cosine floor (0.995) as the
 #: accuracy target, on the output the task reads (a sentence encoder's pooled embedding rather
-#: than its per-token states): the trade the default target (0.999 on every output) declines.
+#: than its per-token states), where the default target also holds the per-token states.
 SCOPED_TARGETS = {"encoder": "cosine>=0.995@sentence_embedding"}
 
 

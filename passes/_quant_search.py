@@ -26,15 +26,20 @@ import numpy as np
 import onnx
 
 from onnxopt.data import Dataset, Sample
-from onnxopt.harness import Tolerance, compare_outputs
+from onnxopt.harness import PROFILES, Tolerance, compare_outputs
 from onnxopt.runtime import Session
 
 __all__ = ["DEFAULT_TARGET", "Target", "depthwise_groups", "measure_latency", "output_noise", "parse_target",
            "rank_by_removal"]
 
-#: The default accuracy target: every float output keeps cosine >= 0.999 and SQNR >= 25 dB
-#: against the float model on the held-out calibration samples.
-DEFAULT_TARGET = "cosine>=0.999,sqnr>=25"
+_GATE = PROFILES["int8"]
+#: The default accuracy target is the gate's ``int8`` profile (cosine >= 0.995, SQNR >= 20 dB,
+#: top-1 agreement >= 0.98 on every float output, against the float model on the held-out
+#: calibration samples), so what ``optimize`` writes passes ``onnxopt check --profile int8``
+#: on them. The stricter 0.999/25 dB it replaced held MiniLM's per-token states to a bar
+#: that returned 40 of 48 MatMuls to float (0.91x float latency; now 0.60x at pooled-embedding
+#: cosine 0.996); PP-OCR det and cls end where they did under both.
+DEFAULT_TARGET = f"cosine>={_GATE.min_cosine:g},sqnr>={_GATE.min_sqnr_db:g},top1>={_GATE.min_top1:g}"
 
 Outputs = Sequence[Mapping[str, np.ndarray]]
 Metric = Callable[[Outputs, Outputs], bool]
