@@ -118,7 +118,7 @@ class QuantizeInt8(Pass):
     non-finite values, Concats of mismatched ranges, nodes the user excludes. Without
     calibration data it refuses with :class:`CalibrationDataError`.
 
-    ``target`` (default ``"cosine>=0.995,sqnr>=20,top1>=0.98"``, the gate's int8 profile,
+    ``target`` (default ``"cosine>=0.995,sqnr>=20"``, the gate's int8 signal floors,
     on every float output, against the float model on the held-out ``holdout`` fraction
     of the calibration data; ``@name`` scopes it to the outputs that matter, e.g. a
     sentence encoder's pooled embedding rather than its per-token states) drives the
