@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 
 from onnxopt.data import Sample
-from onnxopt.graph import GraphIndex, NameGenerator, nested_ops, node_attribute, set_initializer
+from onnxopt.graph import GraphIndex, NameGenerator, control_tensors, nested_ops, node_attribute, set_initializer
 from onnxopt.harness import PROFILES, Tolerance, compare_outputs
 from onnxopt.progress import NullProgress, Progress
 from onnxopt.runtime import Session, expose_tensors
@@ -92,8 +92,13 @@ def find_layers(graph: onnx.GraphProto, op_types: Iterable[str] = WEIGHT_OPS) ->
     wanted = set(op_types)
     layers: list[Layer] = []
     notes: list[str] = []
+    control = control_tensors(graph)
+    deciding: list[str] = []
     for node in graph.node:
         if node.op_type not in wanted or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            continue
+        if node.output[0] in control:
+            deciding.append(node.output[0])
             continue
         weight = node.input[1]
         value = index.constant(weight)
@@ -126,6 +131,10 @@ def find_layers(graph: onnx.GraphProto, op_types: Iterable[str] = WEIGHT_OPS) ->
             dilations=tuple(node_attribute(node, "dilations", [1] * spatial)),  # type: ignore[arg-type]
             auto_pad=auto_pad,
         ))
+    if deciding:
+        shown = ", ".join(deciding[:5]) + (" and more" if len(deciding) > 5 else "")
+        notes.append(f"left {len(deciding)} layer(s) alone whose outputs decide an If/Loop condition (a small error "
+                     f"there switches branches): {shown}")
     nested = nested_ops(graph, wanted)
     if nested:
         notes.append(f"left {nested} {'/'.join(sorted(wanted))} node(s) inside If/Loop/Scan bodies alone "

@@ -20,16 +20,18 @@ Rules, in order (a node that fails one stays float, with the reason recorded):
    a Cast to an integer), or was blocked after calibration (non-finite values such as
    ``-inf`` attention masks; a Concat whose inputs have very different ranges, such as
    box coordinates next to class probabilities). Nodes that need it stay float.
-5. A ``Relu`` or ``Clip(0, M)`` right after a Conv-like anchor is absorbed: the output
+5. A node whose output an ``If`` condition or a ``Loop`` trip count/condition depends
+   on stays float with its float weights (``onnxopt.graph.control_tensors``).
+6. A ``Relu`` or ``Clip(0, M)`` right after a Conv-like anchor is absorbed: the output
    quantizer with its zero point at ``qmin`` saturates exactly like it.
-6. A *lookup region* — a connected group of elementwise ops (hardswish written as
+7. A *lookup region* — a connected group of elementwise ops (hardswish written as
    ``x * Clip(x + 3, 0, 6) / 6``, HardSigmoid, Sigmoid, …) whose only non-constant input
    is one quantized tensor ``x`` and whose single result ``y`` is read by a quantized
    node — becomes ``Gather`` on a 256-entry table ``Q_y(f(DQ_x(q)))``: integer in,
    integer out, where float would need DQ, several float ops and Q. Opt-in (add
    ``"Lookup"`` to ``op_types``): measured on PP-OCR cls with onnxruntime 1.32, its
    element-wise ``Gather`` took 5.2 of 10.8 ms, more than the float ops it replaced.
-7. ``Gather`` on axis 0 of a large 2-D float constant (an embedding table) stores the
+8. ``Gather`` on axis 0 of a large 2-D float constant (an embedding table) stores the
    table as int8 with one scale per row; the gathered rows are rescaled in float.
 """
 
@@ -42,7 +44,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxopt.graph import GraphIndex, is_default_domain, node_attribute
+from onnxopt.graph import GraphIndex, control_tensors, is_default_domain, node_attribute
 from onnxopt.runtime import tensor_types
 
 from ._quant_rewrite import BiasUse, LookupRegion, WeightUse
@@ -76,6 +78,7 @@ _LOGIC_OPS = frozenset({"Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqu
                         "ArgMax", "ArgMin", "NonZero", "Floor", "Ceil", "Round", "Mod", "Range",
                         "ConstantOfShape", "OneHot", "NonMaxSuppression"})
 _ALL_ACTIVATIONS = frozenset({"Add", "Mul", "Concat"})
+_CONTROL_REASON = "its output decides an If/Loop condition (a small error there switches branches); weights kept float"
 _SHAPE_ONLY = frozenset({"Shape", "Size"})
 _FLOATS = frozenset({onnx.TensorProto.FLOAT})
 _FLOAT_ONLY = frozenset({"Conv", "ConvTranspose", "Gemm", "Relu", "Sigmoid", "Softmax", "HardSigmoid", "Erf", "Tanh",
@@ -290,6 +293,7 @@ def place(
     regions = {} if "Lookup" not in enabled else {
         r.output: r for r in _lookup_regions(g, enabled, exclude) if not any(n in forced for n in r.nodes)}
     in_region = {n for r in regions.values() for n in r.nodes}
+    control = control_tensors(g.graph)
     for node in g.graph.node:
         if node.name in in_region:
             if node.output[0] in regions:
@@ -299,6 +303,8 @@ def place(
             continue
         if _excluded(node, exclude):
             result.float_reasons[node.name] = "excluded by the user"
+        elif node.output and node.output[0] in control:
+            result.float_reasons[node.name] = _CONTROL_REASON
         elif node.name in forced:
             result.float_reasons[node.name] = forced[node.name]
         elif node.op_type == "Gather":
@@ -372,6 +378,7 @@ def place(
     if weight_only:
         for node in g.graph.node:
             if (node.op_type in ANCHOR_OPS and node.name not in chosen and node.name not in float_weights
+                    and node.output[0] not in control
                     and is_default_domain(node) and node.op_type in enabled and not _excluded(node, exclude)):
                 _weight_only(node, g, per_channel, result)
     result.observed = list(tensors)
