@@ -75,7 +75,14 @@ def quantize_ours(model: Path, feeds: list[dict[str, np.ndarray]], out: Path,
     return {"seconds": seconds, "peak_bytes": stats.get("calibration_peak_bytes"), "stats": stats, "notes": notes}
 
 
-def quantize_onnxruntime(model: Path, feeds: list[dict[str, np.ndarray]], out: Path) -> dict[str, Any]:
+#: Extra onnxruntime rows per model: quantize_static restricted by ``op_types_to_quantize``
+#: to MatMul, the usual first remedy when a transformer collapses under the default (every
+#: op it supports).
+ONNXRUNTIME_OP_TYPES = {"encoder": ["MatMul"]}
+
+
+def quantize_onnxruntime(model: Path, feeds: list[dict[str, np.ndarray]], out: Path,
+                         op_types: list[str] | None = None) -> dict[str, Any]:
     """Run onnxruntime's documented static QDQ flow; record a pre-processing failure."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -103,7 +110,8 @@ def quantize_onnxruntime(model: Path, feeds: list[dict[str, np.ndarray]], out: P
             source = model
         try:
             quantize_static(str(source), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            op_types_to_quantize=op_types)
         finally:
             os.chdir(previous)
     result["seconds"] = time.perf_counter() - started
@@ -132,10 +140,16 @@ def run(keys: list[str] | None = None, threads: int = 1) -> list[dict[str, Any]]
                 info["onnxruntime"] = quantize_onnxruntime(model, calib, theirs)
             except Exception as exc:
                 info["onnxruntime"] = {"error": f"{type(exc).__name__}: {exc}"[:200]}
+            narrowed = Path(tmp) / "ort_ops.onnx"
+            if key in ONNXRUNTIME_OP_TYPES:
+                label = f"onnxruntime, op types {'+'.join(ONNXRUNTIME_OP_TYPES[key])}"
+                info[label] = quantize_onnxruntime(model, calib, narrowed, ONNXRUNTIME_OP_TYPES[key])
             paths = {"float": model, "onnxopt": ours}
             paths.update({label: scoped for label in info if label.startswith("onnxopt --target")})
             if theirs.exists():
                 paths["onnxruntime"] = theirs
+            paths.update({label: narrowed for label in info
+                          if label.startswith("onnxruntime, op types") and narrowed.exists()})
             latency = dict(zip(paths, interleaved_latency(list(paths.values()), held[0], threads=threads, rounds=20),
                                   strict=True))
             for method, path in paths.items():
