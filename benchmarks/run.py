@@ -146,11 +146,14 @@ def write_chart(preset: Preset, rows: list[dict[str, Any]], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, ratio, agreement, size in points:
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    for number, (label, ratio, agreement, size) in enumerate(points, start=1):
         ours = any(word in label for word in ("onnxopt", "ours", "pass"))
-        ax.scatter(ratio, agreement, s=40 + 400 * size, alpha=0.6, color="tab:blue" if ours else "tab:orange")
-        ax.annotate(label, (ratio, agreement), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        # numbered markers with the labels in a legend: inline labels of nearby points overlapped
+        ax.scatter(ratio, agreement, s=40 + 400 * size, alpha=0.6, color="tab:blue" if ours else "tab:orange",
+                   label=f"{number}. {label[:70]}")
+        ax.annotate(str(number), (ratio, agreement), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=6.5, markerscale=0.4, frameon=False)
     ax.axvline(1.0, color="grey", lw=0.8, ls="--")
     ax.axhline(0.99, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("latency ratio to the float model (lower is faster)")
