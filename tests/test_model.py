@@ -9,7 +9,7 @@ from onnx import TensorProto, helper
 
 import onnxopt.model as model_module
 from onnxopt.errors import ExternalDataError, ModelLoadError
-from onnxopt.graph import GraphIndex, NameGenerator, outer_references, remove_unused, toposort
+from onnxopt.graph import GraphIndex, NameGenerator, control_tensors, outer_references, remove_unused, toposort
 from onnxopt.harness import check
 from onnxopt.model import load_model, model_stats, save_model
 from onnxopt.normalize import lift_constants, normalize
@@ -286,3 +286,23 @@ def test_lossy_passes_say_they_left_subgraph_layers_alone():
     result = create_pass("prune_magnitude", sparsity=0.5)(load_model(model), Context())
     assert not result.changed
     assert any("inside If/Loop/Scan bodies alone" in note for note in result.notes)
+
+
+def test_control_tensors_follow_values_into_an_if_condition_but_not_through_shape():
+    then = helper.make_graph([helper.make_node("Identity", ["x"], ["a"])], "then", [], [vi("a", [2, 4])])
+    other = helper.make_graph([helper.make_node("Neg", ["x"], ["b"])], "else", [], [vi("b", [2, 4])])
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("Shape", ["h"], ["shape"]),
+             helper.make_node("Gather", ["shape", "zero"], ["rows"], axis=0),
+             helper.make_node("Greater", ["rows", "one"], ["by_shape"]),
+             helper.make_node("If", ["by_shape"], ["y1"], then_branch=then, else_branch=other),
+             helper.make_node("MatMul", ["x", "w2"], ["k"]),
+             helper.make_node("ReduceSum", ["k"], ["total"], keepdims=0),
+             helper.make_node("Greater", ["total", "zero_f"], ["by_value"]),
+             helper.make_node("If", ["by_value"], ["y2"], then_branch=then, else_branch=other)]
+    inits = [init("w", np.eye(4)), init("w2", np.eye(4)), init("zero", np.array(0), np.int64),
+             init("one", np.array(1), np.int64), init("zero_f", np.array(0.0))]
+    model = make_model(nodes, [vi("x", [2, 4])], [vi("y1", [2, 4]), vi("y2", [2, 4])], inits)
+    found = control_tensors(model.graph)
+    assert {"by_shape", "rows", "shape"} <= found and "h" not in found  # a shape does not depend on values
+    assert {"by_value", "total", "k", "x", "w2"} <= found
