@@ -435,7 +435,8 @@ class split_lowrank(Pass):
         notes += self._head_notes(model, plan, allocate)
         if not plan.layers and not plan.pairs:
             return PassResult(model, False, {"layers_split": 0}, [*notes, "no layer worth splitting"])
-        check = HeldOutCheck(model, held_out, budget_tolerance(self.budget, ctx.budget)) if held_out else None
+        budget = budget_tolerance(self.budget, ctx.budget)
+        check = HeldOutCheck(model, held_out, budget, fitted=list(calibration or ())) if held_out else None
         if check is not None and calibration is not None and allocate:
             plan.measure_sensitivity(model, list(calibration)[:SENSITIVITY_SAMPLES], progress=ctx.progress)
         ranks = self._choose(plan, model, check, notes)

@@ -158,7 +158,8 @@ class prune_magnitude(Pass):
         notes = list(plan.notes)
         if not plan.units:
             return PassResult(model, False, {"sparsity": 0.0}, [*notes, "no layer to prune"])
-        check = HeldOutCheck(model, held_out, budget_tolerance(self.budget, ctx.budget)) if held_out else None
+        budget = budget_tolerance(self.budget, ctx.budget)
+        check = HeldOutCheck(model, held_out, budget, fitted=list(calibration or ())) if held_out else None
         if calibration is not None and scoring == "activation" and (self.scope == "global" or check):
             plan.measure_sensitivity(model, list(calibration)[:SENSITIVITY_SAMPLES], progress=ctx.progress)
         matrices = self._choose(plan, model, check, notes)
@@ -300,7 +301,7 @@ class prune_channels(Pass):
         notes = list(plan.notes)
         if not plan.groups:
             return PassResult(model, False, {"macs_removed": 0.0}, [*notes, "no channel group to prune"])
-        check = HeldOutCheck(model, held_out, budget_tolerance(self.budget, ctx.budget))
+        check = HeldOutCheck(model, held_out, budget_tolerance(self.budget, ctx.budget), fitted=list(calibration))
         plan.measure_sensitivity(model, list(calibration)[:SENSITIVITY_SAMPLES], progress=ctx.progress)
         counts = self._choose(plan, model, check, notes)
         if not any(counts):

@@ -325,3 +325,22 @@ def test_sequential_pruning_keeps_counts_and_compensates_upstream_error():
         return sum(float(np.sum((o - r) ** 2)) for o, r in zip(outputs, reference, strict=True))
 
     assert error(sequential) < error(one_shot)
+
+
+def test_held_out_check_also_judges_the_fitted_samples():
+    # Few held-out samples can pass where the calibration samples the pass fitted on fail
+    # (silero_vad_half pruned to 70 %): a candidate must stay within budget on both.
+    from onnxopt.passes._activations import HeldOutCheck
+
+    from onnxopt.harness import PROFILES
+
+    def unary(op):
+        return make_model([helper.make_node(op, ["x"], ["y"])], [vi("x", [8])], [vi("y", [8])])
+
+    positive = [{"x": np.linspace(1, 2, 8, dtype=np.float32)}]
+    negative = [{"x": -np.linspace(1, 2, 8, dtype=np.float32)}]
+    budget = PROFILES["int8"]
+    assert HeldOutCheck(unary("Relu"), positive, budget)(unary("Abs"))[0]
+    passed, summary = HeldOutCheck(unary("Relu"), positive, budget, fitted=negative)(unary("Abs"))
+    assert not passed and "on the calibration samples" in summary
+    assert HeldOutCheck(unary("Relu"), positive, budget, fitted=positive)(unary("Abs"))[0]
