@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Protocol
 
 import onnx
 
-from onnxopt.data import Dataset
+from onnxopt.data import Dataset, check_calibration
 from onnxopt.errors import OnnxoptError, RecipeError
 from onnxopt.graph import drop_shape_annotations, iter_graphs
 from onnxopt.model import ModelStats, exceeds_protobuf_limit, model_stats
@@ -484,6 +484,8 @@ class PassManager:
         from onnxopt.normalize import normalize as normalize_model
 
         ctx = ctx or Context()
+        if ctx.calibration is not None:
+            check_calibration(ctx.calibration)
         working = load_model(model)
         source = model_stats(working)
         had_shapes = any(len(g.value_info) for g in iter_graphs(working.graph))

@@ -118,8 +118,8 @@ def round_weights(model: onnx.ModelProto, samples: Sequence[Sample], *, per_chan
     for layer in single:
         gram = stats[layer.key].gram
         value = index.constant(layer.weight)
-        if gram is None or value is None:
-            continue
+        if gram is None or value is None or not np.isfinite(gram).all():
+            continue  # non-finite inputs (e.g. infinities reaching this layer): nearest rounding
         axis = weight_axis(nodes[layer.key], value.ndim, per_channel)
         params = weight_qparams(value, axis)
         shape = [1] * value.ndim
@@ -132,7 +132,7 @@ def round_weights(model: onnx.ModelProto, samples: Sequence[Sample], *, per_chan
         nearest = np.clip(np.round(canonical / canonical_scale), -127, 127)
         before = output_error(canonical, nearest * canonical_scale, gram)
         after = output_error(canonical, integers * canonical_scale, gram)
-        if after >= before:  # never worse than nearest on the calibration inputs
+        if not after < before:  # never worse than nearest on the calibration inputs (NaN: not better)
             continue
         ratios.append(after / before if before > 0 else 0.0)
         result[(layer.weight, axis)] = (params.scale, from_canonical(layer, integers).astype(np.int8))

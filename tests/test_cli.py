@@ -91,6 +91,13 @@ def test_wrong_calibration_data(tmp_path, capsys, model_path):
     np.savez(data, x=np.zeros((4, 2, 8), np.float64))
     code, _, err = _run(["optimize", model_path, "-o", out, "--calib", data], capsys)
     _assert_one_line_error(code, err, "expects float32")
+    # NaN inputs used to give a garbage int8 model that every held-out check passed (NaN vs NaN)
+    values = np.ones((4, 2, 8), np.float32)
+    values[2, 0, 3] = np.nan
+    np.savez(data, x=values)
+    for pipeline in ("int8", "prune", "lowrank"):
+        code, _, err = _run(["optimize", model_path, "-o", out, "--calib", data, "--pipeline", pipeline], capsys)
+        _assert_one_line_error(code, err, "'x' of sample 2 holds 1 NaN value(s)")
     assert not out.exists()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
-from onnxopt.passes._quant_gptq import damping, gptq_round, output_error
+from onnxopt.passes._quant_gptq import damping, gptq_round, output_error, round_weights
 
 from onnxopt.data import Dataset
 from onnxopt.harness import check
@@ -248,3 +248,19 @@ def test_target_scoped_to_one_output_ignores_the_others():
         assert "missing" in str(error) and "y" in str(error)
     else:
         raise AssertionError("an unknown output in the target must be refused")
+
+
+def test_gptq_leaves_layers_with_non_finite_inputs_to_nearest_rounding():
+    # An infinity reaching a layer makes its XᵀX non-finite; NaN errors compared as
+    # "better" before and GPTQ wrote NaN-derived integers.
+    rng = np.random.default_rng(4)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["y"])]
+    model = make_model(nodes, [vi("x", [4, 16])], [vi("y", [4, 16])],
+                       [init("w", rng.normal(size=(16, 16))), init("w2", rng.normal(size=(16, 16)))])
+    samples = [{"x": rng.normal(size=(4, 16)).astype(np.float32)} for _ in range(6)]
+    finite, _ = round_weights(model, samples, per_channel=True)
+    assert {key[0] for key in finite} == {"w", "w2"}
+    samples[0]["x"][1, 3] = np.inf
+    rounded, _ = round_weights(model, samples, per_channel=True)
+    assert not rounded  # both layers see the infinity (h holds inf/nan too)
+    assert all(np.isfinite(scale).all() for scale, _ in finite.values())
