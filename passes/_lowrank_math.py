@@ -143,7 +143,7 @@ def rank_for_energy(energy: np.ndarray, fraction: float) -> int:
     if total <= 0:
         return 1
     kept = np.cumsum(energy) / total
-    return int(min(len(energy), np.searchsorted(kept, fraction - 1e-12) + 1))
+    return min(len(energy), int(np.searchsorted(kept, fraction - 1e-12)) + 1)
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,10 @@ pruned so far (SparseGPT's sequential mode, with the upstream error re-fitted).
 from __future__ import annotations
 
 import fnmatch
+import functools
 import itertools
 import logging
+import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -291,8 +293,9 @@ class PrunePlan:
             for i in run:
                 unit = self.units[i]
                 merged = {id(paired[layer.key]): paired[layer.key] for layer in unit.layers}.values()
-                gram = sum(p.stats.gram for p in merged) / sum(p.stats.rows for p in merged)  # type: ignore[misc]
-                cross = sum(p.cross for p in merged) / sum(p.stats.rows for p in merged)
+                rows = sum(p.stats.rows for p in merged)
+                gram = _total(p.stats.gram for p in merged if p.stats.gram is not None) / rows
+                cross = _total(p.cross for p in merged) / rows
                 target = compensate_upstream(unit.matrix, gram, cross, damp=unit.damp) if compensate else unit.matrix
                 matrices[i] = sparsegpt(target, gram, count=counts[i], damp=self._damp(unit))
         return matrices
@@ -372,15 +375,26 @@ def _collect_folds(model: onnx.ModelProto, layers: list[Layer], samples: list, f
         if id(first) not in totals:  # layers reading an input alike share one accumulator
             group = [part[key] for part in parts]
             grams = [g.gram for g in group]
+            sums = [g.total for g in group]
             totals[id(first)] = InputStats(
-                sum(g.rows for g in group), sum(g.sq_sum for g in group),
-                None if any(g is None for g in grams) else sum(grams),  # type: ignore[arg-type]
-                sum(g.total for g in group) if all(g.total is not None for g in group) else None)  # type: ignore[misc]
+                sum(g.rows for g in group), _total(g.sq_sum for g in group),
+                _total_or_none(grams), _total_or_none(sums))
         merged[key] = totals[id(first)]
         grams = [part[key].gram for part in parts]
         if all(g is not None for g in grams):
             fold_grams[key] = grams  # type: ignore[assignment]
     return merged, fold_grams
+
+
+def _total(arrays: Iterable[np.ndarray]) -> np.ndarray:
+    """Return the elementwise sum of ``arrays`` (the built-in ``sum`` is typed ``int | ndarray``)."""
+    return functools.reduce(operator.add, arrays)
+
+
+def _total_or_none(arrays: Sequence[np.ndarray | None]) -> np.ndarray | None:
+    """Return the elementwise sum, or None when any part is missing."""
+    present = [a for a in arrays if a is not None]
+    return _total(present) if present and len(present) == len(arrays) else None
 
 
 def build_plan(model: onnx.ModelProto, *, scoring: str, repair: bool, exclude: Sequence[str], min_size: int,
@@ -425,13 +439,13 @@ def build_plan(model: onnx.ModelProto, *, scoring: str, repair: bool, exclude: S
             parts = [fold_grams.get(layer.key) for layer in unit.layers]
             if parts and all(p is not None for p in parts):
                 distinct = {id(stats[layer.key]): p for layer, p in zip(unit.layers, parts, strict=True)}
-                unit.folds = [sum(p[k] for p in distinct.values()) for k in range(folds)]  # type: ignore[index]
+                unit.folds = [_total(p[k] for p in distinct.values() if p is not None) for k in range(folds)]
             merged = [stats[layer.key] for layer in unit.layers]
             total = merged[0]
             if len(merged) > 1 and len({id(s) for s in merged}) > 1:
                 grams = [s.gram for s in merged]
-                total = InputStats(sum(s.rows for s in merged), sum(s.sq_sum for s in merged),
-                                   None if any(g is None for g in grams) else sum(grams))  # type: ignore[arg-type]
+                total = InputStats(sum(s.rows for s in merged), _total(s.sq_sum for s in merged),
+                                   _total_or_none(grams))
             unit.stats = total
     return PrunePlan(units, scoring, repair, notes)
 

@@ -8,6 +8,7 @@ smaller head width (:mod:`._lowrank_heads`), in the same budgeted allocation.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from ._activations import (
     HeldOutCheck,
     InputStats,
     Layer,
+    Probe,
     budget_tolerance,
     collect_input_stats,
     describe_budget,
@@ -109,7 +111,7 @@ class SplitPlan:
         Each layer alone is split at the smallest rank losing at most ``probe_error`` of its
         output energy and the model outputs are compared on ``samples``.
         """
-        probes = []
+        probes: list[Probe] = []
         for i, (fact, limit) in enumerate(zip(self.factorizations, self.limits, strict=True)):
             errors = fact.relative_error[1:limit + 1]
             if limit < 1:
@@ -118,8 +120,7 @@ class SplitPlan:
             rank = int(np.argmax(errors <= probe_error)) + 1 if (errors <= probe_error).any() else limit
             ranks = [0] * len(self.layers)
             ranks[i] = rank
-            probes.append((float(fact.relative_error[rank]),
-                           lambda ranks=ranks: apply_ranks(model, self, ranks)))
+            probes.append((float(fact.relative_error[rank]), functools.partial(apply_ranks, model, self, ranks)))
         for i, (curve, limit) in enumerate(zip(self.pair_errors, self.pair_limits, strict=True)):
             if limit < 1:
                 probes.append((0.0, lambda: model))
@@ -128,7 +129,7 @@ class SplitPlan:
             width = int(np.argmax(errors <= probe_error)) + 1 if (errors <= probe_error).any() else limit
             ranks = [0] * (len(self.layers) + len(self.pairs))
             ranks[len(self.layers) + i] = width
-            probes.append((float(curve[width]), lambda ranks=ranks: apply_ranks(model, self, ranks)))
+            probes.append((float(curve[width]), functools.partial(apply_ranks, model, self, ranks)))
         self.gains = measure_gains(model, samples, probes, progress)
 
 
@@ -326,7 +327,7 @@ def apply_ranks(model: onnx.ModelProto, plan: SplitPlan, ranks: list[int]) -> on
     return result
 
 
-def _layer_rows(plan: SplitPlan, ranks: list[int]) -> tuple[dict[str, float], list[str]]:
+def _layer_rows(plan: SplitPlan, ranks: list[int]) -> tuple[dict[str, int | float], list[str]]:
     """Return totals and one note per changed layer (rank, params and MACs per row, output error) and pair."""
     before = after = 0
     lines = []
@@ -354,8 +355,8 @@ def _layer_rows(plan: SplitPlan, ranks: list[int]) -> tuple[dict[str, float], li
                          f"{float(curve[width]):.2e}")
         else:
             lines.append(f"{head}: head width {pair.head_dim} kept ({pair.heads} heads, {pair.params} params)")
-    stats = {"layers_split": sum(1 for r in ranks if r), "layers_considered": len(ranks),
-             "params_before": before, "params_after": after, "params_saved": before - after}
+    stats: dict[str, int | float] = {"layers_split": sum(1 for r in ranks if r), "layers_considered": len(ranks),
+                                     "params_before": before, "params_after": after, "params_saved": before - after}
     if plan.pairs:
         stats |= {"head_pairs": len(plan.pairs), "head_pairs_narrowed": sum(1 for w in widths if w)}
     return stats, lines
