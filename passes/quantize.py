@@ -318,9 +318,10 @@ class QuantizeInt8(Pass):
         float_weights: set[str] = set()
         if target is not None:
             budget = self._latency_budget(work, ctx)
+            fitted = calib if calib is not held else Dataset([])
             placement, plan, quantized, counts, fallback = self._fallback(
                 work, target, held, state, float_nodes, float_weights, placement, plan, quantized, counts, ctx, notes,
-                stats, budget)
+                stats, budget, fitted)
 
         if self.check_latency:
             placement, quantized, counts = self._latency_groups(work, state, float_nodes, float_weights, placement,
@@ -347,6 +348,7 @@ class QuantizeInt8(Pass):
                   float_nodes: dict[str, str], float_weights: set[str], placement: Placement, plan: QDQPlan,
                   quantized: onnx.ModelProto, counts: dict[str, int], ctx: Context, notes: list[str],
                   stats: dict[str, Any], budget: Callable[[onnx.ModelProto], str | None] | None = None,
+                  fitted: Dataset | None = None,
                   ) -> tuple[Placement, QDQPlan, onnx.ModelProto, dict[str, int], list[str]]:
         """Return the most sensitive nodes to float, in doubling steps, until ``target`` holds.
 
@@ -356,15 +358,25 @@ class QuantizeInt8(Pass):
         ``float_weights`` are updated in place. ``budget`` (a model → the reason it is too
         slow, or None) stops the walk before the step that would make the model slower
         than the latency check allows: that step is undone and the target left unmet.
+        The target must hold on the held-out samples and on the ``fitted`` (calibration)
+        samples alike: a few held-out samples alone can pass a model that fails on inputs
+        the pass has seen.
         """
+        fitted = list(fitted or ())
         with Session(work, label="float model") as session:
             started = time.perf_counter()
             reference = [session.run(s) for s in held]
             per_run = (time.perf_counter() - started) / max(len(held), 1)
+            fitted_reference = [session.run(s) for s in fitted]
 
         def judge(model: onnx.ModelProto) -> tuple[bool, str]:
             with Session(model, label="int8 model") as session:
-                return target.judge(reference, [session.run(s) for s in held])
+                met, text = target.judge(reference, [session.run(s) for s in held])
+                if met and fitted:
+                    fitted_met, fitted_text = target.judge(fitted_reference, [session.run(s) for s in fitted])
+                    if not fitted_met:
+                        return False, f"{text}; on the calibration samples {fitted_text}"
+                return met, text
 
         met, summary = judge(quantized)
         fallback: list[str] = []

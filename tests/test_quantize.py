@@ -261,6 +261,23 @@ def test_fallback_returns_nodes_to_float_until_a_callable_metric_holds():
     assert any("accuracy fallback" in note for note in result.notes)
 
 
+def test_target_must_hold_on_the_calibration_samples_too():
+    # 12 samples: 9 fitted on, 3 held out. A metric that only the 3 held-out ones satisfy
+    # must not be reported as met.
+    model, _, _ = _conv_model()
+    data = _data([1, 3, 8, 8], n=12)
+    sizes = []
+
+    def only_few(reference, candidate):
+        sizes.append(len(reference))
+        return len(reference) <= 3
+
+    result = _quantize(model, data, target=only_few, max_fallback=2)
+    assert {3, 9} <= set(sizes)
+    assert result.stats["target_met"] == 0
+    assert any("NOT met" in note for note in result.notes)
+
+
 def test_string_target_met_reports_no_fallback():
     model, _, _ = _conv_model()
     data = _data([1, 3, 8, 8], n=8)
