@@ -211,7 +211,17 @@ def _json_number(value: Any) -> Any:
 
 
 def _looks_like_scores(array: np.ndarray) -> bool:
-    return array.ndim == 2 and array.shape[-1] >= 2 and np.issubdtype(array.dtype, np.floating)
+    """Return True for ``[batch, classes]`` float outputs, except rows of unit length.
+
+    A row of L2 norm 1 is a normalized embedding (a direction): its arg-max means nothing,
+    and on MiniLM's sentence embedding a top-1 floor failed models whose cosine was
+    0.999. Probabilities sum to 1 and are not of unit length unless one-hot.
+    """
+    if array.ndim != 2 or array.shape[-1] < 2 or not np.issubdtype(array.dtype, np.floating):
+        return False
+    norms = np.linalg.norm(np.asarray(array, dtype=np.float64), axis=-1)
+    one_hot = np.count_nonzero(array, axis=-1) <= 1
+    return not bool(np.all(np.abs(norms - 1.0) < 1e-3) and not np.all(one_hot))
 
 
 def _finite_values(r_in: np.ndarray, c_in: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:

@@ -362,18 +362,19 @@ class QuantizeInt8(Pass):
         samples alike: a few held-out samples alone can pass a model that fails on inputs
         the pass has seen.
         """
-        fitted = list(fitted or ())
+        fitted_samples = list(fitted or ())
         with Session(work, label="float model") as session:
             started = time.perf_counter()
             reference = [session.run(s) for s in held]
             per_run = (time.perf_counter() - started) / max(len(held), 1)
-            fitted_reference = [session.run(s) for s in fitted]
+            fitted_reference = [session.run(s) for s in fitted_samples]
 
         def judge(model: onnx.ModelProto) -> tuple[bool, str]:
             with Session(model, label="int8 model") as session:
                 met, text = target.judge(reference, [session.run(s) for s in held])
-                if met and fitted:
-                    fitted_met, fitted_text = target.judge(fitted_reference, [session.run(s) for s in fitted])
+                if met and fitted_samples:
+                    fitted_met, fitted_text = target.judge(fitted_reference,
+                                                           [session.run(s) for s in fitted_samples])
                     if not fitted_met:
                         return False, f"{text}; on the calibration samples {fitted_text}"
                 return met, text

@@ -238,3 +238,20 @@ def test_top1_ignores_rows_tied_at_the_top():
     cand = np.array([[0.0, 1e-3, 0.0], [1.0, 3.0, 2.0]], np.float32)
     assert _cmp(ref, cand, PROFILES["int8"]).top1 == 1.0
     assert _cmp(np.zeros((2, 3), np.float32), np.ones((2, 3), np.float32), PROFILES["int8"]).top1 is None
+
+
+def test_top1_is_not_judged_on_unit_length_rows():
+    # A normalized embedding is a direction: its arg-max flips under noise that leaves the
+    # cosine at 0.999 (MiniLM's sentence_embedding failed the int8 profile that way).
+    rng = np.random.default_rng(1)
+    ref = rng.standard_normal((1, 384))
+    ref /= np.linalg.norm(ref)
+    cand = ref + 0.02 * rng.standard_normal((1, 384)) / np.sqrt(384)
+    cand /= np.linalg.norm(cand)
+    result = _cmp(ref.astype(np.float32), cand.astype(np.float32), PROFILES["int8"])
+    assert result.top1 is None and result.passed and result.cosine > 0.999
+    probabilities = np.array([[0.7, 0.2, 0.1]], np.float32)  # sums to 1: scores, judged
+    flipped = np.array([[0.2, 0.7, 0.1]], np.float32)
+    assert _cmp(probabilities, flipped, PROFILES["int8"]).top1 == 0.0
+    one_hot = np.array([[0.0, 1.0, 0.0]], np.float32)  # unit length, but a one-hot score row
+    assert _cmp(one_hot, np.array([[1.0, 0.0, 0.0]], np.float32), PROFILES["int8"]).top1 == 0.0
