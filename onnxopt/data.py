@@ -92,6 +92,14 @@ class Dataset(Sequence[Sample]):
     def __iter__(self) -> Iterator[Sample]:
         return iter(self.samples)
 
+    def spaced(self, limit: int) -> Dataset:
+        """Return at most ``limit`` samples, evenly spaced over the whole set (all when fewer)."""
+        n = len(self.samples)
+        if n <= limit:
+            return self
+        picks = np.linspace(0, n - 1, limit).round().astype(int)
+        return Dataset([self.samples[i] for i in picks], source=self.source)
+
     def split(self, holdout: float = 0.25) -> tuple[Dataset, Dataset]:
         """Split into (calibration, held-out) parts; the held-out part is the tail.
 

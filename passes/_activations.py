@@ -27,7 +27,7 @@ from typing import Any, Union
 import numpy as np
 import onnx
 
-from onnxopt.data import Sample
+from onnxopt.data import Dataset, Sample
 from onnxopt.graph import GraphIndex, NameGenerator, control_tensors, nested_ops, node_attribute, set_initializer
 from onnxopt.harness import PROFILES, Tolerance, compare_outputs
 from onnxopt.progress import NullProgress, Progress
@@ -366,6 +366,11 @@ def budget_tolerance(budget: BudgetSpec, overrides: Mapping[str, float] | None =
     return tolerance.replace(**extra) if extra else tolerance
 
 
+#: At most this many fitted samples (evenly spaced) are judged besides the held-out ones,
+#: so a large calibration set does not multiply the cost of every check.
+FITTED_SAMPLES = 32
+
+
 class HeldOutCheck:
     """Judge candidate models against the input model on held-out samples, under a budget.
 
@@ -379,7 +384,7 @@ class HeldOutCheck:
     def __init__(self, model: onnx.ModelProto, samples: Sequence[Sample], budget: Tolerance | Acceptance,
                  fitted: Sequence[Sample] = ()) -> None:
         self.samples = list(samples)
-        self.fitted = list(fitted)
+        self.fitted = list(Dataset(list(fitted)).spaced(FITTED_SAMPLES))
         self.budget = budget
         with Session(model, label="input model") as session:
             self.reference: Outputs = [session.run(s) for s in self.samples]

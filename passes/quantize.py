@@ -42,6 +42,7 @@ from onnxopt.normalize import infer_shapes
 from onnxopt.pipeline import Context, Pass, PassResult, register_pass
 from onnxopt.runtime import Session
 
+from ._activations import FITTED_SAMPLES
 from ._quant_gptq import round_weights
 from ._quant_placement import ANCHOR_OPS, DEFAULT_OP_TYPES, Placement, place, saturation_bounds
 from ._quant_rewrite import QDQPlan, Rounded, apply_plan
@@ -318,7 +319,7 @@ class QuantizeInt8(Pass):
         float_weights: set[str] = set()
         if target is not None:
             budget = self._latency_budget(work, ctx)
-            fitted = calib if calib is not held else Dataset([])
+            fitted = calib.spaced(FITTED_SAMPLES) if calib is not held else Dataset([])
             placement, plan, quantized, counts, fallback = self._fallback(
                 work, target, held, state, float_nodes, float_weights, placement, plan, quantized, counts, ctx, notes,
                 stats, budget, fitted)

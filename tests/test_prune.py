@@ -344,3 +344,17 @@ def test_held_out_check_also_judges_the_fitted_samples():
     passed, summary = HeldOutCheck(unary("Relu"), positive, budget, fitted=negative)(unary("Abs"))
     assert not passed and "on the calibration samples" in summary
     assert HeldOutCheck(unary("Relu"), positive, budget, fitted=positive)(unary("Abs"))[0]
+
+
+def test_held_out_check_judges_at_most_a_spaced_subset_of_the_fitted_samples():
+    from onnxopt.passes._activations import FITTED_SAMPLES, HeldOutCheck
+
+    from onnxopt.data import Dataset
+    from onnxopt.harness import PROFILES
+
+    samples = [{"x": np.full(8, float(i), np.float32)} for i in range(100)]
+    spaced = Dataset(samples).spaced(FITTED_SAMPLES)
+    assert len(spaced) == FITTED_SAMPLES and spaced[0] is samples[0] and spaced[-1] is samples[-1]
+    assert len(Dataset(samples[:5]).spaced(FITTED_SAMPLES)) == 5
+    model = make_model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", [8])], [vi("y", [8])])
+    assert len(HeldOutCheck(model, samples[:2], PROFILES["int8"], fitted=samples).fitted) == FITTED_SAMPLES
