@@ -323,6 +323,12 @@ class QuantizeInt8(Pass):
             placement, plan, quantized, counts, fallback = self._fallback(
                 work, target, held, state, float_nodes, float_weights, placement, plan, quantized, counts, ctx, notes,
                 stats, budget, fitted)
+            if not stats["target_met"]:
+                # an int8 model outside its accuracy target is not a result: keep the float model
+                stats["fallback_nodes"] = len(fallback)
+                notes.append("kept the float model: the accuracy target was not met within the fallback's limits "
+                             "(latency budget or max_fallback); loosen --target or set check_latency=false")
+                return PassResult(model, False, stats, notes)
 
         if self.check_latency:
             placement, quantized, counts = self._latency_groups(work, state, float_nodes, float_weights, placement,

@@ -28,6 +28,17 @@ def _quantize(model, data, **params):
     return create_pass("quantize_int8", **params)(work, Context(calibration=data))
 
 
+def _fails_first(count):
+    """Return a target metric that fails its first ``count`` judgements, then holds."""
+    calls = []
+
+    def metric(reference, candidate):
+        calls.append(1)
+        return len(calls) > count
+
+    return metric
+
+
 def _ops(model):
     return [n.op_type for n in model.graph.node]
 
@@ -278,6 +289,15 @@ def test_target_must_hold_on_the_calibration_samples_too():
     assert any("NOT met" in note for note in result.notes)
 
 
+def test_a_target_the_fallback_cannot_meet_keeps_the_float_model():
+    model, _, _ = _conv_model()
+    data = _data([1, 3, 8, 8], n=8)
+    result = _quantize(model, data, target=lambda ref, cand: False, max_fallback=1)
+    assert not result.changed and not any(n.op_type == "QuantizeLinear" for n in result.model.graph.node)
+    assert result.stats["target_met"] == 0
+    assert any("kept the float model: the accuracy target was not met" in note for note in result.notes)
+
+
 def test_string_target_met_reports_no_fallback():
     model, _, _ = _conv_model()
     data = _data([1, 3, 8, 8], n=8)
@@ -320,7 +340,7 @@ def test_matmul_kept_float_by_fallback_stores_an_int8_weight():
     model = _matmul_chain()
     data = _data([2, 4, 16])
     result = _quantize(model, data, exclude=[], weight_only=True, op_types=["MatMul", "Relu"],
-                       target=lambda ref, cand: False, max_fallback=8)
+                       target=_fails_first(2), max_fallback=8)
     q = result.model
     assert result.stats["weight_only_nodes"] >= 1
     mm = {n.name: n for n in q.graph.node}
@@ -392,11 +412,11 @@ def test_weight_only_not_for_user_exclusions():
 def test_conv_returned_to_float_by_the_fallback_keeps_an_int8_weight():
     model = _wide_conv_model()
     data = _data([1, 8, 6, 6])
-    result = _quantize(model, data, target=lambda ref, cand: False, max_fallback=8)
+    result = _quantize(model, data, target=_fails_first(2), max_fallback=8)
     assert result.stats["fallback_nodes"] >= 1 and result.stats["weight_only_nodes"] >= 1
     assert not any(t.name in ("w", "w2") for t in result.model.graph.initializer)
     assert_equivalent(model, result.model, profile="int8", data=data)
-    kept = _quantize(model, data, target=lambda ref, cand: False, max_fallback=8, weight_only=False)
+    kept = _quantize(model, data, target=_fails_first(2), max_fallback=8, weight_only=False)
     assert kept.stats["weight_only_nodes"] == 0
 
 

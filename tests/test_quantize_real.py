@@ -35,7 +35,8 @@ def test_ppocr_cls_agreement_and_size(real_model):
 
 def test_ppocr_det_small_input(real_model):
     feeds = real_inputs.ppocr_det_inputs(10, size=(160, 224))
-    model, quantized, record = _quantize(real_model("ppocr_det"), feeds[:8], max_fallback=0)
+    # no accuracy target: this checks the rewrite (a target the fallback cannot meet keeps float)
+    model, quantized, record = _quantize(real_model("ppocr_det"), feeds[:8], target=None)
     assert record.changed, record.notes
     # the fuse stage upgraded opset 12 to 14 for HardSwish, which per-channel weights (13) need too
     assert next(o.version for o in quantized.opset_import if o.domain in ("", "ai.onnx")) >= 13

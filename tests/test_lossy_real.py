@@ -1,0 +1,36 @@
+"""The lossy presets on the six Silero VAD models: If bodies, recurrent state, shape-driven If conditions.
+
+Real models from the silero-vad wheel, speech-like audio chunks (benchmarks.inputs).
+Each preset must write a model the gate's int8 profile passes on all calibration chunks.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import inputs as real_inputs
+from onnxopt.data import Dataset
+from onnxopt.harness import check
+from onnxopt.model import load_model
+from onnxopt.pipeline import Context, load_recipe
+
+pytestmark = pytest.mark.real
+
+SILERO = ["silero_vad", "silero_vad_op15", "silero_vad_sequence", "silero_vad_half", "silero_vad_op18",
+          "silero_vad_openvino"]
+
+
+@pytest.mark.parametrize("key", SILERO)
+def test_lossy_presets_on_silero_stay_within_the_int8_profile(real_model, key):
+    model = load_model(real_model(key))
+    data = Dataset(real_inputs.vad_inputs(key, 24))
+    acted = 0
+    for preset in ("int8", "prune", "lowrank"):
+        result = load_recipe(preset).build().run(model, Context(calibration=data))
+        report = check(model, result.model, data, profile="int8")
+        assert report.passed, (preset, report.failures())
+        notes = [n for record in result.records for n in record.notes]
+        # shape-driven If conditions (op15, half) must not freeze every layer
+        assert not any("decide an If/Loop condition" in n for n in notes), (preset, notes)
+        acted += any(r.changed for r in result.records if r.name in ("quantize_int8", "prune_magnitude"))
+    assert acted >= 1 or key in ("silero_vad", "silero_vad_op18")  # those two keep every layer in If bodies
