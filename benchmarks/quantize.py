@@ -136,20 +136,18 @@ def run(keys: list[str] | None = None, threads: int = 1) -> list[dict[str, Any]]
             if key in SCOPED_TARGETS:
                 label = f"onnxopt --target {SCOPED_TARGETS[key]}"
                 info[label] = quantize_ours(model, calib, scoped, ("--target", SCOPED_TARGETS[key]))
-            try:
-                info["onnxruntime"] = quantize_onnxruntime(model, calib, theirs)
-            except Exception as exc:
-                info["onnxruntime"] = {"error": f"{type(exc).__name__}: {exc}"[:200]}
-            narrowed = Path(tmp) / "ort_ops.onnx"
+            variants: dict[str, tuple[Path, list[str] | None]] = {"onnxruntime": (theirs, None)}
             if key in ONNXRUNTIME_OP_TYPES:
-                label = f"onnxruntime, op types {'+'.join(ONNXRUNTIME_OP_TYPES[key])}"
-                info[label] = quantize_onnxruntime(model, calib, narrowed, ONNXRUNTIME_OP_TYPES[key])
+                variants[f"onnxruntime, op types {'+'.join(ONNXRUNTIME_OP_TYPES[key])}"] = (
+                    Path(tmp) / "ort_ops.onnx", ONNXRUNTIME_OP_TYPES[key])
+            for label, (path, op_types) in variants.items():
+                try:
+                    info[label] = quantize_onnxruntime(model, calib, path, op_types)
+                except Exception as exc:
+                    info[label] = {"error": f"{type(exc).__name__}: {exc}"[:200]}
             paths = {"float": model, "onnxopt": ours}
             paths.update({label: scoped for label in info if label.startswith("onnxopt --target")})
-            if theirs.exists():
-                paths["onnxruntime"] = theirs
-            paths.update({label: narrowed for label in info
-                          if label.startswith("onnxruntime, op types") and narrowed.exists()})
+            paths.update({label: path for label, (path, _) in variants.items() if path.exists()})
             latency = dict(zip(paths, interleaved_latency(list(paths.values()), held[0], threads=threads, rounds=20),
                                   strict=True))
             for method, path in paths.items():
@@ -163,8 +161,7 @@ def run(keys: list[str] | None = None, threads: int = 1) -> list[dict[str, Any]]
                 }
                 row.update({k: v for k, v in info.get(method, {}).items() if k != "stats"})
                 rows.append(row)
-            if "onnxruntime" not in paths:
-                rows.append({"model": key, "method": "onnxruntime", **info["onnxruntime"]})
+            rows += [{"model": key, "method": label, **info[label]} for label in variants if label not in paths]
     return rows
 
 

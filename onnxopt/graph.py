@@ -18,6 +18,7 @@ import onnx
 from onnx import numpy_helper
 
 __all__ = [
+    "SHAPE_ONLY_OPS",
     "GraphIndex",
     "NameGenerator",
     "constant_node_value",
@@ -122,20 +123,21 @@ def nested_ops(graph: onnx.GraphProto, op_types: Iterable[str]) -> int:
     )
 
 
-#: ops whose output depends on their input's shape only, which no lossy pass changes
-_SHAPE_ONLY = frozenset({"Shape", "Size"})
+#: ops whose output depends on their input's shape only (no pass changes shapes by rounding)
+SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
 
 
-def control_tensors(graph: onnx.GraphProto) -> set[str]:
+def control_tensors(graph: onnx.GraphProto, index: GraphIndex | None = None) -> set[str]:
     """Return the main-graph tensors that an ``If`` condition or a ``Loop`` trip count/condition depends on.
 
     A lossy pass must leave the layers writing them exact: a small error there switches
     branches or changes the number of iterations, and a check on a few held-out samples
     can miss it (an ``If`` on the sum of a pruned MatMul: cosine 0.89 on the calibration
     samples, while the held-out quarter passed). The walk stops at ``Shape``/``Size``:
-    a condition on a tensor's shape does not depend on its values.
+    a condition on a tensor's shape does not depend on its values. ``index``: the
+    caller's :class:`GraphIndex` of ``graph``, if it has one.
     """
-    index = GraphIndex(graph)
+    index = index or GraphIndex(graph)
     deciding = {"If": 1, "Loop": 2}  # If: cond; Loop: trip count M and cond
     pending = [name for node in graph.node if is_default_domain(node) and node.op_type in deciding
                for name in node.input[:deciding[node.op_type]] if name]
@@ -146,7 +148,7 @@ def control_tensors(graph: onnx.GraphProto) -> set[str]:
             continue
         found.add(name)
         producer = index.producer.get(name)
-        if producer is not None and not (producer.op_type in _SHAPE_ONLY and is_default_domain(producer)):
+        if producer is not None and not (producer.op_type in SHAPE_ONLY_OPS and is_default_domain(producer)):
             pending.extend(i for i in producer.input if i)
     return found
 

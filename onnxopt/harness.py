@@ -213,15 +213,16 @@ def _json_number(value: Any) -> Any:
 def _looks_like_scores(array: np.ndarray) -> bool:
     """Return True for ``[batch, classes]`` float outputs, except rows of unit length.
 
-    A row of L2 norm 1 is a normalized embedding (a direction): its arg-max means nothing,
-    and on MiniLM's sentence embedding a top-1 floor failed models whose cosine was
-    0.999. Probabilities sum to 1 and are not of unit length unless one-hot.
+    A row of L2 norm 1 is a normalized embedding (a direction): its arg-max means nothing.
+    A top-1 floor failed a low-rank MiniLM on 24 sentences (top-1 0.958) whose sentence
+    embedding kept cosine 0.9988 and SQNR 26.3 dB on them. Probabilities sum to 1 and
+    are not of unit length unless one-hot, which stays judged.
     """
     if array.ndim != 2 or array.shape[-1] < 2 or not np.issubdtype(array.dtype, np.floating):
         return False
     norms = np.linalg.norm(np.asarray(array, dtype=np.float64), axis=-1)
-    one_hot = np.count_nonzero(array, axis=-1) <= 1
-    return not bool(np.all(np.abs(norms - 1.0) < 1e-3) and not np.all(one_hot))
+    unit_length = bool(np.all(np.abs(norms - 1.0) < 1e-3))
+    return not unit_length or bool(np.all(np.count_nonzero(array, axis=-1) <= 1))
 
 
 def _finite_values(r_in: np.ndarray, c_in: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:

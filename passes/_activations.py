@@ -20,9 +20,10 @@ never holding more than one sample's tensors. Rows of large feature maps are sam
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Protocol, Union, runtime_checkable
 
 import numpy as np
 import onnx
@@ -92,7 +93,7 @@ def find_layers(graph: onnx.GraphProto, op_types: Iterable[str] = WEIGHT_OPS) ->
     wanted = set(op_types)
     layers: list[Layer] = []
     notes: list[str] = []
-    control = control_tensors(graph)
+    control = control_tensors(graph, index)
     deciding: list[str] = []
     for node in graph.node:
         if node.op_type not in wanted or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
@@ -337,6 +338,18 @@ Outputs = list[dict[str, np.ndarray]]
 Acceptance = Callable[[Outputs, Outputs], bool]
 BudgetSpec = Union[float, Mapping[str, float], Acceptance, None]  # noqa: UP007  (runtime alias, py3.10)
 
+
+@runtime_checkable
+class Judge(Protocol):
+    """Anything that judges candidate outputs against reference outputs with a summary (int8's ``Target``)."""
+
+    def judge(self, reference: Outputs, candidate: Outputs) -> tuple[bool, str]:
+        """Return (within the budget, a one-line summary)."""
+        ...
+
+
+Budget = Union[Tolerance, Acceptance, Judge]  # noqa: UP007  (runtime alias, py3.10)
+
 #: The default budget of the lossy passes, on held-out calibration samples: the harness's
 #: ``int8`` profile (floors on every output's cosine similarity and SQNR against the input
 #: model, and on top-1 agreement of score-like outputs), the profile the pipeline's
@@ -378,21 +391,23 @@ class HeldOutCheck:
     stay within the budget itself (not a stricter one) on them. The held-out samples
     estimate how the change generalizes; they are few, so without this a model could pass
     them and fail on inputs the pass had seen (silero_vad_half pruned to 70 %: within
-    budget on its 6 held-out chunks, VAD decisions 0.958 on all 24).
+    budget on its 6 held-out chunks, outside the int8 profile on all 24).
     """
 
-    def __init__(self, model: onnx.ModelProto, samples: Sequence[Sample], budget: Tolerance | Acceptance,
+    def __init__(self, model: onnx.ModelProto, samples: Sequence[Sample], budget: Budget,
                  fitted: Sequence[Sample] = ()) -> None:
         self.samples = list(samples)
         self.fitted = list(Dataset(list(fitted)).spaced(FITTED_SAMPLES))
         self.budget = budget
         with Session(model, label="input model") as session:
+            started = time.perf_counter()
             self.reference: Outputs = [session.run(s) for s in self.samples]
+            #: the input model's run time per held-out sample, for callers that budget their own runs
+            self.seconds_per_run = (time.perf_counter() - started) / max(len(self.samples), 1)
             self.fitted_reference: Outputs = [session.run(s) for s in self.fitted]
         self.evaluations = 0
 
-    def __call__(self, candidate: onnx.ModelProto,
-                 budget: Tolerance | Acceptance | None = None) -> tuple[bool, str]:
+    def __call__(self, candidate: onnx.ModelProto, budget: Budget | None = None) -> tuple[bool, str]:
         """Return whether ``candidate`` is within budget (or a stricter ``budget``), and a one-line summary."""
         self.evaluations += 1
         with Session(candidate, label="candidate") as session:
@@ -406,7 +421,9 @@ class HeldOutCheck:
         return passed, summary
 
 
-def _judge(reference: Outputs, outputs: Outputs, budget: Tolerance | Acceptance) -> tuple[bool, str]:
+def _judge(reference: Outputs, outputs: Outputs, budget: Budget) -> tuple[bool, str]:
+    if isinstance(budget, Judge):
+        return budget.judge(reference, outputs)
     if callable(budget):
         passed = bool(budget(reference, outputs))
         return passed, "task check " + ("passed" if passed else "failed")

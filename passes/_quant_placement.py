@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxopt.graph import GraphIndex, control_tensors, is_default_domain, node_attribute
+from onnxopt.graph import SHAPE_ONLY_OPS, GraphIndex, control_tensors, is_default_domain, node_attribute
 from onnxopt.runtime import tensor_types
 
 from ._quant_rewrite import BiasUse, LookupRegion, WeightUse
@@ -79,7 +79,6 @@ _LOGIC_OPS = frozenset({"Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqu
                         "ConstantOfShape", "OneHot", "NonMaxSuppression"})
 _ALL_ACTIVATIONS = frozenset({"Add", "Mul", "Concat"})
 _CONTROL_REASON = "its output decides an If/Loop condition (a small error there switches branches); weights kept float"
-_SHAPE_ONLY = frozenset({"Shape", "Size"})
 _FLOATS = frozenset({onnx.TensorProto.FLOAT})
 _FLOAT_ONLY = frozenset({"Conv", "ConvTranspose", "Gemm", "Relu", "Sigmoid", "Softmax", "HardSigmoid", "Erf", "Tanh",
                          "GlobalAveragePool", "AveragePool", "BatchNormalization", "LayerNormalization",
@@ -144,7 +143,7 @@ class _Graph:
         if not self.is_activation(name):
             return "is not a float activation"
         for reader in self.index.consumers.get(name, ()):
-            if reader.op_type in _SHAPE_ONLY:
+            if reader.op_type in SHAPE_ONLY_OPS:
                 continue
             if reader.op_type in _LOGIC_OPS or (reader.op_type == "Cast" and node_attribute(reader, "to") not in
                                                 (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)):
@@ -293,7 +292,7 @@ def place(
     regions = {} if "Lookup" not in enabled else {
         r.output: r for r in _lookup_regions(g, enabled, exclude) if not any(n in forced for n in r.nodes)}
     in_region = {n for r in regions.values() for n in r.nodes}
-    control = control_tensors(g.graph)
+    control = control_tensors(g.graph, g.index)
     for node in g.graph.node:
         if node.name in in_region:
             if node.output[0] in regions:

@@ -28,7 +28,7 @@ from onnxopt.model import serialized_size
 from onnxopt.pipeline import Context, Pass, PassResult, register_pass
 
 from ._activations import (
-    Acceptance,
+    Budget,
     BudgetSpec,
     HeldOutCheck,
     budget_tolerance,
@@ -51,12 +51,12 @@ MAX_SPARSITY = 0.9
 FOLDS = 4
 
 
-def tightened(budget: Tolerance | Acceptance, margin: float) -> Tolerance | Acceptance:
+def tightened(budget: Budget, margin: float) -> Budget:
     """Return ``budget`` with only ``margin`` of its distance from lossless left (cosine, SQNR, top-1).
 
     The search picks the sparsity on a few held-out samples; a stricter bar there keeps
-    the result within the real budget on samples it has not seen. A task check (callable)
-    is returned as is.
+    the result within the real budget on samples it has not seen. A task check (callable
+    or judge) is returned as is.
     """
     if not isinstance(budget, Tolerance) or margin >= 1:
         return budget

@@ -40,9 +40,8 @@ from onnxopt.graph import NameGenerator, nested_ops
 from onnxopt.model import serialized_size
 from onnxopt.normalize import infer_shapes
 from onnxopt.pipeline import Context, Pass, PassResult, register_pass
-from onnxopt.runtime import Session
 
-from ._activations import FITTED_SAMPLES
+from ._activations import HeldOutCheck
 from ._quant_gptq import round_weights
 from ._quant_placement import ANCHOR_OPS, DEFAULT_OP_TYPES, Placement, place, saturation_bounds
 from ._quant_rewrite import QDQPlan, Rounded, apply_plan
@@ -319,7 +318,7 @@ class QuantizeInt8(Pass):
         float_weights: set[str] = set()
         if target is not None:
             budget = self._latency_budget(work, ctx)
-            fitted = calib.spaced(FITTED_SAMPLES) if calib is not held else Dataset([])
+            fitted = calib if calib is not held else Dataset([])
             placement, plan, quantized, counts, fallback = self._fallback(
                 work, target, held, state, float_nodes, float_weights, placement, plan, quantized, counts, ctx, notes,
                 stats, budget, fitted)
@@ -369,22 +368,8 @@ class QuantizeInt8(Pass):
         samples alike: a few held-out samples alone can pass a model that fails on inputs
         the pass has seen.
         """
-        fitted_samples = list(fitted or ())
-        with Session(work, label="float model") as session:
-            started = time.perf_counter()
-            reference = [session.run(s) for s in held]
-            per_run = (time.perf_counter() - started) / max(len(held), 1)
-            fitted_reference = [session.run(s) for s in fitted_samples]
-
-        def judge(model: onnx.ModelProto) -> tuple[bool, str]:
-            with Session(model, label="int8 model") as session:
-                met, text = target.judge(reference, [session.run(s) for s in held])
-                if met and fitted_samples:
-                    fitted_met, fitted_text = target.judge(fitted_reference,
-                                                           [session.run(s) for s in fitted_samples])
-                    if not fitted_met:
-                        return False, f"{text}; on the calibration samples {fitted_text}"
-                return met, text
+        judge = HeldOutCheck(work, list(held), target, fitted=list(fitted or ()))
+        reference, per_run = judge.reference, judge.seconds_per_run
 
         met, summary = judge(quantized)
         fallback: list[str] = []
