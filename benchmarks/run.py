@@ -67,6 +67,14 @@ def _prune(quick: bool) -> list[dict[str, Any]]:
     return prune.run(("ppocr_cls", "ppocr_det", "encoder"))
 
 
+def _prune_channels(quick: bool) -> list[dict[str, Any]]:
+    from benchmarks import prune_channels
+
+    if quick:  # needs PP-OCR det: a model with channel groups worth removing and a task metric
+        return [{"model": "-", "method": "-", "note": "no quick mode: run without --quick"}]
+    return prune_channels.run()
+
+
 def _lowrank(quick: bool) -> list[dict[str, Any]]:
     from benchmarks import lowrank
 
@@ -87,6 +95,8 @@ PRESETS: dict[str, Preset] = {
         Preset("fuse", "Exact clean-up and fusion", "onnxslim", _fuse),
         Preset("int8", "Static int8 quantization", "onnxruntime.quantization.quantize_static", _int8),
         Preset("prune", "Pruning", "uniform per-layer L1 magnitude pruning", _prune),
+        Preset("prune_channels", "Structured channel pruning", "uniform L1 filter pruning without re-fit",
+               _prune_channels),
         Preset("lowrank", "Low-rank splitting", "plain truncated SVD at a uniform rank fraction", _lowrank),
         Preset("harness", "Equivalence check", "polygraphy run --onnxrt", _harness),
     ]

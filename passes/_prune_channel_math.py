@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ConsumerSystem", "augmented_gram", "refit", "relative_error", "removal_order"]
+__all__ = ["ConsumerSystem", "augmented_gram", "independent_gram", "refit", "relative_error", "removal_order"]
 
 
 def augmented_gram(gram: np.ndarray, mean: np.ndarray) -> np.ndarray:
@@ -29,6 +29,16 @@ def augmented_gram(gram: np.ndarray, mean: np.ndarray) -> np.ndarray:
     h[:features, -1] = h[-1, :features] = mean
     h[-1, -1] = 1.0
     return h
+
+
+def independent_gram(gram: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """Return the second moment of independent features with the means and variances of ``gram``.
+
+    ``diag(var) + mean meanᵀ``: no feature can stand in for another, so a re-fit on it only
+    moves a removed feature's mean into the bias.
+    """
+    variance = np.maximum(np.diag(gram) - mean ** 2, 0.0)
+    return np.diag(variance) + np.outer(mean, mean)
 
 
 def _damped(h: np.ndarray, damp: float) -> np.ndarray:
@@ -48,11 +58,15 @@ class ConsumerSystem:
     """One consumer of a channel group: augmented weight ``[rows, features + 1]`` and ``H``.
 
     ``per_channel`` features belong to each input channel, channel-major (im2col order).
+    ``offset``: the input channel where the pruned group's channels start (a consumer that
+    reads several groups through a ``Concat``); channel indices given to :meth:`features`
+    count from there.
     """
 
     weight: np.ndarray
     gram: np.ndarray
     per_channel: int
+    offset: int = 0
 
     @property
     def channels(self) -> int:
@@ -61,7 +75,8 @@ class ConsumerSystem:
 
     def features(self, channels: np.ndarray) -> np.ndarray:
         """Return the feature indices of ``channels``."""
-        return (np.asarray(channels)[:, None] * self.per_channel + np.arange(self.per_channel)[None]).ravel()
+        first = (np.asarray(channels)[:, None] + self.offset) * self.per_channel
+        return (first + np.arange(self.per_channel)[None]).ravel()
 
     def signal(self) -> float:
         """Return the consumer's output energy ``tr(W̃ H W̃ᵀ)``."""

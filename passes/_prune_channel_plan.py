@@ -11,6 +11,7 @@ overall MAC reduction are chosen on a price: each group removes the count minimi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,12 +25,19 @@ from onnxopt.progress import Progress
 from onnxopt.runtime import Session, expose_tensors
 
 from ._activations import Layer, collect_input_stats, find_layers, measure_gains, to_canonical
-from ._prune_channel_math import ConsumerSystem, augmented_gram, refit, removal_order
+from ._prune_channel_math import ConsumerSystem, augmented_gram, independent_gram, refit, removal_order
 from ._prune_channels import ChannelGroup, describe_types, find_channel_groups, remove_channels
 
 __all__ = ["ChannelPlan", "GroupPlan", "build_channel_plan"]
 
 log = logging.getLogger(__name__)
+
+#: A consumer is re-fitted across features only from at least this many calibration rows
+#: per input feature: with fewer (squeeze-excitation convs see one pooled row per sample)
+#: least squares fits the calibration set exactly, its in-sample error is near 0 and says
+#: nothing about other inputs. Such a consumer's features are treated as independent
+#: (:func:`independent_gram`): a removed channel's mean goes into the bias, nothing else.
+MIN_ROWS_PER_FEATURE = 4
 
 
 @dataclass
@@ -57,14 +65,30 @@ class ChannelPlan:
     groups: list[GroupPlan]
     notes: list[str] = field(default_factory=list)
     total_macs: float = 0.0
+    #: re-fit the consumers by least squares; False slices their weights (plain channel removal)
+    refit: bool = True
 
-    def consumer_weights(self, plan: GroupPlan, count: int) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
-        """Return the re-fitted (weight, bias) of each consumer, in ONNX layout."""
-        keep = plan.kept(count)
+    def consumer_weights(self, counts: Sequence[int]) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+        """Return the re-fitted (weight, bias) of each consumer that loses channels, in ONNX layout.
+
+        A consumer reading several groups (through a ``Concat``) is re-fitted once, for the
+        channels all of them remove.
+        """
+        removed: dict[str, list[np.ndarray]] = {}
+        systems: dict[str, ConsumerSystem] = {}
+        layers: dict[str, Layer] = {}
+        for plan, count in zip(self.groups, counts, strict=True):
+            if not count:
+                continue
+            for key, system in plan.systems.items():
+                removed.setdefault(key, []).append(system.offset + plan.order[:count])
+                systems[key], layers[key] = dataclasses.replace(system, offset=0), plan.layers[key]
         result: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
-        for key, system in plan.systems.items():
-            layer = plan.layers[key]
-            fitted = refit(system, keep)
+        for key, system in systems.items():
+            layer = layers[key]
+            keep = np.setdiff1d(np.arange(system.channels), np.concatenate(removed[key]))
+            fitted = refit(system, keep) if self.refit else \
+                system.weight[:, np.concatenate([system.features(keep), [-1]])]
             weight, bias = fitted[:, :-1], fitted[:, -1]
             if layer.op_type == "Conv":
                 result[key] = (weight.reshape(layer.shape[0], keep.size, *layer.shape[2:]), bias)
@@ -80,13 +104,11 @@ class ChannelPlan:
     def apply(self, model: onnx.ModelProto, counts: Sequence[int]) -> onnx.ModelProto:
         """Return a copy of ``model`` with ``counts[i]`` channels removed from group ``i``."""
         kept: list[np.ndarray | None] = []
-        weights: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+        weights = self.consumer_weights(counts)
         groups = []
         for plan, count in zip(self.groups, counts, strict=True):
             groups.append(plan.group)
             kept.append(plan.kept(count) if count else None)
-            if count:
-                weights.update(self.consumer_weights(plan, count))
         matmuls = {c.output[0] for p in self.groups for c in p.group.consumers if c.op_type == "MatMul"}
         matmul_bias = {k: b for k, (_, b) in weights.items() if k in matmuls}
         result = remove_channels(model, groups, kept, {k: (w, None if k in matmul_bias else b)
@@ -201,16 +223,22 @@ def build_channel_plan(model: onnx.ModelProto, samples: list, *, multiple: int =
     plans: list[GroupPlan] = []
     if not candidates:
         return ChannelPlan(plans, notes)
-    consumer_layers = [layers[c.output[0]] for g in candidates for c in g.consumers]
+    consumer_layers = list({c.output[0]: layers[c.output[0]] for g in candidates for c in g.consumers}.values())
     stats = collect_input_stats(model, consumer_layers, samples, gram=True, seed=seed, progress=progress)
     index = GraphIndex(graph)
     weighted = [n for n in graph.node if n.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm")
                 and len(n.input) > 1 and index.constant(n.input[1]) is not None]
     macs = _node_macs(model, weighted, index, samples[0])
+    shared: dict[str, ConsumerSystem] = {}
+    few: list[str] = []
     for group in candidates:
         systems = {}
         for consumer in group.consumers:
             layer = layers[consumer.output[0]]
+            offset = group.offset(consumer)[0]
+            if layer.key in shared:
+                systems[layer.key] = dataclasses.replace(shared[layer.key], offset=offset)
+                continue
             st = stats[layer.key]
             matrix = to_canonical(layer, index.constant(layer.weight))[0].astype(np.float64)  # type: ignore[arg-type]
             bias = index.constant(consumer.input[2]) if len(consumer.input) > 2 and consumer.input[2] else None
@@ -219,14 +247,24 @@ def build_channel_plan(model: onnx.ModelProto, samples: list, *, multiple: int =
             if layer.op_type == "ConvTranspose":
                 bias = np.repeat(bias, int(np.prod(layer.shape[2:])))
             per = int(np.prod(layer.kernel)) if layer.op_type == "Conv" else 1
+            gram, mean = st.mean_gram[0], st.mean[0]  # type: ignore[index]
+            if st.rows < MIN_ROWS_PER_FEATURE * gram.shape[0]:
+                gram = independent_gram(gram, mean)
+                few.append(layer.key)
             system = ConsumerSystem(np.concatenate([matrix, np.broadcast_to(bias, matrix.shape[:1])[:, None]], 1),
-                                    augmented_gram(st.mean_gram[0], st.mean[0]), per)  # type: ignore[index]
-            systems[layer.key] = system
+                                    augmented_gram(gram, mean), per)
+            shared[layer.key] = system
+            systems[layer.key] = dataclasses.replace(system, offset=offset)
         order, errors = removal_order(list(systems.values()), group.channels)
-        touched = [*group.sources, *group.consumers, *[t for t in group.through if t.op_type == "Conv"]]
+        touched = [*group.sources, *[t for t in group.through if t.op_type == "Conv"]]
         cost = sum(macs.get(node.output[0], 0.0) for node in touched) / group.channels
+        cost += sum(macs.get(node.output[0], 0.0) / group.offset(node)[1] for node in group.consumers)
         counts = np.arange(group.channels + 1)
         allowed = counts[(((group.channels - counts) % multiple == 0) & (counts <= max_ratio * group.channels))
                          | (counts == 0)]
         plans.append(GroupPlan(group, {k: layers[k] for k in systems}, systems, order, errors, cost, allowed))
+    if few:
+        notes.append(f"{len(few)} consumer(s) saw fewer than {MIN_ROWS_PER_FEATURE} calibration rows per input "
+                     f"feature (e.g. squeeze-excitation convs, one pooled row per sample): removed channels "
+                     f"only move their mean into the bias there ({', '.join(few[:3])}{' …' if len(few) > 3 else ''})")
     return ChannelPlan(plans, notes, float(sum(macs.values())))

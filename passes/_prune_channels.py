@@ -3,16 +3,21 @@
 A *channel group* starts at the outputs of weight layers (Conv / ConvTranspose output
 channels, MatMul / Gemm output features) and follows every tensor whose channels map
 one to one onto theirs: through BatchNormalization, element-wise unary ops (Relu, Clip,
-HardSigmoid, HardSwish, Sigmoid…), pools, depthwise Convs (whose weights lose the
+HardSigmoid, HardSwish, Sigmoid…), pools, ``Resize`` with constant scales of 1 on the
+channel axis (FPN upsampling), depthwise Convs (whose weights lose the
 channels too), and binary element-wise ops (Add, Mul, …) with constants or with other
 tensors of the same width, which joins their groups (residuals, squeeze-excitation
 gates, the ``x·clip(x+3)`` form of HardSwish). It ends at *consumers*: Conv /
 ConvTranspose inputs (group 1) and MatMul / Gemm left-hand sides with constant weights,
-which lose the matching input channels. Channel axes are kept as negative indices,
+which lose the matching input channels. A ``Concat`` on the channel axis (of tensors of
+known width) does not join its inputs' groups: a consumer reading it directly reads each
+group's channels at that group's offset (``ChannelGroup.offsets``), and is re-fitted once
+for everything removed from it. Channel axes are kept as negative indices,
 which numpy-style broadcasting aligns.
 
 A group is left alone, with the reason, when one of its tensors is a graph output, is
-read by an op not listed above (Concat, Reshape, Flatten, Resize, Softmax…) or by a
+read by an op not listed above (Reshape, Flatten, Softmax…, a Concat read by anything but a
+consumer) or by a
 nested graph, mixes with a tensor no weight layer produces, has an unknown width, or
 when a weight it would rewrite is also read by other nodes.
 """
@@ -25,7 +30,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxopt.graph import GraphIndex, NameGenerator, node_attribute, remove_unused, set_initializer
+from onnxopt.graph import (
+    GraphIndex,
+    NameGenerator,
+    node_attribute,
+    outer_references,
+    remove_unused,
+    set_initializer,
+    subgraphs,
+)
 from onnxopt.runtime import tensor_types
 
 __all__ = ["ChannelGroup", "find_channel_groups", "remove_channels"]
@@ -55,6 +68,13 @@ class ChannelGroup:
     through: list[onnx.NodeProto] = field(default_factory=list)
     consumers: list[onnx.NodeProto] = field(default_factory=list)
     blocked: str | None = None
+    #: consumer output -> (offset of this group's channels in its input, its input channels),
+    #: for consumers that read the group through a channel ``Concat``
+    offsets: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def offset(self, consumer: onnx.NodeProto) -> tuple[int, int]:
+        """Return (offset, input channels) of this group in ``consumer``'s input."""
+        return self.offsets.get(consumer.output[0], (0, self.channels))
 
     @property
     def key(self) -> str:
@@ -147,6 +167,16 @@ def _carry_reason(node: onnx.NodeProto, name: str, channels: int, axis: int, ind
         if op == "PRelu" and len(node.input) > 1 and not index.is_constant(node.input[1]):
             return f"read by {label} with a computed slope"
         return None
+    if op == "Resize":
+        if node.input[0] != name or list(node.input).count(name) != 1:
+            return f"read by {label} as a parameter"
+        position = 1 if len(node.input) == 2 else 2  # Resize-10 has (X, scales)
+        scales = index.constant(node.input[position]) if len(node.input) > position and node.input[position] else None
+        sizes = len(node.input) > 3 and bool(node.input[3])
+        if sizes or scales is None or scales.ndim != 1 or scales.size < -axis:
+            return f"read by {label} with computed or absolute output sizes"
+        return None if scales[axis] == 1 and _channel_axis_of(types, name, axis) else \
+            f"read by {label} that resizes the channel axis"
     if op not in BINARY:
         return f"read by {label}"
     if op == "Pow" and node.input[1] == name:
@@ -168,6 +198,34 @@ def _carry_reason(node: onnx.NodeProto, name: str, channels: int, axis: int, ind
     return None
 
 
+def _concat_parts(node: onnx.NodeProto, width: dict[str, tuple[int, int]], types: dict[str, onnx.TypeProto]
+                  ) -> tuple[list[tuple[str, int, int]], int, int] | str:
+    """Return the parts (input, offset, width), total width and axis of a channel Concat, or why not."""
+    axis_attr = int(node_attribute(node, "axis", 0))  # type: ignore[arg-type]
+    label = f"Concat node {node.name or node.output[0]!r}"
+    tracked = [n for n in node.input if n in width]
+    if len({width[n][1] for n in tracked}) > 1:
+        return f"read by {label} with channel axes that differ"
+    axis = width[tracked[0]][1]
+    rank = len(_shape(types, node.output[0]) or ())
+    if not rank or axis_attr - (rank if axis_attr >= 0 else 0) != axis:
+        return f"read by {label} along another axis or of unknown rank"
+    parts, offset = [], 0
+    for name in node.input:
+        if name in width:
+            channels = width[name][0]
+        else:
+            shape = _shape(types, name)
+            if shape is None or len(shape) != rank or shape[axis] is None:
+                return f"read by {label} beside {name!r} of unknown width"
+            channels = int(shape[axis])  # type: ignore[arg-type]
+        if list(node.input).count(name) != 1:
+            return f"read by {label} more than once"
+        parts.append((name, offset, channels))
+        offset += channels
+    return parts, offset, axis
+
+
 def find_channel_groups(graph: onnx.GraphProto, types: dict[str, onnx.TypeProto] | None = None
                         ) -> list[ChannelGroup]:
     """Return the channel groups of ``graph`` (main graph only), blocked ones with their reason."""
@@ -178,16 +236,41 @@ def find_channel_groups(graph: onnx.GraphProto, types: dict[str, onnx.TypeProto]
     role: dict[str, tuple[str, onnx.NodeProto]] = {}  # tensor -> ("source" | "through", producer)
     blocked: dict[str, str] = {}
     consumers: list[tuple[str, onnx.NodeProto]] = []
+    consumed: list[tuple[str, onnx.NodeProto]] = []  # (Concat output, consumer)
 
     def block(name: str, reason: str) -> None:
         blocked.setdefault(name, reason)
 
+    # Concat output -> its parts (input, offset, width) and total width
+    concats: dict[str, tuple[list[tuple[str, int, int]], int, int]] = {}
     for node in graph.node:
         source = _source_width(node, index)
         if source is not None:
             out = node.output[0]
             width[out], role[out] = source, ("source", node)
             sets.union(out, out)
+        for name in {n for g in subgraphs(node) for n in outer_references(g)}:
+            for part in [p for p, _, _ in concats[name][0]] if name in concats else [name]:
+                if part in width:
+                    block(part, f"read by a graph nested in {node.op_type} node {node.name!r}")
+        for name in [n for n in node.input if n in concats]:
+            parts, total, axis = concats[name]
+            if _consumes(node, name, index, axis):
+                consumed.append((name, node))
+                continue
+            op = f"{node.op_type} node {node.name or node.output[0]!r}" if node.output else node.op_type
+            for part, _, _ in parts:
+                if part in width:
+                    block(part, f"concatenated into {name!r}, which is read by {op}")
+        if node.op_type == "Concat" and any(n in width for n in node.input):
+            parts_of = _concat_parts(node, width, types)
+            if isinstance(parts_of, str):
+                for name in node.input:
+                    if name in width:
+                        block(name, parts_of)
+            else:
+                concats[node.output[0]] = parts_of
+            continue
         tracked = [n for n in node.input if n in width]
         for name in tracked:
             channels, axis = width[name]
@@ -205,6 +288,11 @@ def find_channel_groups(graph: onnx.GraphProto, types: dict[str, onnx.TypeProto]
             width[out] = (channels, axis)
             role.setdefault(out, ("through", node))
             sets.union(name, out)
+    for name, (parts, _, _) in concats.items():
+        if name in index.outputs:
+            for part, _, _ in parts:
+                if part in width:
+                    block(part, f"concatenated into graph output {name!r}")
     groups: dict[str, ChannelGroup] = {}
     for name in width:
         root = sets.find(name)
@@ -225,6 +313,19 @@ def find_channel_groups(graph: onnx.GraphProto, types: dict[str, onnx.TypeProto]
         group = groups[sets.find(name)]
         if all(node is not n for n in group.consumers):
             group.consumers.append(node)
+    for name, node in consumed:
+        parts, total, _ = concats[name]
+        for part, offset, _ in parts:
+            if part not in width:
+                continue
+            group = groups[sets.find(part)]
+            if any(node is n for n in group.consumers):
+                group.blocked = group.blocked or f"{name!r} holds the channels of {part!r} twice"
+                continue
+            group.consumers.append(node)
+            group.offsets[node.output[0]] = (offset, total)
+            if name not in group.tensors:
+                group.tensors.append(name)
     for group in groups.values():
         for node in [*group.sources, *group.consumers, *[n for n in group.through if n.op_type == "Conv"]]:
             if index.uses(node.input[1]) > 1:

@@ -268,10 +268,13 @@ class prune_channels(Pass):
        to remove; without it the highest share within ``budget`` (as for
        ``prune_magnitude``) is searched on held-out calibration samples, spread over
        groups by their measured sensitivity.
-    4. Must not fire on groups with a graph output, a reader it does not know (Concat,
-       Reshape, Flatten, Resize, Softmax, nested graphs…), a tensor of unknown width, a
-       weight shared with other nodes, fewer than ``2·multiple`` channels, or matching
-       ``exclude``; each is named in the notes.
+    4. Must not fire on groups with a graph output, a reader it does not know (Reshape,
+       Flatten, Softmax, a Resize of the channel axis, a channel Concat read by anything
+       but a weight layer, nested graphs…), a tensor of unknown width, a weight shared with
+       other nodes, fewer than ``2·multiple`` channels, or matching ``exclude``; each is
+       named in the notes. A reader that saw fewer than 4 calibration rows per input
+       feature (squeeze-excitation convs) is not re-fitted across channels: a removed
+       channel's mean moves into its bias, nothing more.
     """
 
     name = "prune_channels"

@@ -109,3 +109,95 @@ def test_budget_search_holds_under_the_harness():
     result = prune_channels(multiple=2)(model, Context(calibration=data))
     assert result.changed and result.stats["channels_removed"] >= 2
     assert_equivalent(model, result.model, profile="int8", data=Dataset(list(data)[12:]))
+
+
+# --------------------------------------------------------------------------- Resize, Concat (FPN heads)
+
+
+def _fpn_model(*, concat_reader: str = "Conv", nested: bool = False):
+    """Conv A (8) and Conv B (8) on x, each upsampled by Resize, concatenated with an upsampled x, read by Conv C.
+
+    A has 3 dead channels and B 2 (constant = their bias): removing them is exact once the
+    consumer C moves their constants into its bias, at each group's offset in the Concat.
+    """
+    rng = np.random.default_rng(3)
+    wa, wb = (rng.standard_normal((8, 4, 3, 3)).astype(np.float32) for _ in range(2))
+    wa[:3] = 0
+    wb[5:] = 0
+    ba, bb = (rng.standard_normal(8).astype(np.float32) for _ in range(2))
+    scales = init("scales", [1, 1, 2, 2])
+    nodes = [helper.make_node("Conv", ["x", "WA", "BA"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x", "WB", "BB"], ["b"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["b"], ["br"])]
+    nodes += [helper.make_node("Resize", [t, "", "scales"], [f"{t}_up"], mode="nearest") for t in ("a", "br", "x")]
+    nodes.append(helper.make_node("Concat", ["a_up", "x_up", "br_up"], ["c"], axis=1))
+    inits = [init("WA", wa), init("BA", ba), init("WB", wb), init("BB", bb), scales]
+    if concat_reader == "Conv":
+        nodes.append(helper.make_node("Conv", ["c", "WC"], ["y"]))
+        inits.append(init("WC", rng.standard_normal((6, 20, 1, 1)).astype(np.float32)))
+    else:
+        nodes.append(helper.make_node(concat_reader, ["c"], ["y"]))
+    outputs = [vi("y", [1, 6 if concat_reader == "Conv" else 20, 20, 20])]
+    if nested:
+        branch = helper.make_graph([helper.make_node("Identity", ["a"], ["t"])], "then", [], [vi("t", None)])
+        nodes += [helper.make_node("ReduceSum", ["x"], ["sx"], keepdims=0),
+                  helper.make_node("Greater", ["sx", "zero"], ["cond"]),
+                  helper.make_node("If", ["cond"], ["z"], then_branch=branch, else_branch=branch)]
+        inits.append(init("zero", np.zeros((), np.float32)))
+        outputs.append(vi("z", None))
+    return make_model(nodes, [vi("x", [1, 4, 10, 10])], outputs, inits)
+
+
+def test_concat_consumer_reads_each_group_at_its_offset():
+    from onnxopt.passes._prune_channel_plan import build_channel_plan
+
+    model = _fpn_model()
+    groups = {g.key: g for g in find_channel_groups(model.graph, describe_types(model))}
+    assert groups["a"].blocked is None and groups["b"].blocked is None
+    conv_c = groups["a"].consumers[0]
+    assert groups["a"].offset(conv_c) == (0, 20) and groups["b"].offset(conv_c) == (12, 20)
+    assert {"a_up", "c"} <= set(groups["a"].tensors)
+    data = synthesize_inputs(model, iterations=16)
+    plan = build_channel_plan(model, list(data)[:12], multiple=1)
+    counts = [{"a": 3, "b": 3}[p.group.key] for p in plan.groups]
+    assert sorted(int(c) for c in plan.groups[0].order[:3]) == [0, 1, 2]
+    pruned = plan.apply(model, counts)
+    shapes = _shapes(pruned)
+    assert shapes["WA"][0] == 5 and shapes["WB"][0] == 5 and shapes["WC"][1] == 5 + 4 + 5
+    # B loses its 3 dead channels only if the re-fit happened at B's offset (12), not at A's
+    assert sorted(int(c) for c in plan.groups[1].order[:3]) == [5, 6, 7]
+    assert_equivalent(model, pruned, profile="fp16", data=Dataset(list(data)[12:]))
+
+
+@pytest.mark.parametrize(("reader", "nested", "reason"), [
+    ("Relu", False, "concatenated into 'c', which is read by Relu"),
+    ("Conv", True, "read by a graph nested in If"),
+])
+def test_concat_or_nested_readers_block(reader, nested, reason):
+    model = _fpn_model(concat_reader=reader, nested=nested)
+    groups = {g.key: g for g in find_channel_groups(model.graph, describe_types(model))}
+    assert reason in (groups["a"].blocked or "")
+
+
+def test_resize_of_the_channel_axis_blocks():
+    model = _fpn_model()
+    for t in model.graph.initializer:
+        if t.name == "scales":
+            t.CopyFrom(init("scales", [1, 2, 2, 2]))
+    groups = {g.key: g for g in find_channel_groups(model.graph, describe_types(model))}
+    assert "resizes the channel axis" in (groups["a"].blocked or "")
+
+
+def test_independent_gram_only_moves_means():
+    from onnxopt.passes._prune_channel_math import independent_gram
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((5, 6)) + np.arange(6)  # 5 rows for 6 features: XᵀX is singular
+    gram, mean = x.T @ x / 5, x.mean(0)
+    system = ConsumerSystem(np.concatenate([rng.standard_normal((3, 6)), np.zeros((3, 1))], 1),
+                            augmented_gram(independent_gram(gram, mean), mean), 1)
+    keep = np.array([0, 2, 3, 4, 5])
+    fitted = refit(system, keep, damp=1e-12)
+    # kept weights unchanged; the bias takes the removed feature's mean contribution
+    np.testing.assert_allclose(fitted[:, :-1], system.weight[:, keep], atol=1e-9)
+    np.testing.assert_allclose(fitted[:, -1], system.weight[:, 1] * mean[1], atol=1e-9)
