@@ -25,9 +25,9 @@ def test_ppocr_cls_default_budget_search(real_model):
 
 def test_ppocr_det_channel_pruning_shrinks_the_convs_and_keeps_the_text_masks(real_model):
     """The default budget on PP-OCR det: a quarter of the MACs go (FPN and head convs too)."""
-    from benchmarks.inputs import ppocr_det_inputs, task_agreement
     from onnxopt.passes.prune import prune_channels
 
+    from benchmarks.inputs import ppocr_det_inputs, task_agreement
     from onnxopt.runtime import run_model
 
     model = normalize(onnx.load(str(real_model("ppocr_det")))).model
