@@ -61,3 +61,8 @@ register_preset(
     "fuse, then SVD splitting of MatMul/Gemm weights under an error budget",
     lambda: PipelineSpec([_fuse_stage(), Stage([("split_lowrank", {})])], name="lowrank"),
 )
+register_preset(
+    "prune_channels",
+    "fuse, then structured pruning: whole channels removed, readers re-fitted, under an error budget",
+    lambda: PipelineSpec([_fuse_stage(), Stage([("prune_channels", {})])], name="prune_channels"),
+)
