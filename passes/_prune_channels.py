@@ -173,9 +173,22 @@ def _carry_reason(node: onnx.NodeProto, name: str, channels: int, axis: int, ind
         position = 1 if len(node.input) == 2 else 2  # Resize-10 has (X, scales)
         scales = index.constant(node.input[position]) if len(node.input) > position and node.input[position] else None
         sizes = len(node.input) > 3 and bool(node.input[3])
-        if sizes or scales is None or scales.ndim != 1 or scales.size < -axis:
+        if sizes or scales is None or scales.ndim != 1:
             return f"read by {label} with computed or absolute output sizes"
-        return None if scales[axis] == 1 and _channel_axis_of(types, name, axis) else \
+        if node_attribute(node, "coordinate_transformation_mode", b"") == b"tf_crop_and_resize":
+            return f"read by {label} that crops (tf_crop_and_resize)"
+        axes = node_attribute(node, "axes")  # opset 18: scales of the listed axes only
+        shape = _shape(types, name)
+        if axes is not None:
+            if shape is None:
+                return f"read by {label} with axes on a tensor of unknown rank"
+            listed = [int(a) - len(shape) if int(a) >= 0 else int(a) for a in axes]  # type: ignore[union-attr]
+            scale = float(scales[listed.index(axis)]) if axis in listed else 1.0
+        elif scales.size >= -axis:
+            scale = float(scales[axis])
+        else:
+            return f"read by {label} with scales of another rank"
+        return None if scale == 1 and _channel_axis_of(types, name, axis) else \
             f"read by {label} that resizes the channel axis"
     if op not in BINARY:
         return f"read by {label}"

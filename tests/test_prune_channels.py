@@ -201,3 +201,21 @@ def test_independent_gram_only_moves_means():
     # kept weights unchanged; the bias takes the removed feature's mean contribution
     np.testing.assert_allclose(fitted[:, :-1], system.weight[:, keep], atol=1e-9)
     np.testing.assert_allclose(fitted[:, -1], system.weight[:, 1] * mean[1], atol=1e-9)
+
+
+@pytest.mark.parametrize(("scales", "attrs", "blocked"), [
+    ([2, 2], {"axes": [2, 3]}, None),
+    ([2, 2], {"axes": [-1, -2]}, None),
+    ([2, 2], {"axes": [1, 2]}, "resizes the channel axis"),
+    ([1, 1, 2, 2], {"coordinate_transformation_mode": "tf_crop_and_resize"}, "crops"),
+])
+def test_resize_axes_and_crop(scales, attrs, blocked):
+    model = _fpn_model()
+    del model.opset_import[:]
+    model.opset_import.append(helper.make_opsetid("", 18))  # Resize's axes attribute
+    model.graph.initializer.append(init("scales_a", scales))
+    resize = next(n for n in model.graph.node if n.op_type == "Resize" and n.input[0] == "a")
+    resize.input[2] = "scales_a"
+    resize.attribute.extend(helper.make_attribute(k, v) for k, v in attrs.items())
+    group = next(g for g in find_channel_groups(model.graph, describe_types(model)) if g.key == "a")
+    assert (group.blocked is None) if blocked is None else blocked in (group.blocked or "")
