@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx
+from onnxopt.passes._activations import search_largest
 from onnxopt.passes._prune_channel_plan import ChannelPlan, build_channel_plan
 from onnxopt.passes.prune import channel_report
 
@@ -86,18 +87,19 @@ def _uniform_counts(plan: ChannelPlan, share: float) -> list[int]:
 
 
 def _row(method: str, plan: ChannelPlan, counts: Sequence[int], model: onnx.ModelProto,
-         agreement: Callable[[ChannelPlan, Sequence[int], str], float], held: list, seconds: float) -> dict:
+         agreement: Callable[[onnx.ModelProto, str], float], held: list, seconds: float) -> dict:
     pruned = plan.apply(model, counts)
     before, after = interleaved_latency(model, pruned, held[0])
     stats, lines = channel_report(plan, counts)
+    params = _params(model), _params(pruned)
     return {
         "model": "ppocr_det", "method": method, "macs_removed": stats["macs_removed"],
-        "search_agreement": round(agreement(plan, counts, "search"), 4),
-        "calibration_agreement": round(agreement(plan, counts, "calibration"), 4),
-        "agreement": round(agreement(plan, counts, "held"), 4),
+        "search_agreement": round(agreement(pruned, "search"), 4),
+        "calibration_agreement": round(agreement(pruned, "calibration"), 4),
+        "agreement": round(agreement(pruned, "held"), 4),
         "latency_ms_before": round(before, 2), "latency_ms_after": round(after, 2),
-        "speedup": round(before / after, 3), "params_before": _params(model), "params_after": _params(pruned),
-        "size_ratio": round(_params(pruned) / _params(model), 4),
+        "speedup": round(before / after, 3), "params_before": params[0], "params_after": params[1],
+        "size_ratio": round(params[1] / params[0], 4),
         "search_seconds": round(seconds, 1), "per_group": lines,
     }
 
@@ -118,20 +120,15 @@ def run(key: str = "ppocr_det", multiple: int = 8, steps: int = 7) -> list[dict]
     ours.measure_sensitivity(model, sets["calibration"][:4])
     prepare = time.perf_counter() - started
 
-    def agreement(plan: ChannelPlan, counts: Sequence[int], name: str) -> float:
-        candidate = plan.apply(model, counts)
+    def agreement(candidate: onnx.ModelProto, name: str) -> float:
         return inputs.task_agreement(key, references[name], run_model(candidate, sets[name]), sets[name])
 
     def highest(plan: ChannelPlan, counts_at: Callable[[float], list[int]]) -> list[int]:
-        # as the pass judges its budget: on unseen samples and on the ones it fitted on
         def passes(x: float) -> bool:
-            return min(agreement(plan, counts_at(x), "search"), agreement(plan, counts_at(x), "calibration")) \
-                >= TARGET
-        low, high = 0.0, 0.5 if plan.refit else 0.75
-        for _ in range(steps):
-            middle = (low + high) / 2
-            low, high = (middle, high) if passes(middle) else (low, middle)
-        return counts_at(low)
+            # as the pass judges its budget: on unseen samples and on the ones it fitted on
+            candidate = plan.apply(model, counts_at(x))
+            return agreement(candidate, "search") >= TARGET and agreement(candidate, "calibration") >= TARGET
+        return counts_at(search_largest(passes, 0.0, 0.5 if plan.refit else 0.75, steps))
 
     rows = []
     baseline = l1_plan(model, ours)
