@@ -9,15 +9,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
-from onnxopt.errors import OnnxoptError, RecipeError, VerificationError
+from onnxopt.errors import CalibrationDataError, OnnxoptError, RecipeError, VerificationError
 
 __all__ = ["app", "main"]
 
@@ -41,6 +43,17 @@ def _options(
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(name)s: %(message)s")
 
 
+def parse_named_values(items: Iterable[str], what: str) -> dict[str, str]:
+    """Parse ``name:value`` options (``--atol out0:1e-3``); the name may contain colons."""
+    parsed = {}
+    for item in items:
+        match = re.match(r"^(.*):([^:]+)$", item)
+        if not match or not match.group(1):
+            raise CalibrationDataError(f"{what} {item!r}: expected NAME:VALUE")
+        parsed[match.group(1)] = match.group(2)
+    return parsed
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     """Write JSON atomically (temp file in the same folder, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -55,7 +68,6 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def _parse_shapes(items: list[str]) -> dict[str, list[int]]:
-    from onnxopt.harness import parse_named_values
 
     shapes = {}
     for name, text in parse_named_values(items, "--shape").items():
@@ -218,7 +230,7 @@ def check(
     """Check that CANDIDATE still computes what REFERENCE computes (the pre-deployment gate)."""
     from onnxopt.data import load_dataset
     from onnxopt.harness import check as run_check
-    from onnxopt.harness import load_golden, load_tolerances, parse_named_values, save_golden
+    from onnxopt.harness import load_golden, load_tolerances, save_golden
     from onnxopt.runtime import run_model
 
     if len(models) == 2:
