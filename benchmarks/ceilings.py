@@ -44,7 +44,7 @@ def _calibration(n: int, calib32: list) -> list:
 
 
 def _pruning(model, calib: list, held: list, reference: list) -> list[dict]:
-    from onnxopt.passes._prune_plan import build_plan
+    from onnxopt.passes.prune.plan import build_plan
 
     from benchmarks.inputs import task_agreement
 
@@ -63,8 +63,8 @@ def _pruning(model, calib: list, held: list, reference: list) -> list[dict]:
 
 
 def _lowrank(model, calib: list, held: list, reference: list) -> dict:
-    from onnxopt.passes._lowrank_math import allocate_ranks
-    from onnxopt.passes.lowrank import apply_ranks, plan_lowrank
+    from onnxopt.passes.lowrank.ranks import allocate_ranks
+    from onnxopt.passes.lowrank.split import apply_ranks, plan_lowrank
 
     from benchmarks.inputs import task_agreement
 
@@ -95,7 +95,8 @@ def _lowrank(model, calib: list, held: list, reference: list) -> dict:
 
 def _value_heads(model, calib: list, held: list, heads: int = 12, widths: tuple[int, ...] = (28, 24)) -> list[dict]:
     """Return the held-out relative error of each attention output at narrowed value-head widths."""
-    from onnxopt.passes._activations import collect_input_stats, find_layers
+    from onnxopt.passes.common.layers import find_layers
+    from onnxopt.passes.common.stats import collect_input_stats
 
     layers = [layer for layer in find_layers(model.graph)[0] if "attention/output" in layer.key]
     fit, test = (collect_input_stats(model, layers, s, gram=True) for s in (calib, held))

@@ -36,8 +36,8 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx
-from onnxopt.passes._lowrank_math import allocate_ranks
-from onnxopt.passes.lowrank import SplitPlan, apply_ranks, plan_lowrank, split_lowrank
+from onnxopt.passes.lowrank.ranks import allocate_ranks
+from onnxopt.passes.lowrank.split import SplitLowRank, SplitPlan, apply_ranks, plan_lowrank
 
 from onnxopt.data import Dataset
 from onnxopt.normalize import normalize
@@ -192,7 +192,7 @@ def run_one(key: str, held_out: int = 64, steps: int = 8) -> list[dict]:
     for method, budget in (("ours (pass, task budget)", task_budget),
                            ("ours-default (pass, harness budget)", None)):
         started = time.perf_counter()
-        result = split_lowrank(budget=budget)(model, Context(calibration=calibration))
+        result = SplitLowRank(budget=budget)(model, Context(calibration=calibration))
         saved = int(result.stats.get("params_saved", 0))
         rows.append({
             "model": key, "method": method,

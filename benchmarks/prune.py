@@ -25,8 +25,8 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx
-from onnxopt.passes._prune_plan import PrunePlan, build_plan, store_sparse
-from onnxopt.passes.prune import FOLDS, prune_magnitude
+from onnxopt.passes.prune.magnitude import FOLDS, PruneMagnitude
+from onnxopt.passes.prune.plan import PrunePlan, build_plan, store_sparse
 
 from benchmarks.lowrank import CALIBRATION, model_and_inputs
 from onnxopt.data import Dataset
@@ -146,7 +146,7 @@ def run_one(key: str, steps: int = 7) -> list[dict]:
         if method not in METHODS:
             continue
         started = time.perf_counter()
-        result = prune_magnitude(min_size=4096, margin=margin)(model, Context(calibration=Dataset(calib)))
+        result = PruneMagnitude(min_size=4096, margin=margin)(model, Context(calibration=Dataset(calib)))
         rows.append({
             "model": key, "method": method, "sparsity": round(float(result.stats["sparsity"]), 4),
             "agreement": round(task_agreement(key, reference, run_model(result.model, held), held), 4),

@@ -30,9 +30,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx
-from onnxopt.passes._activations import search_largest
-from onnxopt.passes._prune_channel_plan import ChannelPlan, build_channel_plan
-from onnxopt.passes.prune import channel_report
+from onnxopt.passes.common.budget import search_largest
+from onnxopt.passes.prune.channel_plan import ChannelPlan, build_channel_plan
+from onnxopt.passes.prune.channels import channel_report
 
 from benchmarks.lowrank import CALIBRATION
 from onnxopt.graph import GraphIndex, node_attribute

@@ -132,12 +132,7 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
         raise ValueError(f"{cls.__name__} has no registry name")
     existing = _PASSES.get(cls.name)
     if existing is not None and existing is not cls:
-        # The same source file imported under a second name (``passes.x`` from a checkout
-        # and ``onnxopt.passes.x`` installed) is the same pass, not a clash.
-        same_source = (existing.__qualname__ == cls.__qualname__
-                       and existing.__module__.rsplit(".", 1)[-1] == cls.__module__.rsplit(".", 1)[-1])
-        if not same_source:
-            raise ValueError(f"a pass named {cls.name!r} is registered already")
+        raise ValueError(f"a pass named {cls.name!r} is registered already (by {existing.__module__})")
     _PASSES[cls.name] = cls
     return cls
 

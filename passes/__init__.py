@@ -1,25 +1,18 @@
 """Built-in passes (installed as ``onnxopt.passes``); importing this registers them.
 
-One module per family: ``cleanup``, ``fusion``, ``quantize``, ``prune``, ``lowrank``.
+One subpackage per family: ``cleanup``, ``fusion``, ``quantize``, ``prune``, ``lowrank``,
+and ``common`` for what they share.
 The presets are declared here, so the core never names an individual pass.
 """
 
 from __future__ import annotations
 
-import importlib
+# Importing a family registers its passes.
+from onnxopt.passes import cleanup, fusion, lowrank, prune, quantize  # noqa: F401
 
 from onnxopt.pipeline import PipelineSpec, Stage, register_preset
 
 __all__ = ["FUSE_PASSES"]
-
-_FAMILIES = ("cleanup", "fusion", "quantize", "prune", "lowrank")
-
-for _module in _FAMILIES:
-    try:
-        importlib.import_module(f"{__name__}.{_module}")
-    except ModuleNotFoundError as _exc:  # a family not written yet is simply absent
-        if _exc.name != f"{__name__}.{_module}":
-            raise
 
 #: The exact clean-up and fusion passes, in the order the ``fuse`` preset runs them.
 FUSE_PASSES = [

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper
-from onnxopt.passes._fusemath import batchnorm_affine, channel_vector, scale_output_channels, shift_bias
+from onnxopt.passes.fusion.affine_math import batchnorm_affine, channel_vector, scale_output_channels, shift_bias
 
 from tests.builders import assert_equivalent, init, make_model, ops, vi
 from tests.builders import run_pass as run

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper
-from onnxopt.passes._lowrank_math import (
+from onnxopt.passes.lowrank.ranks import (
     RankCandidate,
     allocate_ranks,
     factorize,
@@ -16,7 +16,7 @@ from onnxopt.passes._lowrank_math import (
     shrink_gram,
     split_factors,
 )
-from onnxopt.passes.lowrank import split_lowrank
+from onnxopt.passes.lowrank.split import SplitLowRank
 
 from onnxopt.data import Dataset
 from onnxopt.errors import CalibrationDataError
@@ -156,7 +156,7 @@ def _matmul_model(w: np.ndarray, *, constant: bool = False) -> onnx.ModelProto:
 def test_matmul_with_batch_dims_split_exactly_at_true_rank(constant):
     w = _low_rank(np.random.default_rng(0), 96, 128, 8)
     model = _matmul_model(w, constant=constant)
-    result = split_lowrank(rank=8, min_params=0)(model, Context())
+    result = SplitLowRank(rank=8, min_params=0)(model, Context())
     assert result.changed and result.stats["layers_split"] == 1
     assert [n.op_type for n in result.model.graph.node] == ["MatMul", "MatMul"]
     assert result.stats["params_after"] == 8 * (96 + 128)
@@ -174,7 +174,7 @@ def test_gemm_attribute_combinations(trans_a, trans_b, alpha, beta, bias):
     node = helper.make_node("Gemm", inputs, ["y"], transA=trans_a, transB=trans_b, alpha=alpha, beta=beta)
     inits = [init("B", w.T if trans_b else w)] + ([init("C", rng.standard_normal(n))] if bias else [])
     model = make_model([node], [vi("a", [k, m] if trans_a else [m, k])], [vi("y", [m, n])], inits)
-    result = split_lowrank(rank=5, min_params=0)(model, Context())
+    result = SplitLowRank(rank=5, min_params=0)(model, Context())
     assert result.changed
     second = result.model.graph.node[1]
     assert second.op_type == "Gemm" and list(second.input[2:]) == (["C"] if bias else [])
@@ -183,14 +183,14 @@ def test_gemm_attribute_combinations(trans_a, trans_b, alpha, beta, bias):
 
 def test_split_is_skipped_when_it_would_not_save():
     w = np.random.default_rng(3).standard_normal((64, 64)).astype(np.float32)
-    result = split_lowrank(rank=30, min_params=0)(_matmul_model(w), Context())
+    result = SplitLowRank(rank=30, min_params=0)(_matmul_model(w), Context())
     assert not result.changed
     assert any("would not save" in note for note in result.notes)
 
 
 def test_small_layers_are_left_dense():
     w = _low_rank(np.random.default_rng(4), 32, 32, 2)
-    result = split_lowrank(rank=2)(_matmul_model(w), Context())
+    result = SplitLowRank(rank=2)(_matmul_model(w), Context())
     assert not result.changed
     assert any("min_params" in note for note in result.notes)
 
@@ -198,8 +198,8 @@ def test_small_layers_are_left_dense():
 def test_without_calibration_an_explicit_rank_or_energy_is_required():
     w = _low_rank(np.random.default_rng(5), 96, 96, 4)
     with pytest.raises(CalibrationDataError, match="--rank or --energy"):
-        split_lowrank()(_matmul_model(w), Context())
-    assert split_lowrank(energy=0.999, min_params=0)(_matmul_model(w), Context()).changed
+        SplitLowRank()(_matmul_model(w), Context())
+    assert SplitLowRank(energy=0.999, min_params=0)(_matmul_model(w), Context()).changed
 
 
 def test_conv1x1_split():
@@ -208,8 +208,8 @@ def test_conv1x1_split():
     node = helper.make_node("Conv", ["x", "W", "b"], ["y"], kernel_shape=[1, 1], strides=[2, 2])
     model = make_model([node], [vi("x", [1, 64, 8, 8])], [vi("y", [1, 96, 4, 4])],
                        [init("W", w), init("b", rng.standard_normal(96))])
-    assert not split_lowrank(rank=6, min_params=0)(model, Context()).changed
-    result = split_lowrank(rank=6, min_params=0, include_conv1x1=True)(model, Context())
+    assert not SplitLowRank(rank=6, min_params=0)(model, Context()).changed
+    result = SplitLowRank(rank=6, min_params=0, include_conv1x1=True)(model, Context())
     assert [n.op_type for n in result.model.graph.node] == ["Conv", "Conv"]
     assert_equivalent(model, result.model, profile="exact")
 
@@ -228,7 +228,7 @@ def _mlp(seed: int = 7) -> onnx.ModelProto:
 def test_default_budget_with_calibration_holds_under_the_harness():
     model = _mlp()
     data = synthesize_inputs(model, iterations=16, seed=1)
-    result = split_lowrank(min_params=1024)(model, Context(calibration=data))
+    result = SplitLowRank(min_params=1024)(model, Context(calibration=data))
     assert result.changed and result.stats["params_saved"] > 0
     held_out = Dataset(list(data)[12:])
     assert_equivalent(model, result.model, profile="int8", data=held_out)
@@ -237,7 +237,7 @@ def test_default_budget_with_calibration_holds_under_the_harness():
 def test_explicit_rank_backs_off_to_the_budget():
     model = _mlp()
     data = synthesize_inputs(model, iterations=16, seed=1)
-    result = split_lowrank(rank=1, min_params=1024)(model, Context(calibration=data))
+    result = SplitLowRank(rank=1, min_params=1024)(model, Context(calibration=data))
     if result.changed:
         assert_equivalent(model, result.model, profile="int8", data=Dataset(list(data)[12:]))
     assert any("dense" in note for note in result.notes)

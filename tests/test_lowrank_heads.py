@@ -1,4 +1,4 @@
-"""Joint low rank of the per-head query–key form (passes/_lowrank_heads.py)."""
+"""Joint low rank of the per-head query–key form (passes/lowrank/heads.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper
-from onnxopt.passes._lowrank_heads import apply_head_ranks, find_head_pairs, joint_qk, plan_head_pairs
+from onnxopt.passes.lowrank.heads import apply_head_ranks, find_head_pairs, joint_qk, plan_head_pairs
 
 from onnxopt.runtime import run_model
 from tests.builders import init, make_model, vi

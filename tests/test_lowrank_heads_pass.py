@@ -6,9 +6,9 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper
-from onnxopt.passes._lowrank_heads import find_head_pairs, head_error_curve, joint_qk
-from onnxopt.passes._lowrank_math import RankCandidate, WidthCandidate, allocate_ranks
-from onnxopt.passes.lowrank import apply_ranks, plan_lowrank, split_lowrank
+from onnxopt.passes.lowrank.heads import find_head_pairs, head_error_curve, joint_qk
+from onnxopt.passes.lowrank.ranks import RankCandidate, WidthCandidate, allocate_ranks
+from onnxopt.passes.lowrank.split import SplitLowRank, apply_ranks, plan_lowrank
 
 from onnxopt.data import Dataset
 from onnxopt.pipeline import Context
@@ -118,7 +118,7 @@ def test_allocation_mixes_splits_and_head_widths_monotonely():
 def test_pass_narrows_heads_within_the_budget():
     model = _attention()
     data = _data(1)
-    result = split_lowrank(min_params=0)(model, Context(calibration=data))
+    result = SplitLowRank(min_params=0)(model, Context(calibration=data))
     assert result.changed and result.stats["head_pairs"] == 1 and result.stats["head_pairs_narrowed"] == 1
     weights = _weights(result.model)
     width = weights["wq"].shape[1] // HEADS
@@ -134,7 +134,7 @@ def test_pass_narrows_heads_within_the_budget():
 
 def test_pass_keeps_full_head_width_when_every_narrowing_breaks_the_budget():
     model = _attention(3, form_rank=D, noise=0.0)
-    result = split_lowrank(min_params=0, budget=0.999999)(model, Context(calibration=_data(4)))
+    result = SplitLowRank(min_params=0, budget=0.999999)(model, Context(calibration=_data(4)))
     weights = _weights(result.model)
     assert weights["wq"].shape == (K, HEADS * D)
     if result.changed:
@@ -150,7 +150,7 @@ def test_heads_off_leaves_query_and_key_to_the_split_path():
                       samples=list(data), heads=True)
     assert {"mq", "mk"} <= {layer.key for layer in off.layers} and not off.pairs
     assert not {"mq", "mk"} & {layer.key for layer in on.layers} and len(on.pairs) == 1
-    result = split_lowrank(min_params=0, heads=False)(model, Context(calibration=data))
+    result = SplitLowRank(min_params=0, heads=False)(model, Context(calibration=data))
     assert "head_pairs" not in result.stats and not any("head width" in n for n in result.notes)
     weights = _weights(result.model)
     assert "wq" not in weights or weights["wq"].shape == (K, HEADS * D)
@@ -160,7 +160,7 @@ def test_heads_off_leaves_query_and_key_to_the_split_path():
 
 def test_explicit_rank_uses_the_split_path_and_says_so():
     model = _attention()
-    result = split_lowrank(rank=4, min_params=0)(model, Context(calibration=_data(1)))
+    result = SplitLowRank(rank=4, min_params=0)(model, Context(calibration=_data(1)))
     assert "head_pairs" not in result.stats
     assert any("split as ordinary layers" in n for n in result.notes)
 
@@ -188,7 +188,7 @@ def test_unmatched_attention_is_noted():
     model.graph.node.extend(nodes)
     onnx.checker.check_model(model)
     assert find_head_pairs(model) == []
-    result = split_lowrank(min_params=0)(model, Context(calibration=_data(1)))
+    result = SplitLowRank(min_params=0)(model, Context(calibration=_data(1)))
     assert any(n.startswith("attention scores scores:") for n in result.notes)
 
 

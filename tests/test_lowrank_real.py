@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnx
 import pytest
-from onnxopt.passes.lowrank import split_lowrank
+from onnxopt.passes.lowrank.split import SplitLowRank
 
 from onnxopt.data import Dataset
 from onnxopt.normalize import normalize
@@ -21,7 +21,7 @@ def test_encoder_split_within_default_budget():
 
     model = normalize(onnx.load(str(encoder_model_path()))).model
     calibration = Dataset(encoder_inputs(12))
-    result = split_lowrank()(model, Context(calibration=calibration))
+    result = SplitLowRank()(model, Context(calibration=calibration))
     assert result.changed and result.stats["params_saved"] > 0
     # every attention block's query/key pair is matched and planned for joint head narrowing
     assert result.stats["head_pairs"] > 0

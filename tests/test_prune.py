@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper
-from onnxopt.passes._prune_math import (
+from onnxopt.passes.prune.magnitude import PruneMagnitude
+from onnxopt.passes.prune.sparsegpt import (
     ErrorCurve,
     allocate_counts,
     compensate_upstream,
@@ -17,7 +18,6 @@ from onnxopt.passes._prune_math import (
     relative_output_error,
     sparsegpt,
 )
-from onnxopt.passes.prune import prune_magnitude
 
 from onnxopt.data import Dataset
 from onnxopt.errors import CalibrationDataError
@@ -177,7 +177,7 @@ def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 def test_exact_sparsity_with_tied_values(scope):
     w1 = np.random.default_rng(1).choice([-1.0, -0.5, 0.5, 1.0], size=(64, 96)).astype(np.float32)
     model = _mlp(w1)
-    result = prune_magnitude(sparsity=0.3, scope=scope, min_size=0)(model, Context())
+    result = PruneMagnitude(sparsity=0.3, scope=scope, min_size=0)(model, Context())
     weights = _weights(result.model)
     if scope == "layer":
         assert (weights["W1"] == 0).sum() == round(0.3 * w1.size)
@@ -187,7 +187,7 @@ def test_exact_sparsity_with_tied_values(scope):
 
 
 def test_constant_node_weights_are_pruned():
-    result = prune_magnitude(sparsity=0.5, scope="layer", min_size=0)(_mlp(constant=True), Context())
+    result = PruneMagnitude(sparsity=0.5, scope="layer", min_size=0)(_mlp(constant=True), Context())
     assert "Constant" not in [n.op_type for n in result.model.graph.node]
     zeros = {n: int((v == 0).sum()) for n, v in _weights(result.model).items()}
     assert sorted(zeros.values()) == [480, 3072]
@@ -201,7 +201,7 @@ def test_shared_weight_is_pruned_once_and_stays_shared():
     model = make_model(nodes, [vi("x", [4, 32])], [vi("y", [4, 32])], [init("W", w)])
     data = synthesize_inputs(model, iterations=12)
     loose = {"min_cosine": 0.5, "min_sqnr_db": 0.0, "min_top1": 0.0}
-    result = prune_magnitude(sparsity=0.25, min_size=0, budget=loose)(model, Context(calibration=data))
+    result = PruneMagnitude(sparsity=0.25, min_size=0, budget=loose)(model, Context(calibration=data))
     assert [t.name for t in result.model.graph.initializer] == ["W"]
     assert (_weights(result.model)["W"] == 0).sum() == 256
     assert [n.input[1] for n in result.model.graph.node if n.op_type == "MatMul"] == ["W", "W"]
@@ -211,22 +211,22 @@ def test_weight_read_by_another_node_is_left_dense():
     w = np.random.default_rng(3).standard_normal((32, 32)).astype(np.float32)
     nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Add", ["h", "W"], ["y"])]
     model = make_model(nodes, [vi("x", [32, 32])], [vi("y", [32, 32])], [init("W", w)])
-    result = prune_magnitude(sparsity=0.5, min_size=0)(model, Context())
+    result = PruneMagnitude(sparsity=0.5, min_size=0)(model, Context())
     assert not result.changed and any("other nodes" in n for n in result.notes)
 
 
 def test_exclude_and_min_size():
     model = _mlp()
-    result = prune_magnitude(sparsity=0.5, scope="layer", min_size=0, exclude=["Gemm"])(model, Context())
+    result = PruneMagnitude(sparsity=0.5, scope="layer", min_size=0, exclude=["Gemm"])(model, Context())
     assert (_weights(result.model)["W2"] == 0).sum() == 0
-    result = prune_magnitude(sparsity=0.5, scope="layer", min_size=1000)(model, Context())
+    result = PruneMagnitude(sparsity=0.5, scope="layer", min_size=1000)(model, Context())
     assert (_weights(result.model)["W2"] == 0).sum() == 0 and result.stats["layers"] == 1
-    result = prune_magnitude(sparsity=0.5, scope="layer", min_size=0, exclude=["W1"])(model, Context())
+    result = PruneMagnitude(sparsity=0.5, scope="layer", min_size=0, exclude=["W1"])(model, Context())
     assert (_weights(result.model)["W1"] == 0).sum() == 0
 
 
 def test_nm_pattern_in_the_model():
-    result = prune_magnitude(nm="2:4", min_size=0)(_mlp(), Context())
+    result = PruneMagnitude(nm="2:4", min_size=0)(_mlp(), Context())
     w1 = _weights(result.model)["W1"]  # MatMul [k, n]: groups run along k (the input features)
     assert ((w1.T.reshape(96, 16, 4) == 0).sum(-1) >= 2).all()
 
@@ -238,28 +238,28 @@ def test_conv_with_groups_and_calibration_repair():
     model = make_model(nodes, [vi("x", [1, 8, 12, 12])], [vi("y", [1, 16, 12, 12])],
                        [init("W", _heavy_tailed(rng, (16, 4, 3, 3)))])
     data = synthesize_inputs(model, iterations=12)
-    result = prune_magnitude(sparsity=0.4, scope="layer", min_size=0)(model, Context(calibration=data))
+    result = PruneMagnitude(sparsity=0.4, scope="layer", min_size=0)(model, Context(calibration=data))
     assert (_weights(result.model)["W"] == 0).sum() == round(0.4 * 576)
     assert_equivalent(model, result.model, profile="int8", data=Dataset(list(data)[9:]))
 
 
 def test_needs_calibration_or_sparsity():
     with pytest.raises(CalibrationDataError, match=r"--calib.*--sparsity"):
-        prune_magnitude()(_mlp(), Context())
+        PruneMagnitude()(_mlp(), Context())
 
 
 def test_default_budget_search_holds_under_the_harness():
     model = _mlp(seed=5)
     data = synthesize_inputs(model, iterations=16, seed=3)
-    result = prune_magnitude(min_size=0)(model, Context(calibration=data))
+    result = PruneMagnitude(min_size=0)(model, Context(calibration=data))
     assert result.changed and result.stats["sparsity"] > 0.1
     assert_equivalent(model, result.model, profile="int8", data=Dataset(list(data)[12:]))
 
 
 def test_sparse_storage_round_trip():
     model = _mlp()
-    dense = prune_magnitude(sparsity=0.8, scope="layer", min_size=0)(model, Context()).model
-    sparse = prune_magnitude(sparsity=0.8, scope="layer", min_size=0, sparse_storage=True)(model, Context())
+    dense = PruneMagnitude(sparsity=0.8, scope="layer", min_size=0)(model, Context()).model
+    sparse = PruneMagnitude(sparsity=0.8, scope="layer", min_size=0, sparse_storage=True)(model, Context())
     assert sparse.stats["sparse_initializers"] == 2
     assert len(sparse.model.SerializeToString()) < len(dense.SerializeToString())
     onnx.checker.check_model(sparse.model)
@@ -293,8 +293,9 @@ def test_prune_then_quantize_in_one_pipeline(tmp_path):
 
 
 def test_paired_stats_of_an_unchanged_model_match_the_plain_ones():
-    from onnxopt.passes._activations import collect_input_stats, find_layers
-    from onnxopt.passes._prune_plan import collect_paired_stats
+    from onnxopt.passes.common.layers import find_layers
+    from onnxopt.passes.common.stats import collect_input_stats
+    from onnxopt.passes.prune.plan import collect_paired_stats
 
     model = _mlp(seed=7)
     samples = list(synthesize_inputs(model, iterations=4))
@@ -307,7 +308,7 @@ def test_paired_stats_of_an_unchanged_model_match_the_plain_ones():
 
 
 def test_sequential_pruning_keeps_counts_and_compensates_upstream_error():
-    from onnxopt.passes._prune_plan import build_plan
+    from onnxopt.passes.prune.plan import build_plan
 
     model = _mlp(seed=8)
     samples = list(synthesize_inputs(model, iterations=24, seed=5))
@@ -330,7 +331,7 @@ def test_sequential_pruning_keeps_counts_and_compensates_upstream_error():
 def test_held_out_check_also_judges_the_fitted_samples():
     # Few held-out samples can pass where the calibration samples the pass fitted on fail
     # (silero_vad_half pruned to 70 %): a candidate must stay within budget on both.
-    from onnxopt.passes._activations import HeldOutCheck
+    from onnxopt.passes.common.budget import HeldOutCheck
 
     from onnxopt.harness import PROFILES
 
@@ -347,7 +348,7 @@ def test_held_out_check_also_judges_the_fitted_samples():
 
 
 def test_held_out_check_judges_at_most_a_spaced_subset_of_the_fitted_samples():
-    from onnxopt.passes._activations import FITTED_SAMPLES, HeldOutCheck
+    from onnxopt.passes.common.budget import FITTED_SAMPLES, HeldOutCheck
 
     from onnxopt.data import Dataset
     from onnxopt.harness import PROFILES

@@ -3,9 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from onnx import helper
-from onnxopt.passes._prune_channel_math import ConsumerSystem, augmented_gram, refit, relative_error, removal_order
-from onnxopt.passes._prune_channels import describe_types, find_channel_groups
-from onnxopt.passes.prune import prune_channels
+from onnxopt.passes.prune.channel_groups import describe_types, find_channel_groups
+from onnxopt.passes.prune.channel_math import ConsumerSystem, augmented_gram, refit, relative_error, removal_order
+from onnxopt.passes.prune.channels import PruneChannels
 
 from onnxopt.data import Dataset
 from onnxopt.harness import synthesize_inputs
@@ -84,7 +84,7 @@ def test_group_runs_through_bn_depthwise_and_add():
 def test_dead_channels_are_removed_in_both_residual_producers():
     model = _block_model()
     data = synthesize_inputs(model, iterations=16)
-    result = prune_channels(ratio=0.3, budget=LOOSE)(model, Context(calibration=data))
+    result = PruneChannels(ratio=0.3, budget=LOOSE)(model, Context(calibration=data))
     assert result.changed and result.stats["channels_removed"] == 8
     shapes = _shapes(result.model)
     assert shapes["W1"][0] == shapes["W2"][0] == shapes["Wd"][0] == shapes["W3"][1] == 8
@@ -99,14 +99,14 @@ def test_must_not_fire(variant):
     groups = find_channel_groups(model.graph, describe_types(model))
     assert groups and all(g.blocked for g in groups)
     data = synthesize_inputs(model, iterations=8)
-    result = prune_channels(ratio=0.3, budget=LOOSE)(model, Context(calibration=data))
+    result = PruneChannels(ratio=0.3, budget=LOOSE)(model, Context(calibration=data))
     assert not result.changed and any("left alone" in n for n in result.notes)
 
 
 def test_budget_search_holds_under_the_harness():
     model = _block_model(dead=2)
     data = synthesize_inputs(model, iterations=16, seed=2)
-    result = prune_channels(multiple=2)(model, Context(calibration=data))
+    result = PruneChannels(multiple=2)(model, Context(calibration=data))
     assert result.changed and result.stats["channels_removed"] >= 2
     assert_equivalent(model, result.model, profile="int8", data=Dataset(list(data)[12:]))
 
@@ -149,7 +149,7 @@ def _fpn_model(*, concat_reader: str = "Conv", nested: bool = False):
 
 
 def test_concat_consumer_reads_each_group_at_its_offset():
-    from onnxopt.passes._prune_channel_plan import build_channel_plan
+    from onnxopt.passes.prune.channel_plan import build_channel_plan
 
     model = _fpn_model()
     groups = {g.key: g for g in find_channel_groups(model.graph, describe_types(model))}
@@ -189,7 +189,7 @@ def test_resize_of_the_channel_axis_blocks():
 
 
 def test_independent_gram_only_moves_means():
-    from onnxopt.passes._prune_channel_math import independent_gram
+    from onnxopt.passes.prune.channel_math import independent_gram
 
     rng = np.random.default_rng(4)
     x = rng.standard_normal((5, 6)) + np.arange(6)  # 5 rows for 6 features: XᵀX is singular

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 from onnx import helper
-from onnxopt.passes._activations import collect_input_stats
-from onnxopt.passes._prune_math import cross_validated_error, inverse_factor, relative_output_error, sparsegpt
-from onnxopt.passes._prune_plan import build_plan
+from onnxopt.passes.common.stats import collect_input_stats
+from onnxopt.passes.prune.plan import build_plan
+from onnxopt.passes.prune.sparsegpt import cross_validated_error, inverse_factor, relative_output_error, sparsegpt
 
 from onnxopt.harness import synthesize_inputs
 from tests.builders import init, make_model, vi

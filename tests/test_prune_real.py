@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import onnx
 import pytest
-from onnxopt.passes.prune import prune_magnitude
+from onnxopt.passes.prune.magnitude import PruneMagnitude
 
 from onnxopt.data import Dataset
 from onnxopt.normalize import normalize
@@ -17,7 +17,7 @@ def test_ppocr_cls_default_budget_search(real_model):
 
     model = normalize(onnx.load(str(real_model("ppocr_cls")))).model
     calibration = Dataset(ppocr_cls_inputs(32))
-    result = prune_magnitude(min_size=1024)(model, Context(calibration=calibration))
+    result = PruneMagnitude(min_size=1024)(model, Context(calibration=calibration))
     assert result.changed and result.stats["sparsity"] > 0.05
     # the budget holds on the held-out quarter the pass (and the pipeline's verifier) checks
     assert_equivalent(model, result.model, profile="int8", data=calibration.split()[1])
@@ -25,7 +25,7 @@ def test_ppocr_cls_default_budget_search(real_model):
 
 def test_ppocr_det_channel_pruning_shrinks_the_convs_and_keeps_the_text_masks(real_model):
     """The default budget on PP-OCR det: a quarter of the MACs go (FPN and head convs too)."""
-    from onnxopt.passes.prune import prune_channels
+    from onnxopt.passes.prune.channels import PruneChannels
 
     from benchmarks.inputs import ppocr_det_inputs, task_agreement
     from onnxopt.runtime import run_model
@@ -33,7 +33,7 @@ def test_ppocr_det_channel_pruning_shrinks_the_convs_and_keeps_the_text_masks(re
     model = normalize(onnx.load(str(real_model("ppocr_det")))).model
     images = ppocr_det_inputs(72)
     calibration = Dataset(images[:32])
-    result = prune_channels()(model, Context(calibration=calibration))
+    result = PruneChannels()(model, Context(calibration=calibration))
     assert result.changed and result.stats["macs_removed"] > 0.15
     # groups behind Resize + Concat (the DB head's input) are pruned, not left alone
     assert any(n.startswith("conv2d_494.tmp_0: removed") for n in result.notes)

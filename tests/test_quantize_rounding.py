@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
-from onnxopt.passes._quant_gptq import damping, gptq_round, output_error, round_weights
+from onnxopt.passes.quantize.gptq import damping, gptq_round, output_error, round_weights
 
 from onnxopt.data import Dataset
 from onnxopt.harness import check
@@ -202,7 +202,7 @@ def test_fallback_gives_float_weights_back_to_float_nodes_when_the_target_needs_
 
 
 def test_fallback_stops_before_a_step_that_breaks_the_latency_budget():
-    from onnxopt.passes.quantize import QuantizeInt8
+    from onnxopt.passes.quantize.int8 import QuantizeInt8
 
     model, data = _correlated_matmul()
     seen = []
@@ -231,7 +231,7 @@ def test_gptq_keeps_pruned_weights_at_zero():
 
 
 def test_target_scoped_to_one_output_ignores_the_others():
-    from onnxopt.passes._quant_search import parse_target
+    from onnxopt.passes.quantize.fallback import parse_target
 
     from onnxopt.errors import OnnxoptError
 

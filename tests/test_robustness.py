@@ -210,7 +210,7 @@ def test_lossy_presets_keep_custom_domain_nodes():
 
 @pytest.mark.parametrize("opset", [11, 13, 21])
 def test_channel_pruning_writes_valid_models_within_budget_on_every_opset(opset):
-    from onnxopt.passes.prune import prune_channels
+    from onnxopt.passes.prune.channels import PruneChannels
 
     model = _conv_matmul(opset)
     weight = next(t for t in model.graph.initializer if t.name == "w")
@@ -218,7 +218,7 @@ def test_channel_pruning_writes_valid_models_within_budget_on_every_opset(opset)
     dead[:8] = 0  # 8 of the first conv's 32 channels are dead: removable within any budget
     weight.CopyFrom(onnx.numpy_helper.from_array(dead, "w"))
     data = synthesize_inputs(model, iterations=16)
-    result = prune_channels(multiple=4)(model, Context(calibration=data))
+    result = PruneChannels(multiple=4)(model, Context(calibration=data))
     assert result.changed and result.stats["channels_removed"] >= 8
     onnx.checker.check_model(result.model, full_check=True)
     assert check(model, result.model, data, profile="int8").passed
@@ -226,10 +226,10 @@ def test_channel_pruning_writes_valid_models_within_budget_on_every_opset(opset)
 
 
 def test_channel_pruning_leaves_an_if_condition_exact():
-    from onnxopt.passes.prune import prune_channels
+    from onnxopt.passes.prune.channels import PruneChannels
 
     model = _if_on_a_layer()
     data = synthesize_inputs(model, iterations=16)
-    result = prune_channels(multiple=4)(model, Context(calibration=data))
+    result = PruneChannels(multiple=4)(model, Context(calibration=data))
     assert not result.changed
     assert check(model, result.model, data, profile="exact").passed

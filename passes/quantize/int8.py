@@ -2,12 +2,12 @@
 
 The pass is a short sequence of separate steps, each in its own module:
 
-1. *placement* (``_quant_placement``): which nodes become integer kernels and therefore
+1. *placement* (``placement``): which nodes become integer kernels and therefore
    which activations, weights and biases are quantized (rules in that module);
 2. *calibration* (:mod:`onnxopt.calibration`): streaming observers over the calibration
    part of ``ctx.calibration``, then the pure math from statistics to scale/zero point;
-3. *rewriting* (``_quant_rewrite``): Q/DQ pairs, int8 per-channel weights, int32 biases;
-4. *accuracy fallback* and *latency check* (``_quant_search``): on held-out samples the
+3. *rewriting* (``rewrite``): Q/DQ pairs, int8 per-channel weights, int32 biases;
+4. *accuracy fallback* and *latency check* (``fallback``): on held-out samples the
    most sensitive nodes return to float until the target holds; depthwise convolutions
    whose int8 kernel is slower return to float when timing says so; then the int8 model
    is timed against the float one; if it is slower, the pass keeps the float model.
@@ -24,6 +24,18 @@ from typing import Any, ClassVar
 
 import numpy as np
 import onnx
+from onnxopt.passes.common.budget import HeldOutCheck
+from onnxopt.passes.quantize.fallback import (
+    DEFAULT_TARGET,
+    Target,
+    depthwise_groups,
+    measure_latency,
+    parse_target,
+    rank_by_removal,
+)
+from onnxopt.passes.quantize.gptq import round_weights
+from onnxopt.passes.quantize.placement import ANCHOR_OPS, DEFAULT_OP_TYPES, Placement, place, saturation_bounds
+from onnxopt.passes.quantize.rewrite import QDQPlan, Rounded, apply_plan
 
 from onnxopt.calibration import (
     METHODS,
@@ -40,12 +52,6 @@ from onnxopt.graph import NameGenerator, nested_ops
 from onnxopt.model import serialized_size
 from onnxopt.normalize import infer_shapes
 from onnxopt.pipeline import Context, Pass, PassResult, register_pass
-
-from ._activations import HeldOutCheck
-from ._quant_gptq import round_weights
-from ._quant_placement import ANCHOR_OPS, DEFAULT_OP_TYPES, Placement, place, saturation_bounds
-from ._quant_rewrite import QDQPlan, Rounded, apply_plan
-from ._quant_search import DEFAULT_TARGET, Target, depthwise_groups, measure_latency, parse_target, rank_by_removal
 
 __all__ = ["QuantizeInt8"]
 
@@ -111,7 +117,7 @@ class QuantizeInt8(Pass):
 
     Matches: Conv, ConvTranspose, Gemm and MatMul (per-channel symmetric int8 weights from
     initializers or Constant nodes, int32 biases) and the ops between them that keep the
-    integer flow (see ``_quant_placement``); embedding tables become int8 rows.
+    integer flow (see ``placement``); embedding tables become int8 rows.
     Produces: QuantizeLinear/DequantizeLinear pairs that onnxruntime fuses into integer
     kernels; an opset upgrade to 13 when per-channel weights need it.
     Must not fire on: tensors read as integer/shape logic, graph outputs, tensors holding
@@ -129,10 +135,10 @@ class QuantizeInt8(Pass):
     session starts (MiniLM: file 0.44 -> 0.26 of float at the same accuracy; PP-OCR det
     with 50 such convs: 30.1 ms, against 42.5 ms with a DequantizeLinear there).
     ``weight_rounding`` (default ``"gptq"``): weights are rounded to compensate each
-    other's error on the calibration inputs (``_quant_gptq``; PP-OCR det, weights int8
+    other's error on the calibration inputs (``gptq``; PP-OCR det, weights int8
     and activations float: IoU 0.968 nearest, 0.989 GPTQ); ``"nearest"`` rounds each alone.
     ``depthwise`` (default False): depthwise convolutions compute in float (see
-    ``_quant_placement.place``); True quantizes them like any Conv.
+    ``placement.place``); True quantizes them like any Conv.
     ``check_latency`` first times depthwise convolutions in float against int8 (larger
     than 3x3, then all; only with ``depthwise=True``) and keeps what is faster, then
     times float vs int8 (``threads`` intra-op threads, 1 by default so the figure is stable

@@ -10,12 +10,11 @@ from typing import ClassVar
 import numpy as np
 import onnx
 from onnx import helper
+from onnxopt.passes.common.graphs import Scope, TypeMap, opset_version, walk_scopes
+from onnxopt.passes.fusion.match import Matcher, NoMatch
 
 from onnxopt.graph import NameGenerator, is_default_domain, set_initializer
 from onnxopt.pipeline import Context, Pass, PassResult
-
-from ._graphs import Scope, TypeMap, opset_version, walk_scopes
-from ._match import Matcher, NoMatch
 
 __all__ = ["Fusion", "ModelMatcher", "Rewrite", "add_weight", "set_attribute"]
 
@@ -24,6 +23,7 @@ FLOATS = (np.float16, np.float32, np.float64)
 
 
 def set_attribute(node: onnx.NodeProto, name: str, value: object) -> None:
+    """Set (replace or add) attribute ``name`` of ``node``."""
     for attr in list(node.attribute):
         if attr.name == name:
             node.attribute.remove(attr)
@@ -31,6 +31,7 @@ def set_attribute(node: onnx.NodeProto, name: str, value: object) -> None:
 
 
 def add_weight(graph: onnx.GraphProto, names: NameGenerator, base: str, array: np.ndarray) -> str:
+    """Add ``array`` as a new initializer named after ``base`` and return its name."""
     name = names.fresh(f"{base}_fused")
     set_initializer(graph, name, array)
     return name

@@ -7,10 +7,9 @@ import collections
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+from onnxopt.passes.common.graphs import rename_uses
 
 from onnxopt.graph import NameGenerator, iter_graphs, toposort
-
-from ._graphs import rename_uses
 
 __all__ = ["definition_counts", "inline_if", "replace_with_constants"]
 

@@ -14,15 +14,22 @@ import collections
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from onnxopt.passes.cleanup.evaluate import EvaluationError, evaluate_node, predicted_bytes, tensor_bytes
+from onnxopt.passes.cleanup.inline import definition_counts, inline_if, replace_with_constants
+from onnxopt.passes.cleanup.noops import NOOP_RULES, compose_perm, merge_slices
+from onnxopt.passes.cleanup.shapes import ShapeValue, output_dtype, propagate, shape_value
+from onnxopt.passes.common.graphs import (
+    NONDETERMINISTIC,
+    Scope,
+    TypeMap,
+    bypass_node,
+    opset_version,
+    rename_uses,
+    walk_scopes,
+)
 
 from onnxopt.graph import GraphIndex, NameGenerator, is_default_domain, node_attribute, remove_unused, subgraphs
 from onnxopt.pipeline import Context, Pass, PassResult, register_pass
-
-from ._evaluate import EvaluationError, evaluate_node, predicted_bytes, tensor_bytes
-from ._graphs import NONDETERMINISTIC, Scope, TypeMap, bypass_node, opset_version, rename_uses, walk_scopes
-from ._inline import definition_counts, inline_if, replace_with_constants
-from ._noops import NOOP_RULES, compose_perm, merge_slices
-from ._shapes import ShapeValue, output_dtype, propagate, shape_value
 
 __all__ = ["Deduplicate", "EliminateDeadCode", "FoldConstants", "RemoveIdentities", "SimplifyShapes"]
 

@@ -12,10 +12,9 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx
+from onnxopt.passes.common.graphs import TypeMap
 
 from onnxopt.graph import node_attribute
-
-from ._graphs import TypeMap
 
 __all__ = ["NOOP_RULES", "compose_perm", "merge_slices", "reshape_target"]
 

@@ -5,21 +5,20 @@ from the anchor, every failed check names its reason (collected into the notes),
 only a complete match is rewritten. Intermediate tensors must have exactly one reader
 and must not be graph outputs; new weights are written under fresh names, so a weight
 another node shares is cloned rather than changed. The arithmetic lives in
-``_fusemath``; every pass walks ``If``/``Loop``/``Scan`` bodies and leaves ops of other
+``affine_math``; every pass walks ``If``/``Loop``/``Scan`` bodies and leaves ops of other
 domains alone.
 """
 
 from __future__ import annotations
 
 import onnx
+from onnxopt.passes.fusion.activations import FuseGelu, FuseHardSwish, FuseLayerNorm
+from onnxopt.passes.fusion.affine_math import batchnorm_affine, channel_vector, scale_output_channels, shift_bias
+from onnxopt.passes.fusion.base import FLOATS, Fusion, Rewrite, add_weight, set_attribute
+from onnxopt.passes.fusion.match import Matcher, NoMatch
 
 from onnxopt.graph import NameGenerator, node_attribute
 from onnxopt.pipeline import register_pass
-
-from ._fuse_activations import FuseGelu, FuseHardSwish, FuseLayerNorm
-from ._fusemath import batchnorm_affine, channel_vector, scale_output_channels, shift_bias
-from ._fusion_base import FLOATS, Fusion, Rewrite, add_weight, set_attribute
-from ._match import Matcher, NoMatch
 
 __all__ = ["FoldBatchNorm", "FoldConvAffine", "FuseGelu", "FuseHardSwish", "FuseLayerNorm", "FuseMatMulAdd"]
 

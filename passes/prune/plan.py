@@ -3,7 +3,7 @@
 A *unit* is one weight tensor with every layer that reads it: a weight shared by two
 MatMuls is pruned once, scored and repaired on the sum of both layers' input
 statistics, so the shared tensor stays shared. A weight also read by other nodes is
-left dense. The math is in :mod:`._prune_math`.
+left dense. The math is in :mod:`.sparsegpt`.
 
 :meth:`PrunePlan.prune_sequentially` prunes in graph order on statistics of the model
 pruned so far (SparseGPT's sequential mode, with the upstream error re-fitted).
@@ -22,25 +22,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
-
-from onnxopt.data import Sample
-from onnxopt.graph import GraphIndex, NameGenerator, remove_unused, replace_repeated
-from onnxopt.progress import NullProgress, Progress
-from onnxopt.runtime import Session, expose_tensors
-
-from ._activations import (
-    InputStats,
-    Layer,
-    collect_input_stats,
-    find_layers,
-    from_canonical,
-    layer_inputs,
-    layer_rows,
-    measure_gains,
-    to_canonical,
-    write_weight,
-)
-from ._prune_math import (
+from onnxopt.passes.common.budget import measure_gains
+from onnxopt.passes.common.layers import Layer, find_layers, from_canonical, layer_rows, to_canonical, write_weight
+from onnxopt.passes.common.stats import InputStats, collect_input_stats, layer_inputs
+from onnxopt.passes.prune.sparsegpt import (
     ErrorCurve,
     activation_scores,
     allocate_counts,
@@ -52,6 +37,11 @@ from ._prune_math import (
     relative_output_error,
     sparsegpt,
 )
+
+from onnxopt.data import Sample
+from onnxopt.graph import GraphIndex, NameGenerator, remove_unused, replace_repeated
+from onnxopt.progress import NullProgress, Progress
+from onnxopt.runtime import Session, expose_tensors
 
 __all__ = ["LEVELS", "PairedStats", "PrunePlan", "PruneUnit", "build_plan", "collect_paired_stats", "store_sparse"]
 

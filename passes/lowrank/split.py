@@ -1,9 +1,9 @@
 """Low-rank splitting of MatMul/Gemm weights (the ``lowrank`` preset).
 
 A weight ``W`` (``k×n``) is replaced by two thinner factors ``A`` (``k×r``) and ``B``
-(``r×n``), so ``x·W`` becomes ``(x·A)·B``; the math lives in :mod:`._lowrank_math`.
+(``r×n``), so ``x·W`` becomes ``(x·A)·B``; the math lives in :mod:`.ranks`.
 The query and key projections of attention heads are instead narrowed jointly to a
-smaller head width (:mod:`._lowrank_heads`), in the same budgeted allocation.
+smaller head width (:mod:`.heads`), in the same budgeted allocation.
 """
 
 from __future__ import annotations
@@ -16,26 +16,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 from onnx import helper
-
-from onnxopt.errors import CalibrationDataError
-from onnxopt.graph import GraphIndex, NameGenerator, node_attribute, remove_unused, set_initializer
-from onnxopt.pipeline import Context, Pass, PassResult, register_pass
-from onnxopt.progress import Progress
-
-from ._activations import (
+from onnxopt.passes.common.budget import (
     BudgetSpec,
     HeldOutCheck,
-    InputStats,
-    Layer,
     Probe,
     budget_tolerance,
-    collect_input_stats,
     describe_budget,
-    find_layers,
     measure_gains,
     search_largest,
 )
-from ._lowrank_heads import (
+from onnxopt.passes.common.layers import Layer, find_layers
+from onnxopt.passes.common.stats import InputStats, collect_input_stats
+from onnxopt.passes.lowrank.heads import (
     HeadPair,
     apply_head_ranks,
     augmented_gram,
@@ -44,7 +36,7 @@ from ._lowrank_heads import (
     set_statistics,
     unmatched_score_matmuls,
 )
-from ._lowrank_math import (
+from onnxopt.passes.lowrank.ranks import (
     SHRINKAGE,
     Factorization,
     RankCandidate,
@@ -57,12 +49,16 @@ from ._lowrank_math import (
     split_factors,
 )
 
-__all__ = ["SplitPlan", "plan_lowrank", "split_lowrank"]
+from onnxopt.errors import CalibrationDataError
+from onnxopt.graph import GraphIndex, NameGenerator, node_attribute, remove_unused, set_initializer
+from onnxopt.pipeline import Context, Pass, PassResult, register_pass
+from onnxopt.progress import Progress
+
+__all__ = ["SplitLowRank", "SplitPlan", "plan_lowrank"]
+from onnxopt.passes.common.budget import SENSITIVITY_SAMPLES
 
 log = logging.getLogger(__name__)
 
-#: Calibration samples used to measure how much of each layer's error reaches the outputs.
-SENSITIVITY_SAMPLES = 4
 
 
 @dataclass
@@ -70,7 +66,7 @@ class SplitPlan:
     """The splittable layers of a model with their weights (``k×n``) and factorizations.
 
     With :attr:`pairs` (attention heads whose query/key projections are narrowed
-    jointly, :mod:`._lowrank_heads`) a rank vector has one entry per layer then one
+    jointly, :mod:`.heads`) a rank vector has one entry per layer then one
     head width per pair (0 = unchanged); the projections of a pair are not layers.
     """
 
@@ -363,7 +359,7 @@ def _layer_rows(plan: SplitPlan, ranks: list[int]) -> tuple[dict[str, int | floa
 
 
 @register_pass
-class split_lowrank(Pass):
+class SplitLowRank(Pass):
     """Split MatMul/Gemm (optionally 1×1 Conv) weights into two low-rank factors.
 
     Rules:

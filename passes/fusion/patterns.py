@@ -6,10 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+from onnxopt.passes.fusion.match import Matcher, NoMatch
 
 from onnxopt.graph import node_attribute
-
-from ._match import Matcher, NoMatch
 
 __all__ = ["HardSigmoidMatch", "erf_argument", "hard_sigmoid_product", "normalized_constant", "tanh_argument"]
 

@@ -43,11 +43,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+from onnxopt.passes.quantize.rewrite import BiasUse, LookupRegion, WeightUse
 
 from onnxopt.graph import SHAPE_ONLY_OPS, GraphIndex, control_tensors, is_default_domain, node_attribute
 from onnxopt.runtime import tensor_types
-
-from ._quant_rewrite import BiasUse, LookupRegion, WeightUse
 
 __all__ = [
     "ANCHOR_OPS",

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+from onnxopt.passes.common.graphs import Scope, TypeMap
 
 from onnxopt.graph import GraphIndex, is_default_domain, node_attribute
-
-from ._graphs import Scope, TypeMap
 
 __all__ = ["Matcher", "NoMatch"]
 

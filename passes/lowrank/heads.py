@@ -30,10 +30,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+from onnxopt.passes.common.layers import find_layers
+from onnxopt.passes.common.stats import InputStats, collect_input_stats
 
 from onnxopt.graph import GraphIndex, NameGenerator, node_attribute, remove_unused, set_initializer
-
-from ._activations import InputStats, collect_input_stats, find_layers
 
 __all__ = [
     "HeadPair",

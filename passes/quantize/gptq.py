@@ -11,7 +11,7 @@ features that carry the most energy are rounded first, while the most freedom is
 The scale of every weight is fixed beforehand (the per-channel scale the rewrite would use
 anyway), so the result lies exactly on that grid: the integers are what the rewrite
 stores. Weights are in the canonical ``[groups, rows, features]`` view of
-``_activations``; scales are given per element in the same view, so any layout (Conv,
+``common.layers``; scales are given per element in the same view, so any layout (Conv,
 ConvTranspose, Gemm with ``transB``, MatMul) and any per-channel axis is handled alike.
 
 Measured on PP-OCR det (fused, per-channel int8 weights, activations left float, 16
@@ -26,16 +26,16 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnx
+from onnxopt.passes.common.layers import find_layers, from_canonical, to_canonical
+from onnxopt.passes.common.stats import collect_input_stats
+from onnxopt.passes.prune.sparsegpt import inverse_factor
+from onnxopt.passes.quantize.placement import weight_axis
+from onnxopt.passes.quantize.rewrite import Rounded
 
 from onnxopt.calibration import weight_qparams
 from onnxopt.data import Sample
 from onnxopt.graph import GraphIndex
 from onnxopt.progress import Progress
-
-from ._activations import collect_input_stats, find_layers, from_canonical, to_canonical
-from ._prune_math import inverse_factor
-from ._quant_placement import weight_axis
-from ._quant_rewrite import Rounded
 
 __all__ = ["damping", "gptq_round", "output_error", "round_weights"]
 

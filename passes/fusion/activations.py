@@ -5,14 +5,13 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import helper
+from onnxopt.passes.common.graphs import Scope, TypeMap, opset_version, walk_scopes
+from onnxopt.passes.fusion.base import Fusion, ModelMatcher, Rewrite, add_weight
+from onnxopt.passes.fusion.match import Matcher, NoMatch
+from onnxopt.passes.fusion.patterns import erf_argument, hard_sigmoid_product, normalized_constant, tanh_argument
 
 from onnxopt.graph import NameGenerator, is_default_domain
 from onnxopt.pipeline import register_pass
-
-from ._fusion_base import Fusion, ModelMatcher, Rewrite, add_weight
-from ._graphs import Scope, TypeMap, opset_version, walk_scopes
-from ._match import Matcher, NoMatch
-from ._patterns import erf_argument, hard_sigmoid_product, normalized_constant, tanh_argument
 
 __all__ = ["FuseGelu", "FuseHardSwish", "FuseLayerNorm"]
 

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+from onnxopt.passes.common.graphs import TypeMap
 
 from onnxopt.graph import node_attribute
-
-from ._graphs import TypeMap
 
 __all__ = ["ShapeValue", "output_dtype", "propagate", "shape_value"]
 

@@ -19,14 +19,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 from onnx import helper
+from onnxopt.passes.common.budget import measure_gains
+from onnxopt.passes.common.layers import Layer, find_layers, to_canonical
+from onnxopt.passes.common.stats import collect_input_stats
+from onnxopt.passes.prune.channel_groups import ChannelGroup, describe_types, find_channel_groups, remove_channels
+from onnxopt.passes.prune.channel_math import ConsumerSystem, augmented_gram, independent_gram, refit, removal_order
 
 from onnxopt.graph import GraphIndex, NameGenerator, node_attribute, toposort
 from onnxopt.progress import Progress
 from onnxopt.runtime import Session, expose_tensors
-
-from ._activations import Layer, collect_input_stats, find_layers, measure_gains, to_canonical
-from ._prune_channel_math import ConsumerSystem, augmented_gram, independent_gram, refit, removal_order
-from ._prune_channels import ChannelGroup, describe_types, find_channel_groups, remove_channels
 
 __all__ = ["ChannelPlan", "GroupPlan", "build_channel_plan"]
 

@@ -1,0 +1,208 @@
+"""The error budget of the lossy passes.
+
+Resolving a pass's ``budget`` parameter, judging candidates on held-out and fitted
+samples, measuring layer sensitivity, and the one back-off search.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, Union, runtime_checkable
+
+import numpy as np
+import onnx
+
+from onnxopt.data import Dataset, Sample
+from onnxopt.harness import PROFILES, Tolerance, compare_outputs
+from onnxopt.progress import NullProgress, Progress
+from onnxopt.runtime import Session
+
+log = logging.getLogger(__name__)
+
+#: Calibration samples used to measure how much of each layer's error reaches the outputs.
+SENSITIVITY_SAMPLES = 4
+
+
+Outputs = list[dict[str, np.ndarray]]
+
+
+
+Acceptance = Callable[[Outputs, Outputs], bool]
+
+
+
+BudgetSpec = Union[float, Mapping[str, float], Acceptance, None]  # noqa: UP007  (runtime alias, py3.10)
+
+
+
+@runtime_checkable
+class Judge(Protocol):
+    """Anything that judges candidate outputs against reference outputs with a summary (int8's ``Target``)."""
+
+    def judge(self, reference: Outputs, candidate: Outputs) -> tuple[bool, str]:
+        """Return (within the budget, a one-line summary)."""
+        ...
+
+
+
+Budget = Union[Tolerance, Acceptance, Judge]  # noqa: UP007  (runtime alias, py3.10)
+
+
+
+#: The default budget of the lossy passes, on held-out calibration samples: the harness's
+#: ``int8`` profile (floors on every output's cosine similarity and SQNR against the input
+#: model, and on top-1 agreement of score-like outputs), the profile the pipeline's
+#: verifier applies to lossy passes, so a pass never hands the verifier a failing model.
+DEFAULT_BUDGET: Tolerance = PROFILES["int8"]
+
+
+
+def budget_tolerance(budget: BudgetSpec, overrides: Mapping[str, float] | None = None) -> Tolerance | Acceptance:
+    """Resolve a pass's ``budget`` parameter (and ``ctx.budget`` overrides) to a check.
+
+    ``None``: :data:`DEFAULT_BUDGET`; a float: that minimum output cosine; a mapping:
+    :class:`Tolerance` fields replacing the default's; a callable ``(reference outputs,
+    candidate outputs) -> bool``: a task-level check (Python API only).
+    """
+    if callable(budget):
+        return budget
+    tolerance = DEFAULT_BUDGET
+    fields = set(Tolerance.__dataclass_fields__)
+    if isinstance(budget, Mapping):
+        unknown = [k for k in budget if k not in fields]
+        if unknown:
+            raise ValueError(f"budget has no field {unknown[0]!r}; valid: {', '.join(sorted(fields))}")
+        tolerance = tolerance.replace(**dict(budget))
+    elif budget is not None:
+        tolerance = tolerance.replace(min_cosine=float(budget))
+    extra = {k: v for k, v in (overrides or {}).items() if k in fields}
+    return tolerance.replace(**extra) if extra else tolerance
+
+
+
+#: At most this many fitted samples (evenly spaced) are judged besides the held-out ones,
+#: so a large calibration set does not multiply the cost of every check.
+FITTED_SAMPLES = 32
+
+
+
+class HeldOutCheck:
+    """Judge candidate models against the input model on held-out samples, under a budget.
+
+    ``fitted`` are the samples the pass fitted its statistics on: a candidate must also
+    stay within the budget itself (not a stricter one) on them. The held-out samples
+    estimate how the change generalizes; they are few, so without this a model could pass
+    them and fail on inputs the pass had seen (silero_vad_half pruned to 70 %: within
+    budget on its 6 held-out chunks, outside the int8 profile on all 24).
+    """
+
+    def __init__(self, model: onnx.ModelProto, samples: Sequence[Sample], budget: Budget,
+                 fitted: Sequence[Sample] = ()) -> None:
+        self.samples = list(samples)
+        self.fitted = list(Dataset(list(fitted)).spaced(FITTED_SAMPLES))
+        self.budget = budget
+        with Session(model, label="input model") as session:
+            started = time.perf_counter()
+            self.reference: Outputs = [session.run(s) for s in self.samples]
+            #: the input model's run time per held-out sample, for callers that budget their own runs
+            self.seconds_per_run = (time.perf_counter() - started) / max(len(self.samples), 1)
+            self.fitted_reference: Outputs = [session.run(s) for s in self.fitted]
+        self.evaluations = 0
+
+    def __call__(self, candidate: onnx.ModelProto, budget: Budget | None = None) -> tuple[bool, str]:
+        """Return whether ``candidate`` is within budget (or a stricter ``budget``), and a one-line summary."""
+        self.evaluations += 1
+        with Session(candidate, label="candidate") as session:
+            passed, summary = _judge(self.reference, [session.run(s) for s in self.samples],
+                                     self.budget if budget is None else budget)
+            if passed and self.fitted:
+                fitted_passed, fitted_summary = _judge(self.fitted_reference, [session.run(s) for s in self.fitted],
+                                                       self.budget)
+                if not fitted_passed:
+                    return False, f"held-out passed; on the calibration samples {fitted_summary}"
+        return passed, summary
+
+
+
+def _judge(reference: Outputs, outputs: Outputs, budget: Budget) -> tuple[bool, str]:
+    if isinstance(budget, Judge):
+        return budget.judge(reference, outputs)
+    if callable(budget):
+        passed = bool(budget(reference, outputs))
+        return passed, "task check " + ("passed" if passed else "failed")
+    result = compare_outputs(reference, outputs, profile=budget)
+    floats = [o for o in result.outputs if o.elements]
+    summary = ", ".join(f"{o.name}: cosine {o.cosine:.5f} SQNR {o.sqnr_db:.1f} dB" for o in floats[:3])
+    return result.passed, summary
+
+
+
+def relative_output_error(reference: Outputs, candidate: Outputs) -> float:
+    """Return the mean over float outputs of ``Σ‖c − r‖² / Σ‖r‖²`` across samples."""
+    errors = []
+    for name, first in reference[0].items():
+        if not np.issubdtype(np.asarray(first).dtype, np.floating):
+            continue
+        noise = sum(float(np.sum((np.asarray(c[name], np.float64) - r[name]) ** 2))
+                    for r, c in zip(reference, candidate, strict=True))
+        signal = sum(float(np.sum(np.asarray(r[name], np.float64) ** 2)) for r in reference)
+        errors.append(noise / max(signal, 1e-30))
+    return float(np.mean(errors)) if errors else 0.0
+
+
+
+Probe = tuple[float, Callable[[], onnx.ModelProto]]
+
+
+
+def measure_gains(model: onnx.ModelProto, samples: Sequence[Sample], probes: Sequence[Probe],
+                  progress: Progress | None = None) -> list[float]:
+    """Return, per probe ``(predicted layer error, build model)``, model output error / layer error.
+
+    Each probe changes one layer by a known relative output error; the ratio says how
+    much of a layer's error reaches the model outputs (its measured sensitivity).
+    """
+    with Session(model, label="input model") as session:
+        reference = [session.run(s) for s in samples]
+    gains = []
+    with (progress or NullProgress()).task("measuring layer sensitivity", len(probes)) as task:
+        for layer_error, build in probes:
+            if layer_error <= 0:
+                gains.append(1.0)
+            else:
+                with Session(build(), label="probe") as session:
+                    outputs = [session.run(s) for s in samples]
+                gains.append(relative_output_error(reference, outputs) / layer_error)
+            task.advance()
+    return gains
+
+
+
+def search_largest(passes: Callable[[float], bool], low: float, high: float, steps: int) -> float:
+    """Return the largest ``x`` in ``[low, high]`` with ``passes(x)`` (monotone), by bisection.
+
+    ``low`` is assumed to pass; ``high`` is tried first.
+    """
+    if passes(high):
+        return high
+    for _ in range(steps):
+        middle = (low + high) / 2
+        if passes(middle):
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+
+def describe_budget(budget: Tolerance | Acceptance | Any) -> str:
+    """Return a short description of a resolved budget for notes."""
+    if isinstance(budget, Tolerance):
+        parts = [f"cosine ≥ {budget.min_cosine}" if budget.min_cosine is not None else "",
+                 f"SQNR ≥ {budget.min_sqnr_db} dB" if budget.min_sqnr_db is not None else "",
+                 f"top-1 ≥ {budget.min_top1}" if budget.min_top1 is not None else ""]
+        return "held-out " + ", ".join(p for p in parts if p)
+    return "held-out task check"
+

@@ -1,0 +1,115 @@
+"""Weight layers and the statistics of their input activations over calibration data.
+
+:func:`collect_input_stats` runs the model once per calibration sample with the layers'
+inputs exposed as outputs and accumulates, streaming, per layer input:
+
+* ``sq_sum[g, j]``: the sum of squares of input feature ``j`` (activation norms);
+* ``total[g, j]``: the sum of feature ``j`` (for means);
+* ``gram[g, i, j]``: the second moment ``XᵀX`` of the features (when asked for),
+
+never holding more than one sample's tensors. Rows of large feature maps are sampled
+(``max_rows`` per sample), which keeps ``XᵀX`` an unbiased estimate up to scale.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnxopt.passes.common.layers import Layer, layer_rows
+
+from onnxopt.data import Sample
+from onnxopt.progress import NullProgress, Progress
+from onnxopt.runtime import Session, expose_tensors
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class InputStats:
+    """Streaming statistics of one layer input: row count, feature sums of squares, ``XᵀX``."""
+
+    rows: int
+    sq_sum: np.ndarray
+    gram: np.ndarray | None = None
+    total: np.ndarray | None = None  # per-feature sums [groups, features], for means
+
+    @property
+    def mean(self) -> np.ndarray | None:
+        """Return the mean of each input feature ``[groups, features]``, or None when not collected."""
+        return None if self.total is None else self.total / max(self.rows, 1)
+
+    @property
+    def norms(self) -> np.ndarray:
+        """Return the RMS of each input feature, ``[groups, features]``."""
+        return np.sqrt(self.sq_sum / max(self.rows, 1))
+
+    @property
+    def mean_gram(self) -> np.ndarray | None:
+        """Return ``XᵀX / rows`` (float64), or None when not collected."""
+        return None if self.gram is None else self.gram / max(self.rows, 1)
+
+
+
+def layer_inputs(model: onnx.ModelProto, layers: Sequence[Layer]) -> tuple[dict[tuple, list[Layer]], list[str]]:
+    """Group layers that read the same input the same way; return the groups and the tensors to expose.
+
+    Graph inputs need no exposing: a sample already holds them.
+    """
+    by_signature: dict[tuple, list[Layer]] = {}
+    for layer in layers:
+        by_signature.setdefault(layer.signature, []).append(layer)
+    inputs = {i.name for i in model.graph.input}
+    return by_signature, sorted({layer.activation for layer in layers if layer.activation not in inputs})
+
+
+
+def collect_input_stats(
+    model: onnx.ModelProto,
+    layers: Sequence[Layer],
+    samples: Iterable[Sample],
+    *,
+    gram: bool = True,
+    max_rows: int = 1024,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> dict[str, InputStats]:
+    """Return the input statistics of every layer (by key), one calibration sample at a time.
+
+    Layers reading the same activation the same way share one accumulator. ``gram``
+    asks for ``XᵀX`` (for layers where :attr:`Layer.has_gram`). For a ConvTranspose the
+    gram is over input channels, exact for the output error when strides cover the kernel.
+    """
+    samples = list(samples)
+    rng = np.random.default_rng(seed)
+    by_signature, exposed = layer_inputs(model, layers)
+    accumulators: dict[tuple, InputStats] = {}
+    progress = progress or NullProgress()
+    with Session(expose_tensors(model, exposed), label="model with exposed layer inputs") as session, \
+            progress.task("collecting layer inputs", len(samples)) as task:
+        for sample in samples:
+            values = session.run(sample, exposed) if exposed else {}
+            values.update(sample)  # layers reading graph inputs read them from the sample
+            for signature, group in by_signature.items():
+                layer = group[0]
+                rows = layer_rows(layer, np.asarray(values[layer.activation], dtype=np.float32), max_rows, rng)
+                acc = accumulators.get(signature)
+                if acc is None:
+                    acc = InputStats(0, np.zeros(rows.shape[1:], dtype=np.float64),
+                                     total=np.zeros(rows.shape[1:], dtype=np.float64))
+                    if gram and layer.has_gram:
+                        acc.gram = np.zeros((rows.shape[1], rows.shape[2], rows.shape[2]), dtype=np.float64)
+                    accumulators[signature] = acc
+                acc.rows += rows.shape[0]
+                acc.sq_sum += np.einsum("pgi,pgi->gi", rows, rows, dtype=np.float64)
+                acc.total += rows.sum(axis=0, dtype=np.float64)  # type: ignore[operator]
+                if acc.gram is not None:
+                    grouped = np.ascontiguousarray(rows.transpose(1, 0, 2))
+                    acc.gram += np.matmul(grouped.transpose(0, 2, 1), grouped).astype(np.float64)
+            del values
+            task.advance()
+    return {layer.key: accumulators[sig] for sig, group in by_signature.items() for layer in group}
+
