@@ -269,9 +269,7 @@ class QuantizeInt8(Pass):
                         low = min(ranges[t][0] for t in node.input if t in ranges)
                         high = max(ranges[t][1] for t in node.input if t in ranges)
                         params[tensor] = params[node.output[0]] = affine_qparams(low, high, dtype)
-        lookups = list(placement.lookups)
-        plan = QDQPlan(params, placement.weights, placement.biases, placement.tables, placement.absorbed, lookups,
-                       state.rounded, set(placement.weight_only), frozenset(placement.nodes))
+        plan = QDQPlan(placement, params, state.rounded)
         return placement, plan
 
     # ------------------------------------------------------------------ run

@@ -43,7 +43,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnxopt.passes.quantize.rewrite import BiasUse, LookupRegion, WeightUse
 
 from onnxopt.graph import SHAPE_ONLY_OPS, GraphIndex, control_tensors, is_default_domain, node_attribute
 from onnxopt.runtime import tensor_types
@@ -52,8 +51,10 @@ __all__ = [
     "ANCHOR_OPS",
     "DEFAULT_OP_TYPES",
     "FLOW_OPS",
+    "BiasUse",
     "LookupRegion",
     "Placement",
+    "WeightUse",
     "is_depthwise",
     "place",
     "saturation_bounds",
@@ -88,6 +89,34 @@ _MIN_WEIGHT_ONLY = 256  # smaller weights: two more nodes and a scale cost about
 
 _ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Clip", "Relu", "HardSigmoid", "HardSwish", "Sigmoid",
                           "Tanh", "LeakyRelu", "Neg", "Abs", "Erf", "Sqrt", "Exp", "Softplus", "Elu", "Selu"})
+
+
+@dataclass(frozen=True)
+class WeightUse:
+    """Input ``index`` of node ``node`` is a constant weight quantized on ``axis`` (None: per tensor)."""
+
+    node: str
+    index: int
+    axis: int | None
+
+
+@dataclass(frozen=True)
+class BiasUse:
+    """Input ``index`` of ``node`` is a bias: scale = scale of ``activation`` × scale of weight input ``weight``."""
+
+    node: str
+    index: int
+    activation: str
+    weight: int
+
+
+@dataclass(frozen=True)
+class LookupRegion:
+    """Elementwise nodes computing ``output = f(input)`` of one tensor; replaced by a table."""
+
+    input: str
+    output: str
+    nodes: tuple[str, ...]
 
 
 @dataclass

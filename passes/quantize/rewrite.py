@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+from onnxopt.passes.quantize.placement import Placement
 
 from onnxopt.calibration import (
     QuantParams,
@@ -48,59 +49,26 @@ from onnxopt.calibration import (
     weight_qparams,
 )
 from onnxopt.graph import GraphIndex, NameGenerator, remove_unused, rename_input, replace_repeated, toposort
+from onnxopt.runtime import Session
 
-__all__ = ["BiasUse", "LookupRegion", "QDQPlan", "Rounded", "WeightUse", "apply_plan", "lookup_table"]
-
-
-@dataclass(frozen=True)
-class WeightUse:
-    """Input ``index`` of node ``node`` is a constant weight quantized on ``axis`` (None: per tensor)."""
-
-    node: str
-    index: int
-    axis: int | None
-
-
-@dataclass(frozen=True)
-class BiasUse:
-    """Input ``index`` of ``node`` is a bias: scale = scale of ``activation`` × scale of weight input ``weight``."""
-
-    node: str
-    index: int
-    activation: str
-    weight: int
-
-
-@dataclass(frozen=True)
-class LookupRegion:
-    """Elementwise nodes computing ``output = f(input)`` of one tensor; replaced by a table."""
-
-    input: str
-    output: str
-    nodes: tuple[str, ...]
+__all__ = ["QDQPlan", "Rounded", "apply_plan", "lookup_table"]
 
 
 #: integers chosen for weights by error-compensating rounding: (weight name, axis) → (scale, integers)
 Rounded = dict[tuple[str, "int | None"], tuple[np.ndarray, np.ndarray]]
 
 
-@dataclass
+@dataclass(frozen=True)
 class QDQPlan:
-    """Everything the rewrite inserts; see the module docstring."""
+    """Everything the rewrite inserts: a placement and the numbers it needs; see the module docstring."""
 
-    activations: dict[str, QuantParams] = field(default_factory=dict)
-    weights: list[WeightUse] = field(default_factory=list)
-    biases: list[BiasUse] = field(default_factory=list)
-    tables: list[str] = field(default_factory=list)
-    absorbed: set[str] = field(default_factory=set)
-    lookups: list[LookupRegion] = field(default_factory=list)
+    #: where Q/DQ goes: the integer nodes, the activations, weights, biases, tables, lookups
+    placement: Placement
+    #: parameters of every quantized activation (the placement's ``tensors``)
+    activations: dict[str, QuantParams]
     #: integers chosen for a weight by error-compensating rounding, per (weight name, axis),
     #: with the scale they were rounded on; used when the rewrite's scale is that scale
     rounded: Rounded = field(default_factory=dict)
-    #: nodes that stay float but read their weight stored as int8 (``Cast`` and ``Mul``, folded by the runtime)
-    weight_only: set[str] = field(default_factory=set)
-    #: the nodes that compute in integers; None: every reader of a quantized tensor reads its DQ
-    quantized_nodes: frozenset[str] | None = None
 
 
 def _add_initializer(graph: onnx.GraphProto, names: NameGenerator, base: str, array: np.ndarray) -> str:
@@ -109,8 +77,17 @@ def _add_initializer(graph: onnx.GraphProto, names: NameGenerator, base: str, ar
     return name
 
 
-def _dequantize_node(graph: onnx.GraphProto, names: NameGenerator, source: str, params: QuantParams,
-                     output: str, base: str, tag: str, *, constant: bool = False) -> onnx.NodeProto:
+def _dequantize_node(
+    graph: onnx.GraphProto,
+    names: NameGenerator,
+    source: str,
+    params: QuantParams,
+    output: str,
+    base: str,
+    tag: str,
+    *,
+    constant: bool = False,
+) -> onnx.NodeProto:
     """Return a DQ node named after ``base``; its scale and zero point are named ``{tag}s``/``{tag}z``.
 
     A zero point of zeros on a signed ``constant`` (int8 weights, int32 biases) is left out:
@@ -126,8 +103,16 @@ def _dequantize_node(graph: onnx.GraphProto, names: NameGenerator, source: str, 
     return helper.make_node("DequantizeLinear", inputs, [output], name=names.fresh(f"{base}_dq"), **attrs)
 
 
-def _cast_scale_nodes(graph: onnx.GraphProto, names: NameGenerator, source: str, params: QuantParams,
-                      output: str, base: str, tag: str, ndim: int) -> list[onnx.NodeProto]:
+def _cast_scale_nodes(
+    graph: onnx.GraphProto,
+    names: NameGenerator,
+    source: str,
+    params: QuantParams,
+    output: str,
+    base: str,
+    tag: str,
+    ndim: int,
+) -> list[onnx.NodeProto]:
     """Return ``Cast(int8 → float) · scale`` for a weight that a float node reads (weight-only storage).
 
     Not a DequantizeLinear: onnxruntime keeps DQ nodes out of constant folding (they are
@@ -143,15 +128,19 @@ def _cast_scale_nodes(graph: onnx.GraphProto, names: NameGenerator, source: str,
         scale = scale.reshape(shape)
     scale_name = _add_initializer(graph, names, f"{tag}s", scale)
     as_float = names.fresh(f"{tag}c")
-    return [helper.make_node("Cast", [source], [as_float], name=names.fresh(f"{base}_cast"), to=onnx.TensorProto.FLOAT),
-            helper.make_node("Mul", [as_float, scale_name], [output], name=names.fresh(f"{base}_scale"))]
+    return [
+        helper.make_node("Cast", [source], [as_float], name=names.fresh(f"{base}_cast"), to=onnx.TensorProto.FLOAT),
+        helper.make_node("Mul", [as_float, scale_name], [output], name=names.fresh(f"{base}_scale")),
+    ]
 
 
-def _weight_scales(index: GraphIndex, plan: QDQPlan, nodes: dict[str, onnx.NodeProto]) -> dict[tuple[str, int | None],
-                                                                                                QuantParams]:
+def _weight_scales(
+    index: GraphIndex, plan: QDQPlan, nodes: dict[str, onnx.NodeProto]
+) -> dict[tuple[str, int | None], QuantParams]:
     """Return parameters per (weight name, axis), raised where a bias would overflow int32."""
     params: dict[tuple[str, int | None], QuantParams] = {}
-    for use in plan.weights:
+    placement = plan.placement
+    for use in placement.weights:
         name = nodes[use.node].input[use.index]
         key = (name, use.axis)
         if key not in params:
@@ -159,8 +148,8 @@ def _weight_scales(index: GraphIndex, plan: QDQPlan, nodes: dict[str, onnx.NodeP
             if value is None:
                 raise ValueError(f"weight {name!r} of node {use.node!r} is not a constant")
             params[key] = weight_qparams(value, use.axis)
-    by_node = {(u.node, u.index): u for u in plan.weights}
-    for bias in plan.biases:
+    by_node = {(u.node, u.index): u for u in placement.weights}
+    for bias in placement.biases:
         node = nodes[bias.node]
         use = by_node[(bias.node, bias.weight)]
         key = (node.input[bias.weight], use.axis)
@@ -173,29 +162,50 @@ def _weight_scales(index: GraphIndex, plan: QDQPlan, nodes: dict[str, onnx.NodeP
     return params
 
 
-def apply_plan(model: onnx.ModelProto, plan: QDQPlan) -> tuple[onnx.ModelProto, dict[str, int]]:
-    """Return a quantized copy of ``model`` (main graph) and counts of what was inserted."""
-    result = onnx.ModelProto()
-    result.CopyFrom(model)
-    graph = result.graph
-    names = NameGenerator(result)
-    index = GraphIndex(graph)
-    nodes = {n.name: n for n in graph.node}
-    new_nodes: list[onnx.NodeProto] = []
-    counts: dict[str, int] = defaultdict(int)
+@dataclass
+class _Rewrite:
+    """What the rules share while they rewrite one copy of the model."""
 
-    weight_params = _weight_scales(index, plan, nodes)
+    model: onnx.ModelProto
+    plan: QDQPlan
+    names: NameGenerator
+    index: GraphIndex
+    nodes: dict[str, onnx.NodeProto]
+    #: the nodes the rules insert, appended in order
+    new_nodes: list[onnx.NodeProto] = field(default_factory=list)
+    counts: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
+    #: parameters of the weight each (node, input index) now reads, for its bias
+    weight_params: dict[tuple[str, int], QuantParams] = field(default_factory=dict)
+    #: the QuantizeLinear output of each quantized activation, for the lookup tables
+    quantized_names: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def graph(self) -> onnx.GraphProto:
+        return self.model.graph
+
+    def initializer(self, base: str, array: np.ndarray) -> str:
+        return _add_initializer(self.graph, self.names, base, array)
+
+    def dequantize(
+        self, source: str, params: QuantParams, output: str, base: str, tag: str, *, constant: bool = False
+    ) -> onnx.NodeProto:
+        return _dequantize_node(self.graph, self.names, source, params, output, base, tag, constant=constant)
+
+
+def _quantize_weights(state: _Rewrite) -> None:
+    """Rule 2: one int8 initializer per (weight, axis), read through DQ or, by float nodes, Cast · scale."""
+    plan, names, counts = state.plan, state.names, state.counts
+    params_of = _weight_scales(state.index, plan, state.nodes)
     dequantized: dict[tuple[str, int | None, str], str] = {}
-    used_params: dict[tuple[str, int], QuantParams] = {}
     stored: dict[tuple[str, int | None], tuple[str, str, int]] = {}  # (weight, axis) → (int8 name, tag, ndim)
-    weight_only = set(plan.weight_only)
-    for use in plan.weights:
-        node = nodes[use.node]
+    weight_only = set(plan.placement.weight_only)
+    for use in plan.placement.weights:
+        node = state.nodes[use.node]
         name = node.input[use.index]
         key = (name, use.axis)
-        params = weight_params[key]
+        params = params_of[key]
         if key not in stored:
-            value = index.constant(name)
+            value = state.index.constant(name)
             assert value is not None
             chosen = plan.rounded.get(key)
             if chosen is not None and np.array_equal(chosen[0], params.scale):
@@ -204,86 +214,100 @@ def apply_plan(model: onnx.ModelProto, plan: QDQPlan) -> tuple[onnx.ModelProto, 
             else:
                 q_value = quantize(value, params)
             tag = names.fresh(f"w{counts['weights_quantized']}")
-            stored[key] = (_add_initializer(graph, names, f"{tag}q", q_value), tag, q_value.ndim)
+            stored[key] = (state.initializer(f"{tag}q", q_value), tag, q_value.ndim)
             counts["weights_quantized"] += 1
         form = "cast" if use.node in weight_only else "dq"
         if (*key, form) not in dequantized:
             q_name, tag, ndim = stored[key]
             out = names.fresh(f"{tag}d" if form == "dq" else f"{tag}f")
             if form == "dq":
-                new_nodes.append(_dequantize_node(graph, names, q_name, params, out, name, tag, constant=True))
+                state.new_nodes.append(state.dequantize(q_name, params, out, name, tag, constant=True))
             else:
-                new_nodes += _cast_scale_nodes(graph, names, q_name, params, out, name, tag, ndim)
+                state.new_nodes += _cast_scale_nodes(state.graph, names, q_name, params, out, name, tag, ndim)
             dequantized[(*key, form)] = out
-        used_params[(use.node, use.index)] = params
+        state.weight_params[(use.node, use.index)] = params
         node.input[use.index] = dequantized[(*key, form)]
 
-    for bias in plan.biases:
-        node = nodes[bias.node]
-        w_params = used_params[(bias.node, bias.weight)]
-        value = index.constant(node.input[bias.index])
+
+def _quantize_biases(state: _Rewrite) -> None:
+    """Rule 3: int32 biases on the scale ``s_input * s_weight`` (after the weights: it reads their scales)."""
+    for bias in state.plan.placement.biases:
+        node = state.nodes[bias.node]
+        w_params = state.weight_params[(bias.node, bias.weight)]
+        value = state.index.constant(node.input[bias.index])
         assert value is not None
-        q_bias, scale = quantize_bias(value, float(plan.activations[bias.activation].scale), w_params.scale)
+        q_bias, scale = quantize_bias(value, float(state.plan.activations[bias.activation].scale), w_params.scale)
         params = QuantParams(scale, np.zeros(scale.shape, np.int32), 0 if scale.ndim == 1 else None)
         base = node.input[bias.index]
-        tag = names.fresh(f"b{counts['biases_quantized']}")
-        q_name = _add_initializer(graph, names, f"{tag}q", q_bias)
-        dq_out = names.fresh(f"{tag}d")
-        new_nodes.append(_dequantize_node(graph, names, q_name, params, dq_out, base, tag, constant=True))
+        tag = state.names.fresh(f"b{state.counts['biases_quantized']}")
+        q_name = state.initializer(f"{tag}q", q_bias)
+        dq_out = state.names.fresh(f"{tag}d")
+        state.new_nodes.append(state.dequantize(q_name, params, dq_out, base, tag, constant=True))
         node.input[bias.index] = dq_out
-        counts["biases_quantized"] += 1
+        state.counts["biases_quantized"] += 1
 
-    for table_node in plan.tables:
-        node = nodes[table_node]
-        table = index.constant(node.input[0])
+
+def _quantize_tables(state: _Rewrite) -> None:
+    """Rule 4: embedding tables as int8 rows with one scale per row, rescaled after the Gather."""
+    names = state.names
+    for table_node in state.plan.placement.tables:
+        node = state.nodes[table_node]
+        table = state.index.constant(node.input[0])
         assert table is not None
         params = weight_qparams(table, 0)
         base = node.input[0]
-        q_table = _add_initializer(graph, names, f"{base}_quantized", quantize(table, params))
-        scales = _add_initializer(graph, names, f"{base}_row_scale", params.scale.reshape(-1, 1))
+        q_table = state.initializer(f"{base}_quantized", quantize(table, params))
+        scales = state.initializer(f"{base}_row_scale", params.scale.reshape(-1, 1))
         rows, row_scales, as_float = (names.fresh(f"{base}_{part}") for part in ("rows", "row_scales", "rows_float"))
         output = node.output[0]
         node.input[0] = q_table
         node.output[0] = rows
-        new_nodes += [
-            helper.make_node("Gather", [scales, node.input[1]], [row_scales], name=names.fresh(f"{node.name}_scale"),
-                             axis=0),
-            helper.make_node("Cast", [rows], [as_float], name=names.fresh(f"{node.name}_cast"),
-                             to=onnx.TensorProto.FLOAT),
+        state.new_nodes += [
+            helper.make_node(
+                "Gather", [scales, node.input[1]], [row_scales], name=names.fresh(f"{node.name}_scale"), axis=0
+            ),
+            helper.make_node(
+                "Cast", [rows], [as_float], name=names.fresh(f"{node.name}_cast"), to=onnx.TensorProto.FLOAT
+            ),
             helper.make_node("Mul", [as_float, row_scales], [output], name=names.fresh(f"{node.name}_rescale")),
         ]
-        counts["tables_quantized"] += 1
+        state.counts["tables_quantized"] += 1
 
-    absorbed_by_output = {nodes[n].output[0]: nodes[n] for n in plan.absorbed}
-    lookups = {lookup.output: lookup for lookup in plan.lookups}
-    graph_inputs = {i.name for i in graph.input}
-    quantized_names: dict[str, str] = {}
-    removed = set(plan.absorbed) | {n for lookup in plan.lookups for n in lookup.nodes}
-    for tensor, params in plan.activations.items():
-        tag = names.fresh(f"a{len(quantized_names)}")
+
+def _quantize_activations(state: _Rewrite) -> None:
+    """Rules 1 and 6: a Q/DQ pair per activation, read by every reader or by the integer ones only.
+
+    An absorbed Relu/Clip's input feeds the Q directly (rule 6); the node itself is
+    removed at the end. A lookup region's output gets only its DQ (rule 5 writes the Q side).
+    """
+    placement, names, index = state.plan.placement, state.names, state.index
+    absorbed_by_output = {state.nodes[n].output[0]: state.nodes[n] for n in placement.absorbed}
+    lookups = {lookup.output for lookup in placement.lookups}
+    graph_inputs = {i.name for i in state.graph.input}
+    for tensor, params in state.plan.activations.items():
+        tag = names.fresh(f"a{len(state.quantized_names)}")
         quantized = names.fresh(f"{tag}q")
-        quantized_names[tensor] = quantized
+        state.quantized_names[tensor] = quantized
         if tensor in lookups:
-            new_nodes.append(_dequantize_node(graph, names, quantized, params, tensor, tensor, tag))
-            counts["activations_quantized"] += 1
+            state.new_nodes.append(state.dequantize(quantized, params, tensor, tensor, tag))
+            state.counts["activations_quantized"] += 1
             continue
         producer = index.producer.get(tensor)
-        if plan.quantized_nodes is not None and tensor not in absorbed_by_output and (
-                producer is None or producer.name not in plan.quantized_nodes):
+        if tensor not in absorbed_by_output and (producer is None or producer.name not in placement.nodes):
             # a float producer: only the integer readers read the DQ, float readers keep the exact value
             dq_out = names.fresh(f"{tag}d")
             for reader in index.consumers.get(tensor, ()):
-                if reader.name in plan.quantized_nodes:
+                if reader.name in placement.nodes:
                     for i, name in enumerate(reader.input):
                         if name == tensor:
                             reader.input[i] = dq_out
             source = tensor
-            dq = _dequantize_node(graph, names, quantized, params, dq_out, tensor, tag)
+            dq = state.dequantize(quantized, params, dq_out, tensor, tag)
         elif tensor in graph_inputs:
             dq_out = names.fresh(f"{tag}d")
-            rename_input(graph, tensor, dq_out)
+            rename_input(state.graph, tensor, dq_out)
             source = tensor
-            dq = _dequantize_node(graph, names, quantized, params, dq_out, tensor, tag)
+            dq = state.dequantize(quantized, params, dq_out, tensor, tag)
         else:
             absorbed = absorbed_by_output.get(tensor)
             if absorbed is not None:
@@ -292,32 +316,76 @@ def apply_plan(model: onnx.ModelProto, plan: QDQPlan) -> tuple[onnx.ModelProto, 
                 producer = index.producer[tensor]
                 source = names.fresh(f"{tag}f")
                 producer.output[list(producer.output).index(tensor)] = source
-            dq = _dequantize_node(graph, names, quantized, params, tensor, tensor, tag)
+            dq = state.dequantize(quantized, params, tensor, tensor, tag)
         scale, zero = dq.input[1], dq.input[2]
-        new_nodes.append(helper.make_node("QuantizeLinear", [source, scale, zero], [quantized],
-                                          name=names.fresh(f"{tensor}_q")))
-        new_nodes.append(dq)
-        counts["activations_quantized"] += 1
+        state.new_nodes.append(
+            helper.make_node("QuantizeLinear", [source, scale, zero], [quantized], name=names.fresh(f"{tensor}_q"))
+        )
+        state.new_nodes.append(dq)
+        state.counts["activations_quantized"] += 1
 
-    for lookup in plan.lookups:
-        region = [nodes[n] for n in lookup.nodes]
-        table = lookup_table(result, region, lookup.input, lookup.output, plan.activations[lookup.input],
-                             plan.activations[lookup.output])
-        table_name = _add_initializer(graph, names, f"{lookup.output}_table", table)
+
+def _replace_lookups(state: _Rewrite) -> None:
+    """Rule 5: a lookup region becomes Cast and Gather on its table (after the activations: it reads their Q)."""
+    names, plan = state.names, state.plan
+    for lookup in plan.placement.lookups:
+        region = [state.nodes[n] for n in lookup.nodes]
+        table = lookup_table(
+            state.model,
+            region,
+            lookup.input,
+            lookup.output,
+            plan.activations[lookup.input],
+            plan.activations[lookup.output],
+        )
+        table_name = state.initializer(f"{lookup.output}_table", table)
         codes = names.fresh(f"{lookup.output}_codes")
-        new_nodes.append(helper.make_node("Cast", [quantized_names[lookup.input]], [codes],
-                                          name=names.fresh(f"{lookup.output}_cast"), to=onnx.TensorProto.INT32))
-        new_nodes.append(helper.make_node("Gather", [table_name, codes], [quantized_names[lookup.output]],
-                                          name=names.fresh(f"{lookup.output}_lookup"), axis=0))
-        counts["lookup_tables"] += 1
+        state.new_nodes.append(
+            helper.make_node(
+                "Cast",
+                [state.quantized_names[lookup.input]],
+                [codes],
+                name=names.fresh(f"{lookup.output}_cast"),
+                to=onnx.TensorProto.INT32,
+            )
+        )
+        state.new_nodes.append(
+            helper.make_node(
+                "Gather",
+                [table_name, codes],
+                [state.quantized_names[lookup.output]],
+                name=names.fresh(f"{lookup.output}_lookup"),
+                axis=0,
+            )
+        )
+        state.counts["lookup_tables"] += 1
+
+
+def apply_plan(model: onnx.ModelProto, plan: QDQPlan) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """Return a quantized copy of ``model`` (main graph) and counts of what was inserted.
+
+    The rules run in the order of the module docstring's data flow: weights before the
+    biases that read their scales, activations before the lookups that read their Q.
+    """
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    graph = result.graph
+    state = _Rewrite(result, plan, NameGenerator(result), GraphIndex(graph), {n.name: n for n in graph.node})
+    _quantize_weights(state)
+    _quantize_biases(state)
+    _quantize_tables(state)
+    _quantize_activations(state)
+    _replace_lookups(state)
+    placement = plan.placement
+    removed = set(placement.absorbed) | {n for lookup in placement.lookups for n in lookup.nodes}
     kept = [n for n in graph.node if n.name not in removed]
-    counts["activations_absorbed"] = len(plan.absorbed)
+    state.counts["activations_absorbed"] = len(placement.absorbed)
     del graph.node[:]
-    graph.node.extend(kept + new_nodes)
+    graph.node.extend(kept + state.new_nodes)
     toposort(graph)
     remove_unused(graph)
     _drop_stale_value_info(graph)
-    return result, dict(counts)
+    return result, dict(state.counts)
 
 
 def _drop_stale_value_info(graph: onnx.GraphProto) -> None:
@@ -328,17 +396,19 @@ def _drop_stale_value_info(graph: onnx.GraphProto) -> None:
         replace_repeated(graph.value_info, keep)
 
 
-
-def lookup_table(model: onnx.ModelProto, region: list[onnx.NodeProto], source: str, result: str,
-                 source_params: QuantParams, result_params: QuantParams) -> np.ndarray:
+def lookup_table(
+    model: onnx.ModelProto,
+    region: list[onnx.NodeProto],
+    source: str,
+    result: str,
+    source_params: QuantParams,
+    result_params: QuantParams,
+) -> np.ndarray:
     """Return ``Q_result(f(DQ_source(code)))`` for every code of the source type, ``f`` being ``region``."""
-    from onnxopt.graph import GraphIndex as _Index
-    from onnxopt.runtime import Session
-
     info = np.iinfo(source_params.dtype)
     codes = np.arange(info.min, info.max + 1).astype(source_params.dtype)
     values = dequantize(codes, source_params)
-    index = _Index(model.graph)
+    index = GraphIndex(model.graph)
     constants: list[Any] = []
     for node in region:
         for name in node.input:
@@ -346,9 +416,12 @@ def lookup_table(model: onnx.ModelProto, region: list[onnx.NodeProto], source: s
             if value is not None and name not in {c.name for c in constants}:
                 constants.append(numpy_helper.from_array(np.asarray(value.reshape(-1)[0], dtype=value.dtype), name))
     graph = helper.make_graph(
-        [_copy(n) for n in region], "lookup",
+        [_copy(n) for n in region],
+        "lookup",
         [helper.make_tensor_value_info(source, onnx.TensorProto.FLOAT, [len(codes)])],
-        [helper.make_tensor_value_info(result, onnx.TensorProto.FLOAT, None)], constants)
+        [helper.make_tensor_value_info(result, onnx.TensorProto.FLOAT, None)],
+        constants,
+    )
     mini = helper.make_model(graph, opset_imports=list(model.opset_import))
     mini.ir_version = model.ir_version
     with Session(mini, label="lookup region") as session:
