@@ -197,6 +197,22 @@ def search_largest(passes: Callable[[float], bool], low: float, high: float, ste
 
 
 
+def search_smallest(passes: Callable[[int], bool], low: int, high: int) -> int:
+    """Return the smallest ``n`` in ``(low, high]`` with ``passes(n)`` (monotone), by bisection.
+
+    ``high`` is assumed to pass and ``low`` to fail; neither is tried. The back-off
+    searches use it for the fewest layers to restore (or nodes to return to float).
+    """
+    while high - low > 1:
+        middle = (low + high) // 2
+        if passes(middle):
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+
 def describe_budget(budget: Tolerance | Acceptance | Any) -> str:
     """Return a short description of a resolved budget for notes."""
     if isinstance(budget, Tolerance):

@@ -18,21 +18,14 @@ from __future__ import annotations
 import logging
 import time
 import tracemalloc
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 import onnx
-from onnxopt.passes.common.budget import HeldOutCheck
-from onnxopt.passes.quantize.fallback import (
-    DEFAULT_TARGET,
-    Target,
-    depthwise_groups,
-    measure_latency,
-    parse_target,
-    rank_by_removal,
-)
+from onnxopt.passes.quantize.backoff import Built, Variant, accuracy_fallback, latency_probes
+from onnxopt.passes.quantize.fallback import DEFAULT_TARGET, Target, measure_latency, parse_target
 from onnxopt.passes.quantize.gptq import round_weights
 from onnxopt.passes.quantize.placement import ANCHOR_OPS, DEFAULT_OP_TYPES, Placement, place, saturation_bounds
 from onnxopt.passes.quantize.rewrite import QDQPlan, Rounded, apply_plan
@@ -58,11 +51,6 @@ __all__ = ["QuantizeInt8"]
 log = logging.getLogger(__name__)
 
 _MIN_OPSET = 13  # per-channel DequantizeLinear (axis) needs opset 13
-#: Model run time the sensitivity ranking may spend (besides building each variant); it
-#: sets how many held-out samples rank the nodes, at least 2. MiniLM encoder, 48 candidates,
-#: target cosine>=0.995 on the embedding: ranked on all 8 held-out sentences the fallback
-#: ends at 0.74x latency (agreement 0.9954), ranked on 2 at 0.80x (0.9961).
-_RANKING_SECONDS = 10.0
 
 
 def _name_nodes(model: onnx.ModelProto) -> None:
@@ -246,15 +234,15 @@ class QuantizeInt8(Pass):
         stats["ranges_saturation_clamped"] = len(bounds)
         return ranges, blocked
 
-    def _plan(self, model: onnx.ModelProto, state: _Calibrated, float_nodes: dict[str, str],
-              float_weights: Collection[str] = ()) -> tuple[Placement, QDQPlan]:
-        """Return placement and plan; ``float_weights``: float nodes whose weight stays float too."""
+    def _build(self, model: onnx.ModelProto, state: _Calibrated, variant: Variant) -> Built:
+        """Return ``variant`` placed and rewritten."""
         ranges, blocked = state.ranges, state.blocked
         op_types = self.op_types if self.op_types is not None else DEFAULT_OP_TYPES
         common: dict[str, Any] = {"op_types": op_types, "exclude": self.exclude, "per_channel": self.per_channel,
                   "weight_only": self.weight_only,
-                  "float_weights": frozenset(float_weights),
+                  "float_weights": variant.float_weights,
                   "depthwise": self.depthwise}
+        float_nodes = dict(variant.float_nodes)
         placement = place(model, float_nodes=float_nodes, blocked=blocked, **common)
         mixed = _mixed_concats(placement, ranges, self.mixed_range_ratio)
         if mixed:
@@ -269,8 +257,8 @@ class QuantizeInt8(Pass):
                         low = min(ranges[t][0] for t in node.input if t in ranges)
                         high = max(ranges[t][1] for t in node.input if t in ranges)
                         params[tensor] = params[node.output[0]] = affine_qparams(low, high, dtype)
-        plan = QDQPlan(placement, params, state.rounded)
-        return placement, plan
+        quantized, counts = apply_plan(model, QDQPlan(placement, params, state.rounded))
+        return Built(variant, placement, quantized, counts)
 
     # ------------------------------------------------------------------ run
 
@@ -314,32 +302,33 @@ class QuantizeInt8(Pass):
                                                     progress=ctx.progress)
             notes += rounding_notes
         state = _Calibrated(ranges, blocked, rounded)
-        float_nodes: dict[str, str] = {}
-        placement, plan = self._plan(work, state, float_nodes)
-        quantized, counts = apply_plan(work, plan)
 
-        fallback: list[str] = []
-        float_weights: set[str] = set()
+        def build(variant: Variant) -> Built:
+            return self._build(work, state, variant)
+
+        built = build(Variant())
+        returned: tuple[str, ...] = ()
         if target is not None:
-            budget = self._latency_budget(work, ctx)
-            fitted = calib if calib is not held else Dataset([])
-            placement, plan, quantized, counts, fallback = self._fallback(
-                work, target, held, state, float_nodes, float_weights, placement, plan, quantized, counts, ctx, notes,
-                stats, budget, fitted)
-            if not stats["target_met"]:
+            fallback = accuracy_fallback(
+                work, built, build, target, held, fitted=calib if calib is not held else Dataset([]),
+                max_fallback=self.max_fallback, budget=self._latency_budget(work, ctx), progress=ctx.progress)
+            notes += fallback.notes
+            stats["target_met"] = int(fallback.met)
+            built, returned = fallback.built, fallback.returned
+            if not fallback.met:
                 # an int8 model outside its accuracy target is not a result: keep the float model
-                stats["fallback_nodes"] = len(fallback)
+                stats["fallback_nodes"] = len(returned)
                 notes.append("kept the float model: the accuracy target was not met within the fallback's limits "
                              "(latency budget or max_fallback); loosen --target or set check_latency=false")
                 return PassResult(model, False, stats, notes)
 
         if self.check_latency:
-            placement, quantized, counts = self._latency_groups(work, state, float_nodes, float_weights, placement,
-                                                                quantized, counts, ctx.calibration[0], notes)
+            built = latency_probes(work, built, build, ctx.calibration[0], threads=self.threads, notes=notes)
+        placement, quantized, counts = built.placement, built.model, built.counts
         stats.update(counts)
         stats["nodes_quantized"] = len(placement.nodes)
         stats["nodes_kept_float"] = len(placement.float_reasons)
-        stats["fallback_nodes"] = len(fallback)
+        stats["fallback_nodes"] = len(returned)
         stats["weight_only_nodes"] = len(placement.weight_only)
         stats["bytes_after"] = serialized_size(quantized)
         reference = ctx.reference if self.latency_reference == "source" else None
@@ -353,112 +342,6 @@ class QuantizeInt8(Pass):
         if not kept:
             return PassResult(model, False, stats, notes)
         return PassResult(quantized, True, stats, notes)
-
-    def _fallback(self, work: onnx.ModelProto, target: Target, held: Dataset, state: _Calibrated,
-                  float_nodes: dict[str, str], float_weights: set[str], placement: Placement, plan: QDQPlan,
-                  quantized: onnx.ModelProto, counts: dict[str, int], ctx: Context, notes: list[str],
-                  stats: dict[str, Any], budget: Callable[[onnx.ModelProto], str | None] | None = None,
-                  fitted: Dataset | None = None,
-                  ) -> tuple[Placement, QDQPlan, onnx.ModelProto, dict[str, int], list[str]]:
-        """Return the most sensitive nodes to float, in doubling steps, until ``target`` holds.
-
-        A node with integer kernels returns to float compute (its weight still stored as
-        int8); a node that already computes in float gets its float weight back. Both kinds
-        are ranked together by the output noise they remove alone. ``float_nodes`` and
-        ``float_weights`` are updated in place. ``budget`` (a model → the reason it is too
-        slow, or None) stops the walk before the step that would make the model slower
-        than the latency check allows: that step is undone and the target left unmet.
-        The target must hold on the held-out samples and on the ``fitted`` (calibration)
-        samples alike: a few held-out samples alone can pass a model that fails on inputs
-        the pass has seen.
-        """
-        judge = HeldOutCheck(work, list(held), target, fitted=list(fitted or ()))
-        reference, per_run = judge.reference, judge.seconds_per_run
-
-        met, summary = judge(quantized)
-        fallback: list[str] = []
-        stored_int8 = set(placement.weight_only)
-        candidates = [n for n, node in placement.nodes.items() if node.op_type in ANCHOR_OPS] + sorted(stored_int8)
-        limit = len(candidates) if self.max_fallback is None else self.max_fallback
-        if not met and limit > 0:
-            def build(extra: set[str]) -> onnx.ModelProto:
-                probe = dict.fromkeys(extra - stored_int8, "sensitivity probe")
-                plan = self._plan(work, state, {**float_nodes, **probe}, float_weights | (extra & stored_int8))[1]
-                return apply_plan(work, plan)[0]
-
-            # as many held-out samples as the ranking's time allows (short inputs rank noisily on two)
-            count = int(np.clip(_RANKING_SECONDS / max(per_run * len(candidates), 1e-9), 2, len(held)))
-            probe = Dataset(list(held)[:count])
-            with ctx.progress.task("ranking node sensitivity", len(candidates)) as task:
-                gains = rank_by_removal(build, candidates, probe, target.scoped(reference[:count]), task.advance)
-            order = sorted(gains, key=gains.__getitem__, reverse=True)
-            step = 1
-            def trial(names: list[str]) -> tuple[dict[str, str], set[str], Placement, QDQPlan, onnx.ModelProto,
-                                                  dict[str, int]]:
-                nodes = {**float_nodes, **{name: (f"accuracy fallback: alone in float it removes {gains[name]:.2e} "
-                                                  f"of the output noise ({summary})")
-                                           for name in names if name not in stored_int8}}
-                weights = float_weights | (set(names) & stored_int8)
-                trial_placement, trial_plan = self._plan(work, state, nodes, weights)
-                return (nodes, weights, trial_placement, trial_plan, *apply_plan(work, trial_plan))
-
-            while not met and order and len(fallback) < limit:
-                batch, order = order[:step], order[step:]
-                batch = batch[: limit - len(fallback)]
-                candidate = trial(batch)
-                too_slow = budget(candidate[4]) if budget is not None else None
-                if too_slow:
-                    notes.append(f"accuracy fallback stopped at {len(fallback)} node(s): {len(batch)} more would make "
-                                 f"the model {too_slow}")
-                    break
-                met, batch_summary = judge(candidate[4])
-                if met and len(batch) > 1:  # the shortest prefix of this batch that still meets the target
-                    low, high, best = 0, len(batch), (candidate, batch_summary)
-                    while high - low > 1:
-                        middle = (low + high) // 2
-                        shorter = trial(batch[:middle])
-                        ok, text = judge(shorter[4])
-                        if ok:
-                            high, best = middle, (shorter, text)
-                        else:
-                            low = middle
-                    batch, (candidate, batch_summary) = batch[:high], best
-                float_nodes.update(candidate[0])
-                float_weights |= candidate[1]
-                fallback += batch
-                placement, plan, quantized, counts = candidate[2:]
-                summary = batch_summary
-                step *= 2
-        stats["target_met"] = int(met)
-        notes.append(f"accuracy on {len(held)} held-out samples: {summary} (target {target.text}: "
-                     f"{'met' if met else 'NOT met'})")
-        computed = [n for n in fallback if n not in float_weights]
-        if computed:
-            notes.append(f"{len(computed)} node(s) returned to float compute by the accuracy fallback (weights still "
-                         "stored as int8): " + ", ".join(computed))
-        if float_weights:
-            notes.append(f"{len(float_weights)} float node(s) got their float weights back from the accuracy fallback: "
-                         + ", ".join(sorted(float_weights)))
-        return placement, plan, quantized, counts, fallback
-
-    def _latency_groups(self, work: onnx.ModelProto, state: _Calibrated, float_nodes: dict[str, str],
-                        float_weights: set[str],
-                        placement: Placement, quantized: onnx.ModelProto, counts: dict[str, int],
-                        sample: dict[str, np.ndarray],
-                        notes: list[str]) -> tuple[Placement, onnx.ModelProto, dict[str, int]]:
-        """Time the model with each group of slow-kernel candidates in float; keep the fastest variant."""
-        for label, names in depthwise_groups(work, placement.nodes).items():
-            reason = f"latency: int8 {label} measured slower than float here"
-            trial_float = {**float_nodes, **dict.fromkeys(names, reason)}
-            trial_placement, trial_plan = self._plan(work, state, trial_float, float_weights)
-            trial, trial_counts = apply_plan(work, trial_plan)
-            current_s, trial_s = measure_latency([quantized, trial], sample, threads=self.threads)
-            notes.append(f"latency probe, {len(names)} {label} in float: {trial_s * 1e3:.2f} ms against "
-                         f"{current_s * 1e3:.2f} ms")
-            if trial_s < 0.98 * current_s:
-                float_nodes.update(dict.fromkeys(names, reason))
-                placement, quantized, counts = trial_placement, trial, trial_counts
-        return placement, quantized, counts
 
     def _latency_budget(self, work: onnx.ModelProto, ctx: Context) -> Callable[[onnx.ModelProto], str | None] | None:
         """Return the check the accuracy fallback must keep passing: no slower than the latency reference."""
