@@ -24,6 +24,7 @@ from onnxopt.passes.common.budget import (
     describe_budget,
     measure_gains,
     search_largest,
+    search_smallest,
 )
 from onnxopt.passes.common.layers import Layer, find_layers
 from onnxopt.passes.common.stats import InputStats, collect_input_stats
@@ -496,21 +497,15 @@ class SplitLowRank(Pass):
         order = sorted((i for i, r in enumerate(ranks) if r),
                        key=lambda i: -float(plan.factorizations[i].relative_error[ranks[i]]))
 
-        def with_dense(count: float) -> list[int]:
-            restored = set(order[: round(count)])
+        def with_dense(count: int) -> list[int]:
+            restored = set(order[:count])
             return [0 if i in restored else r for i, r in enumerate(ranks)]
 
-        def fits(count: float) -> bool:
+        def fits(count: int) -> bool:
             return check(apply_ranks(model, plan, with_dense(count)))[0]
 
         if fits(0):
             return ranks
-        low, high = len(order), 0  # all restored passes; find the fewest restored that passes
-        while low - high > 1:
-            middle = (low + high) // 2
-            if fits(middle):
-                low = middle
-            else:
-                high = middle
-        notes.append(f"kept {low} of {len(order)} layers dense to stay within the budget")
-        return with_dense(low)
+        count = search_smallest(fits, 0, len(order))  # all restored passes; the fewest restored that passes
+        notes.append(f"kept {count} of {len(order)} layers dense to stay within the budget")
+        return with_dense(count)

@@ -25,6 +25,7 @@ from onnxopt.passes.common.budget import (
     budget_tolerance,
     describe_budget,
     search_largest,
+    search_smallest,
 )
 from onnxopt.passes.prune.plan import PrunePlan, build_plan, store_sparse
 from onnxopt.passes.prune.sparsegpt import parse_nm
@@ -220,15 +221,9 @@ def _back_off(plan: PrunePlan, model: onnx.ModelProto, matrices: list[np.ndarray
 
     if check(plan.apply(model, matrices))[0]:
         return matrices
-    low, high = len(order), 0
-    while low - high > 1:
-        middle = (low + high) // 2
-        if check(plan.apply(model, with_dense(middle)))[0]:
-            low = middle
-        else:
-            high = middle
-    notes.append(f"kept {low} of {len(order)} pruned layers dense to stay within the budget")
-    return with_dense(low)
+    count = search_smallest(lambda n: check(plan.apply(model, with_dense(n)))[0], 0, len(order))
+    notes.append(f"kept {count} of {len(order)} pruned layers dense to stay within the budget")
+    return with_dense(count)
 
 
 
