@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import numpy_helper, version_converter
 
 from onnxopt.graph import GraphIndex, iter_graphs, subgraphs
 from onnxopt.normalize import infer_shapes
@@ -26,6 +26,7 @@ __all__ = [
     "opset_version",
     "remove_nodes",
     "rename_uses",
+    "upgrade_opset",
     "walk_scopes",
 ]
 
@@ -40,6 +41,25 @@ def opset_version(model: onnx.ModelProto, domain: str = "") -> int:
         if opset.domain == domain or (domain == "" and opset.domain == "ai.onnx"):
             return int(opset.version)
     return 0
+
+
+def upgrade_opset(model: onnx.ModelProto, version: int, *, needed_for: str, otherwise: str,
+                  notes: list[str]) -> onnx.ModelProto:
+    """Return ``model`` converted to opset ``version`` of the default domain, saying so in ``notes``.
+
+    When onnx's version converter fails, ``model`` comes back unchanged and the note says
+    why and what the pass does instead (``otherwise``). Callers check the current opset
+    first: a model already at ``version`` or above is not converted.
+    """
+    current = opset_version(model)
+    try:
+        upgraded = version_converter.convert_version(model, version)
+    except (RuntimeError, ValueError, onnx.checker.ValidationError) as exc:
+        notes.append(f"could not upgrade opset {current} -> {version} for {needed_for} ({str(exc)[:120]}); "
+                     f"{otherwise}")
+        return model
+    notes.append(f"upgraded the model from opset {current} to {version} ({needed_for} needs it)")
+    return upgraded
 
 
 def defined_names(graph: onnx.GraphProto) -> set[str]:

@@ -15,7 +15,15 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from onnxopt.graph import GraphIndex, NameGenerator, control_tensors, nested_ops, node_attribute, set_initializer
+from onnxopt.graph import (
+    GraphIndex,
+    NameGenerator,
+    control_tensors,
+    is_default_domain,
+    nested_ops,
+    node_attribute,
+    set_initializer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +77,7 @@ def find_layers(graph: onnx.GraphProto, op_types: Iterable[str] = WEIGHT_OPS) ->
     control = control_tensors(graph, index)
     deciding: list[str] = []
     for node in graph.node:
-        if node.op_type not in wanted or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+        if node.op_type not in wanted or not is_default_domain(node) or len(node.input) < 2:
             continue
         if node.output[0] in control:
             deciding.append(node.output[0])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import helper
-from onnxopt.passes.common.graphs import Scope, TypeMap, opset_version, walk_scopes
+from onnxopt.passes.common.graphs import Scope, TypeMap, opset_version, upgrade_opset, walk_scopes
 from onnxopt.passes.fusion.base import Fusion, ModelMatcher, Rewrite, add_weight
 from onnxopt.passes.fusion.match import Matcher, NoMatch
 from onnxopt.passes.fusion.patterns import erf_argument, hard_sigmoid_product, normalized_constant, tanh_argument
@@ -181,16 +181,8 @@ class FuseHardSwish(Fusion):
         opset = opset_version(model)
         if not self.upgrade or opset >= _HARDSWISH_OPSET or not self._has_product(model):
             return model
-        from onnx import version_converter
-
-        try:
-            upgraded = version_converter.convert_version(model, _HARDSWISH_OPSET)
-        except (RuntimeError, ValueError, onnx.checker.ValidationError) as exc:
-            notes.append(f"could not upgrade opset {opset} -> {_HARDSWISH_OPSET} for HardSwish "
-                         f"({str(exc)[:120]}); wrote x * HardSigmoid(x) instead")
-            return model
-        notes.append(f"upgraded the model from opset {opset} to {_HARDSWISH_OPSET} (HardSwish needs it)")
-        return upgraded
+        return upgrade_opset(model, _HARDSWISH_OPSET, needed_for="HardSwish",
+                             otherwise="wrote x * HardSigmoid(x) instead", notes=notes)
 
     def _has_product(self, model: onnx.ModelProto) -> bool:
         types = TypeMap(model)

@@ -33,7 +33,7 @@ import onnx
 from onnxopt.passes.common.layers import find_layers
 from onnxopt.passes.common.stats import InputStats, collect_input_stats
 
-from onnxopt.graph import GraphIndex, NameGenerator, node_attribute, remove_unused, set_initializer
+from onnxopt.graph import GraphIndex, NameGenerator, is_default_domain, node_attribute, remove_unused, set_initializer
 
 __all__ = [
     "HeadPair",
@@ -175,7 +175,7 @@ class HeadPair:
 
 def _producer(index: GraphIndex, name: str, op_type: str) -> onnx.NodeProto | None:
     node = index.producer.get(name)
-    return node if node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx") else None
+    return node if node is not None and node.op_type == op_type and is_default_domain(node) else None
 
 
 def _only_reads_leading_dims(index: GraphIndex, tensor: str, allowed: onnx.NodeProto) -> bool:
@@ -259,7 +259,7 @@ def find_head_pairs(model: onnx.ModelProto) -> list[HeadPair]:
     index = GraphIndex(model.graph)
     pairs = []
     for node in model.graph.node:
-        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or index.constant(node.input[1]) is not None:
+        if node.op_type != "MatMul" or not is_default_domain(node) or index.constant(node.input[1]) is not None:
             continue
         query = _side(index, node.input[0], [0, 2, 1, 3])
         key = _side(index, node.input[1], [0, 2, 3, 1])

@@ -26,6 +26,7 @@ from onnxopt.passes.common.budget import (
     search_largest,
     search_smallest,
 )
+from onnxopt.passes.common.graphs import opset_version
 from onnxopt.passes.common.layers import Layer, find_layers
 from onnxopt.passes.common.stats import InputStats, collect_input_stats
 from onnxopt.passes.lowrank.heads import (
@@ -273,7 +274,7 @@ def apply_ranks(model: onnx.ModelProto, plan: SplitPlan, ranks: list[int]) -> on
     result.CopyFrom(model)
     graph = result.graph
     names = NameGenerator(result)
-    opset = next((o.version for o in result.opset_import if o.domain in ("", "ai.onnx")), 13)
+    opset = opset_version(result)
     by_output = {node.output[0]: i for i, node in enumerate(graph.node) if node.output}
     replacements: dict[int, list[onnx.NodeProto]] = {}
     for layer, w, fact, rank in zip(plan.layers, plan.weights, plan.factorizations, ranks, strict=True):

@@ -33,6 +33,7 @@ import onnx
 from onnxopt.graph import (
     GraphIndex,
     NameGenerator,
+    is_default_domain,
     node_attribute,
     outer_references,
     remove_unused,
@@ -112,7 +113,7 @@ def _shape(types: dict[str, onnx.TypeProto], name: str) -> tuple[int | None, ...
 
 def _source_width(node: onnx.NodeProto, index: GraphIndex) -> tuple[int, int] | None:
     """Return (channels, negative axis) when ``node`` is a weight layer whose outputs can lose channels."""
-    if node.op_type not in WEIGHTED or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+    if node.op_type not in WEIGHTED or not is_default_domain(node) or len(node.input) < 2:
         return None
     weight = index.constant(node.input[1])
     if weight is None or weight.dtype != np.float32:
@@ -155,7 +156,7 @@ def _channel_axis_of(types: dict[str, onnx.TypeProto], name: str, axis: int) -> 
 def _carry_reason(node: onnx.NodeProto, name: str, channels: int, axis: int, index: GraphIndex,
                   types: dict[str, onnx.TypeProto], width: dict[str, tuple[int, int]]) -> str | None:
     """Return None when ``node`` carries the channels of its input ``name`` one to one, else why not."""
-    op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+    op = node.op_type if is_default_domain(node) else f"{node.domain}.{node.op_type}"
     label = f"{op} node {node.name or node.output[0]!r}" if node.output else f"{op} node {node.name!r}"
     if op in UNARY or op == "BatchNormalization" or op in POOLS or op == "Conv":
         if node.input[0] != name or list(node.input).count(name) != 1:

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import onnx
+from onnxopt.passes.common.graphs import opset_version, upgrade_opset
 from onnxopt.passes.quantize.backoff import Built, Variant, accuracy_fallback, latency_probes
 from onnxopt.passes.quantize.fallback import DEFAULT_TARGET, Target, measure_latency, parse_target
 from onnxopt.passes.quantize.gptq import round_weights
@@ -60,21 +61,6 @@ def _name_nodes(model: onnx.ModelProto) -> None:
         if not node.name or node.name in seen:
             node.name = names.fresh(node.name or node.op_type)
         seen.add(node.name)
-
-
-def _upgrade_opset(model: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:
-    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if version >= _MIN_OPSET:
-        return model
-    from onnx import version_converter
-
-    try:
-        upgraded = version_converter.convert_version(model, _MIN_OPSET)
-    except (RuntimeError, ValueError, onnx.checker.ValidationError) as exc:
-        notes.append(f"could not upgrade opset {version} -> {_MIN_OPSET} ({str(exc)[:120]}); weights per tensor")
-        return model
-    notes.append(f"upgraded the model from opset {version} to {_MIN_OPSET} (per-channel DequantizeLinear needs it)")
-    return upgraded
 
 
 def _mixed_concats(placement: Placement, ranges: dict[str, tuple[float, float]], ratio: float) -> dict[str, str]:
@@ -281,9 +267,11 @@ class QuantizeInt8(Pass):
         if unknown:
             raise OnnxoptError(f"the accuracy target names output(s) {', '.join(unknown)} that the model does not "
                                f"have; its outputs are {', '.join(outputs)}")
-        work = _upgrade_opset(model, notes) if self.per_channel else model
-        version = next((o.version for o in work.opset_import if o.domain in ("", "ai.onnx")), 0)
-        per_channel_ok = self.per_channel and version >= _MIN_OPSET
+        work = model
+        if self.per_channel and opset_version(model) < _MIN_OPSET:
+            work = upgrade_opset(model, _MIN_OPSET, needed_for="per-channel DequantizeLinear",
+                                 otherwise="weights per tensor", notes=notes)
+        per_channel_ok = self.per_channel and opset_version(work) >= _MIN_OPSET
         _name_nodes(work)
         if not work.graph.value_info:
             work, shape_note = infer_shapes(work)
