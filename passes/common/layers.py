@@ -28,6 +28,21 @@ from onnxopt.graph import (
 log = logging.getLogger(__name__)
 
 
+def is_depthwise(node: onnx.NodeProto, index: GraphIndex, channels: int | None = None) -> bool:
+    """Return True for a Conv whose every group reads one input channel (a depthwise convolution).
+
+    With ``channels``: whether it has one filter per channel, ``channels`` groups and as
+    many outputs (what pruning a channel through it needs; one channel counts).
+    """
+    if node.op_type != "Conv" or len(node.input) < 2:
+        return False
+    weight = index.constant(node.input[1])
+    group = int(node_attribute(node, "group", 1))  # type: ignore[call-overload]
+    if weight is None or weight.ndim < 3 or weight.shape[1] != 1:
+        return False
+    return group > 1 if channels is None else group == channels and weight.shape[0] == channels
+
+
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 

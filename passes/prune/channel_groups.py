@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+from onnxopt.passes.common.layers import is_depthwise
 
 from onnxopt.graph import (
     GraphIndex,
@@ -129,12 +130,6 @@ def _source_width(node: onnx.NodeProto, index: GraphIndex) -> tuple[int, int] | 
     return int(weight.shape[0] if trans_b else weight.shape[1]), -1
 
 
-def _is_depthwise(node: onnx.NodeProto, index: GraphIndex, width: int) -> bool:
-    weight = index.constant(node.input[1]) if len(node.input) > 1 else None
-    return (node.op_type == "Conv" and weight is not None and weight.shape[0] == width and weight.shape[1] == 1
-            and int(node_attribute(node, "group", 1)) == width)  # type: ignore[arg-type]
-
-
 def _consumes(node: onnx.NodeProto, name: str, index: GraphIndex, axis: int) -> bool:
     """Return True when ``node`` reads ``name`` as a linear layer's input we can slice."""
     if node.op_type not in WEIGHTED or list(node.input).count(name) != 1 or node.input[0] != name:
@@ -161,7 +156,7 @@ def _carry_reason(node: onnx.NodeProto, name: str, channels: int, axis: int, ind
     if op in UNARY or op == "BatchNormalization" or op in POOLS or op == "Conv":
         if node.input[0] != name or list(node.input).count(name) != 1:
             return f"read by {label} as a parameter"
-        if op == "Conv" and not _is_depthwise(node, index, channels):
+        if op == "Conv" and not is_depthwise(node, index, channels):
             return f"read by {label} (grouped, not depthwise)"
         if op in POOLS or op == "BatchNormalization" or op == "Conv":
             return None if _channel_axis_of(types, name, axis) else f"read by {label} along another axis"

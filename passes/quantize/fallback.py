@@ -24,8 +24,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+from onnxopt.passes.common.layers import is_depthwise
 
 from onnxopt.data import Dataset, Sample
+from onnxopt.graph import GraphIndex
 from onnxopt.harness import PROFILES, Tolerance, compare_outputs
 from onnxopt.runtime import Session
 
@@ -187,17 +189,12 @@ def depthwise_groups(model: onnx.ModelProto, nodes: Mapping[str, onnx.NodeProto]
     (PP-OCR cls, 48x192: a 5x5 depthwise QLinearConv took 3-10x its float Conv), so the
     groups are "depthwise convs larger than 3x3" then "all depthwise convs"; empty ones are left out.
     """
-    from onnxopt.graph import GraphIndex, node_attribute
-
     index = GraphIndex(model.graph)
     large: list[str] = []
     every: list[str] = []
     for name, node in nodes.items():
-        if node.op_type != "Conv":
-            continue
-        weight = index.constant(node.input[1])
-        group = int(node_attribute(node, "group", 1))  # type: ignore[call-overload]
-        if weight is None or weight.ndim != 4 or group <= 1 or weight.shape[1] != 1:
+        weight = index.constant(node.input[1]) if is_depthwise(node, index) else None
+        if weight is None or weight.ndim != 4:  # 2-D kernels: where the slow int8 kernel was measured
             continue
         every.append(name)
         if weight.shape[2] * weight.shape[3] > 9:

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+from onnxopt.passes.common.layers import is_depthwise
 
 from onnxopt.graph import SHAPE_ONLY_OPS, GraphIndex, control_tensors, is_default_domain, node_attribute
 from onnxopt.runtime import tensor_types
@@ -55,7 +56,6 @@ __all__ = [
     "LookupRegion",
     "Placement",
     "WeightUse",
-    "is_depthwise",
     "place",
     "saturation_bounds",
     "weight_axis",
@@ -217,15 +217,6 @@ def _anchor_check(node: onnx.NodeProto, g: _Graph) -> str | None:
     if not (g.is_activation(inputs[1]) or g.index.is_constant(inputs[1])):
         return "its second input is neither a float activation nor a constant"
     return None
-
-
-def is_depthwise(node: onnx.NodeProto, index: GraphIndex) -> bool:
-    """Return True for a Conv whose every group reads one input channel (a depthwise convolution)."""
-    if node.op_type != "Conv" or len(node.input) < 2:
-        return False
-    weight = index.constant(node.input[1])
-    group = int(node_attribute(node, "group", 1))  # type: ignore[call-overload]
-    return weight is not None and weight.ndim >= 3 and group > 1 and weight.shape[1] == 1
 
 
 def _table_check(node: onnx.NodeProto, g: _Graph) -> bool:
