@@ -24,9 +24,8 @@ Every range is widened to include 0, so that 0 (padding, ReLU) is exact.
 
 from __future__ import annotations
 
-import logging
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -34,8 +33,8 @@ import numpy as np
 import onnx
 
 from onnxopt.data import Dataset
-from onnxopt.progress import NullProgress, Progress
-from onnxopt.runtime import Session, expose_tensors
+from onnxopt.progress import Progress
+from onnxopt.streaming import DEFAULT_MEMORY_BUDGET, stream_tensors
 
 __all__ = [
     "METHODS",
@@ -61,7 +60,6 @@ __all__ = [
     "weight_qparams",
 ]
 
-log = logging.getLogger(__name__)
 
 #: Calibration methods: how an activation's range is chosen from its statistics.
 METHODS = ("minmax", "percentile", "entropy", "mse")
@@ -516,52 +514,6 @@ def choose_range(observer: Observer, method: str, dtype: np.dtype | type, *,
 # --------------------------------------------------------------------------- collector
 
 
-def _element_count(shape: Iterable[int | str | None], fallback: int) -> int:
-    count = 1
-    for dim in shape:
-        if not isinstance(dim, int) or dim <= 0:
-            return fallback
-        count *= dim
-    return count
-
-
-def _tensor_sizes(model: onnx.ModelProto, sample: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, int]:
-    """Estimate each tensor's bytes for ``sample``'s input shapes (unknown: the largest known)."""
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(model)
-    del fixed.graph.value_info[:]
-    for graph_input in fixed.graph.input:
-        if graph_input.name in sample:
-            dims = graph_input.type.tensor_type.shape.dim
-            for dim, value in zip(dims, sample[graph_input.name].shape, strict=False):
-                dim.Clear()
-                dim.dim_value = int(value)
-    try:
-        fixed = onnx.shape_inference.infer_shapes(fixed, strict_mode=False)
-    except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as exc:
-        log.info("shape inference for calibration grouping failed: %s", exc)
-    shapes: dict[str, list[int | str | None]] = {}
-    for info in fixed.graph.value_info:
-        dims = info.type.tensor_type.shape.dim
-        shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
-    known = [_element_count(shapes[n], -1) for n in names if n in shapes]
-    largest = max([k for k in known if k > 0], default=1 << 20)
-    return {n: 4 * _element_count(shapes.get(n, [None]), largest) for n in names}
-
-
-def _groups(names: Sequence[str], sizes: Mapping[str, int], budget: int) -> list[list[str]]:
-    groups: list[list[str]] = [[]]
-    used = 0
-    for name in names:
-        size = sizes.get(name, 0)
-        if groups[-1] and used + size > budget:
-            groups.append([])
-            used = 0
-        groups[-1].append(name)
-        used += size
-    return [g for g in groups if g]
-
-
 def collect_statistics(
     model: onnx.ModelProto,
     tensors: Sequence[str],
@@ -569,29 +521,20 @@ def collect_statistics(
     observer: Callable[[str], Observer],
     *,
     progress: Progress | None = None,
-    memory_budget: int = 512 << 20,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> dict[str, Observer]:
     """Run ``model`` over ``data`` and return an observer per tensor, fed one sample at a time.
 
-    Tensors are exposed as extra outputs of a copy of the model in groups whose estimated
-    size for one sample stays under ``memory_budget`` bytes; each group is one pass over
-    the data. Memory is therefore one sample's activations of one group plus the
-    observers' statistics, never samples × tensors. ``observer(name)`` makes each observer.
+    The tensors stream through :func:`onnxopt.streaming.stream_tensors` in groups whose
+    estimated size for one sample stays under ``memory_budget`` bytes: memory is one
+    sample's activations of one group plus the observers' statistics, never samples ×
+    tensors. ``observer(name)`` makes each observer.
     """
-    progress = progress or NullProgress()
     observers = {name: observer(name) for name in tensors}
-    if not tensors or not len(data):
-        return observers
-    sizes = _tensor_sizes(model, data[0], tensors)
-    groups = _groups(list(tensors), sizes, memory_budget)
-    log.info("calibrating %d tensors in %d group(s) over %d samples", len(tensors), len(groups), len(data))
-    with progress.task("calibrating", len(groups) * len(data)) as task:
-        for group in groups:
-            with Session(expose_tensors(model, group), label="model under calibration") as session:
-                for sample in data:
-                    values = session.run(sample, group)
-                    for name in group:
-                        observers[name].update(values[name])
-                    del values
-                    task.advance()
+
+    def feed(values: dict[str, np.ndarray]) -> None:
+        for name, value in values.items():
+            observers[name].update(value)
+
+    stream_tensors(model, list(tensors), list(data), feed, progress=progress, memory_budget=memory_budget)
     return observers

@@ -7,8 +7,9 @@ inputs exposed as outputs and accumulates, streaming, per layer input:
 * ``total[g, j]``: the sum of feature ``j`` (for means);
 * ``gram[g, i, j]``: the second moment ``XᵀX`` of the features (when asked for),
 
-never holding more than one sample's tensors. Rows of large feature maps are sampled
-(``max_rows`` per sample), which keeps ``XᵀX`` an unbiased estimate up to scale.
+never holding more than one sample's tensors of one group (:mod:`onnxopt.streaming`).
+Rows of large feature maps are sampled (``max_rows`` per sample), which keeps ``XᵀX`` an
+unbiased estimate up to scale.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import onnx
 from onnxopt.passes.common.layers import Layer, layer_rows
 
 from onnxopt.data import Sample
-from onnxopt.progress import NullProgress, Progress
-from onnxopt.runtime import Session, expose_tensors
+from onnxopt.progress import Progress
+from onnxopt.streaming import DEFAULT_MEMORY_BUDGET, stream_tensors
 
 log = logging.getLogger(__name__)
 
@@ -76,40 +77,43 @@ def collect_input_stats(
     max_rows: int = 1024,
     seed: int = 0,
     progress: Progress | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> dict[str, InputStats]:
     """Return the input statistics of every layer (by key), one calibration sample at a time.
 
     Layers reading the same activation the same way share one accumulator. ``gram``
     asks for ``XᵀX`` (for layers where :attr:`Layer.has_gram`). For a ConvTranspose the
     gram is over input channels, exact for the output error when strides cover the kernel.
+    The layer inputs stream through :func:`onnxopt.streaming.stream_tensors`: exposed in
+    groups under ``memory_budget`` bytes per sample, so memory stays bounded however many
+    layers there are.
     """
     samples = list(samples)
     rng = np.random.default_rng(seed)
     by_signature, exposed = layer_inputs(model, layers)
     accumulators: dict[tuple, InputStats] = {}
-    progress = progress or NullProgress()
-    with Session(expose_tensors(model, exposed), label="model with exposed layer inputs") as session, \
-            progress.task("collecting layer inputs", len(samples)) as task:
-        for sample in samples:
-            values = session.run(sample, exposed) if exposed else {}
-            values.update(sample)  # layers reading graph inputs read them from the sample
-            for signature, group in by_signature.items():
-                layer = group[0]
-                rows = layer_rows(layer, np.asarray(values[layer.activation], dtype=np.float32), max_rows, rng)
-                acc = accumulators.get(signature)
-                if acc is None:
-                    acc = InputStats(0, np.zeros(rows.shape[1:], dtype=np.float64),
-                                     total=np.zeros(rows.shape[1:], dtype=np.float64))
-                    if gram and layer.has_gram:
-                        acc.gram = np.zeros((rows.shape[1], rows.shape[2], rows.shape[2]), dtype=np.float64)
-                    accumulators[signature] = acc
-                acc.rows += rows.shape[0]
-                acc.sq_sum += np.einsum("pgi,pgi->gi", rows, rows, dtype=np.float64)
-                acc.total += rows.sum(axis=0, dtype=np.float64)  # type: ignore[operator]
-                if acc.gram is not None:
-                    grouped = np.ascontiguousarray(rows.transpose(1, 0, 2))
-                    acc.gram += np.matmul(grouped.transpose(0, 2, 1), grouped).astype(np.float64)
-            del values
-            task.advance()
-    return {layer.key: accumulators[sig] for sig, group in by_signature.items() for layer in group}
 
+    def accumulate(values: dict[str, np.ndarray]) -> None:
+        for signature, group in by_signature.items():
+            layer = group[0]
+            if layer.activation not in values:  # in another group of exposed tensors
+                continue
+            rows = layer_rows(layer, np.asarray(values[layer.activation], dtype=np.float32), max_rows, rng)
+            acc = accumulators.get(signature)
+            if acc is None:
+                acc = InputStats(0, np.zeros(rows.shape[1:], dtype=np.float64),
+                                 total=np.zeros(rows.shape[1:], dtype=np.float64))
+                if gram and layer.has_gram:
+                    acc.gram = np.zeros((rows.shape[1], rows.shape[2], rows.shape[2]), dtype=np.float64)
+                accumulators[signature] = acc
+            acc.rows += rows.shape[0]
+            acc.sq_sum += np.einsum("pgi,pgi->gi", rows, rows, dtype=np.float64)
+            acc.total += rows.sum(axis=0, dtype=np.float64)  # type: ignore[operator]
+            if acc.gram is not None:
+                grouped = np.ascontiguousarray(rows.transpose(1, 0, 2))
+                acc.gram += np.matmul(grouped.transpose(0, 2, 1), grouped).astype(np.float64)
+
+    read = list(dict.fromkeys(group[0].activation for group in by_signature.values()))
+    stream_tensors(model, [t for t in read if t not in exposed] + exposed, samples, accumulate, progress=progress,
+                   task="collecting layer inputs", label="model with exposed layer inputs", memory_budget=memory_budget)
+    return {layer.key: accumulators[sig] for sig, group in by_signature.items() for layer in group}
