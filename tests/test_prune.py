@@ -15,7 +15,7 @@ from onnxopt.passes.prune.sparsegpt import (
     lowest_mask,
     nm_mask,
     parse_nm,
-    relative_output_error,
+    relative_layer_error,
     sparsegpt,
 )
 
@@ -70,7 +70,7 @@ def test_sparsegpt_exact_count_and_better_than_plain_mask(seed, fraction, groups
     # not a theorem against the |W| mask (at low sparsity it can win): compare on its own mask
     same_mask = np.where(repaired == 0, 0, w)
     # the damped repair is not exactly least squares: allow 2 % (seed 84, 90 % sparsity: +0.75 %)
-    assert relative_output_error(w, repaired, gram) <= 1.02 * relative_output_error(w, same_mask, gram) + 1e-6
+    assert relative_layer_error(w, repaired, gram) <= 1.02 * relative_layer_error(w, same_mask, gram) + 1e-6
 
 
 def _least_squares_with_mask(w: np.ndarray, x: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -105,8 +105,8 @@ def test_sparsegpt_error_is_bounded_by_the_least_squares_refit_of_its_mask(seed,
     gram = (x.T @ x)[None]
     repaired = sparsegpt(w[None].astype(np.float32), gram, count=round(fraction * w.size), damp=0.0)
     mask = repaired[0] == 0
-    optimum = relative_output_error(w[None], _least_squares_with_mask(w, x, mask)[None], gram)
-    assert optimum - 1e-6 <= relative_output_error(w[None], repaired, gram)
+    optimum = relative_layer_error(w[None], _least_squares_with_mask(w, x, mask)[None], gram)
+    assert optimum - 1e-6 <= relative_layer_error(w[None], repaired, gram)
 
 
 @settings(max_examples=20, deadline=None)

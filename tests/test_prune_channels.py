@@ -3,8 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from onnx import helper
+from onnxopt.passes.common.linalg import augmented_gram
 from onnxopt.passes.prune.channel_groups import describe_types, find_channel_groups
-from onnxopt.passes.prune.channel_math import ConsumerSystem, augmented_gram, refit, relative_error, removal_order
+from onnxopt.passes.prune.channel_math import ConsumerSystem, refit, relative_error, removal_order
 from onnxopt.passes.prune.channels import PruneChannels
 
 from onnxopt.data import Dataset

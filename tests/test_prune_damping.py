@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 from onnx import helper
+from onnxopt.passes.common.linalg import inverse_factor
 from onnxopt.passes.common.stats import collect_input_stats
 from onnxopt.passes.prune.plan import build_plan
-from onnxopt.passes.prune.sparsegpt import cross_validated_error, inverse_factor, relative_output_error, sparsegpt
+from onnxopt.passes.prune.sparsegpt import cross_validated_error, relative_layer_error, sparsegpt
 
 from onnxopt.harness import synthesize_inputs
 from tests.builders import init, make_model, vi
@@ -37,7 +38,7 @@ def test_cross_validation_matches_the_in_sample_error_with_plenty_of_rows():
     w, grams = _problem(2000)
     count = w.size // 2
     held_out = cross_validated_error(w, grams, [count], damp=0.01)[0]
-    in_sample = relative_output_error(w, sparsegpt(w, sum(grams), count=count), sum(grams))
+    in_sample = relative_layer_error(w, sparsegpt(w, sum(grams), count=count), sum(grams))
     assert abs(held_out - in_sample) < 0.15 * in_sample
 
 
@@ -45,7 +46,7 @@ def test_cross_validation_sees_the_repair_overfit_few_rows():
     w, grams = _problem(12)  # 36 rows to fit 48 features per fold
     count = w.size // 2
     held_out = cross_validated_error(w, grams, [count], damp=0.01)[0]
-    in_sample = relative_output_error(w, sparsegpt(w, sum(grams), count=count), sum(grams))
+    in_sample = relative_layer_error(w, sparsegpt(w, sum(grams), count=count), sum(grams))
     assert held_out > 2 * in_sample
     # and a stronger damping generalizes better there
     assert cross_validated_error(w, grams, [count], damp=1.0)[0] < held_out

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from onnxopt.passes.common.layers import find_layers
+from onnxopt.passes.common.linalg import augmented_gram
 from onnxopt.passes.common.stats import InputStats, collect_input_stats
 
 from onnxopt.graph import GraphIndex, NameGenerator, is_default_domain, node_attribute, remove_unused, set_initializer
@@ -38,9 +39,9 @@ from onnxopt.graph import GraphIndex, NameGenerator, is_default_domain, node_att
 __all__ = [
     "HeadPair",
     "apply_head_ranks",
-    "augmented_gram",
     "find_head_pairs",
     "head_error_curve",
+    "input_moment",
     "joint_qk",
     "plan_head_pairs",
     "set_statistics",
@@ -118,15 +119,10 @@ def head_error_curve(tq: np.ndarray, tk: np.ndarray, fit_q: np.ndarray, fit_k: n
     return curve
 
 
-def augmented_gram(stats: InputStats) -> np.ndarray:
-    """Return ``E[aᵀa]`` of the inputs ``a = [x, 1]`` of one layer (``(k + 1)²``) from its statistics."""
-    rows = max(stats.rows, 1)
-    total = stats.total.reshape(-1)  # type: ignore[union-attr]
-    gram = np.zeros((len(total) + 1, len(total) + 1))
-    gram[:-1, :-1] = stats.gram[0]  # type: ignore[index]
-    gram[:-1, -1] = gram[-1, :-1] = total
-    gram[-1, -1] = stats.rows
-    return gram / rows
+def input_moment(stats: InputStats) -> np.ndarray:
+    """Return ``E[aᵀa]`` of the inputs ``a = [x, 1]`` of one single-group layer (``(k + 1)²``) from its statistics."""
+    assert stats.gram is not None and stats.total is not None, "collected with gram=True"
+    return augmented_gram(stats.gram[0] / max(stats.rows, 1), stats.total[0] / max(stats.rows, 1))
 
 
 def _cholesky(moment: np.ndarray, ridge: float) -> np.ndarray:
@@ -290,7 +286,7 @@ def set_statistics(model: onnx.ModelProto, pairs: list[HeadPair], stats: dict[st
     """Set the augmented weights and input second moments of ``pairs`` from layer statistics (by layer key)."""
     index = GraphIndex(model.graph)
     for pair in pairs:
-        pair.gram_q, pair.gram_k = (augmented_gram(stats[side.matmul]) for side in (pair.query, pair.key))
+        pair.gram_q, pair.gram_k = (input_moment(stats[side.matmul]) for side in (pair.query, pair.key))
         pair.tq, pair.tk = _augmented_weight(index, pair.query), _augmented_weight(index, pair.key)
 
 

@@ -32,9 +32,9 @@ from onnxopt.passes.common.stats import InputStats, collect_input_stats
 from onnxopt.passes.lowrank.heads import (
     HeadPair,
     apply_head_ranks,
-    augmented_gram,
     find_head_pairs,
     head_error_curve,
+    input_moment,
     set_statistics,
     unmatched_score_matmuls,
 )
@@ -255,7 +255,7 @@ def _plan_pairs(model: onnx.ModelProto, plan: SplitPlan, pairs: list[HeadPair],
         return
     expected = []
     for pair in pairs:
-        (q_a, q_b), (k_a, k_b) = ([augmented_gram(fold[side.matmul]) for fold in folds]
+        (q_a, q_b), (k_a, k_b) = ([input_moment(fold[side.matmul]) for fold in folds]
                                   for side in (pair.query, pair.key))
         curves = [head_error_curve(pair.tq, pair.tk, q_a, k_a, pair.heads, q_b, k_b),  # type: ignore[arg-type]
                   head_error_curve(pair.tq, pair.tk, q_b, k_b, pair.heads, q_a, k_a)]  # type: ignore[arg-type]

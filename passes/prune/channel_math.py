@@ -18,17 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ConsumerSystem", "augmented_gram", "independent_gram", "refit", "relative_error", "removal_order"]
-
-
-def augmented_gram(gram: np.ndarray, mean: np.ndarray) -> np.ndarray:
-    """Return ``E[x̃ x̃ᵀ]`` for ``x̃ = [x, 1]`` from ``E[x xᵀ]`` and ``E[x]``."""
-    features = gram.shape[0]
-    h = np.empty((features + 1, features + 1))
-    h[:features, :features] = gram
-    h[:features, -1] = h[-1, :features] = mean
-    h[-1, -1] = 1.0
-    return h
+__all__ = ["ConsumerSystem", "independent_gram", "refit", "relative_error", "removal_order"]
 
 
 def independent_gram(gram: np.ndarray, mean: np.ndarray) -> np.ndarray:

@@ -24,6 +24,7 @@ import onnx
 from onnx import helper, numpy_helper
 from onnxopt.passes.common.budget import measure_gains
 from onnxopt.passes.common.layers import Layer, find_layers, from_canonical, layer_rows, to_canonical, write_weight
+from onnxopt.passes.common.linalg import inverse_factor
 from onnxopt.passes.common.stats import InputStats, collect_input_stats, layer_inputs
 from onnxopt.passes.prune.sparsegpt import (
     ErrorCurve,
@@ -31,10 +32,9 @@ from onnxopt.passes.prune.sparsegpt import (
     allocate_counts,
     compensate_upstream,
     cross_validated_error,
-    inverse_factor,
     lowest_mask,
     nm_mask,
-    relative_output_error,
+    relative_layer_error,
     sparsegpt,
 )
 
@@ -179,7 +179,7 @@ class PrunePlan:
         """Return the relative output error of unit ``index`` with ``matrix`` as its weight."""
         unit = self.units[index]
         norms = unit.stats.norms if unit.stats is not None else None
-        return relative_output_error(unit.matrix, matrix, self._gram(unit), norms)
+        return relative_layer_error(unit.matrix, matrix, self._gram(unit), norms)
 
     def curves(self) -> list[ErrorCurve]:
         """Return each unit's error at :data:`LEVELS`, weighted by gains.
@@ -206,7 +206,7 @@ class PrunePlan:
                     flat[order[:count]] = 0
                     pruned = flat.reshape(unit.matrix.shape)
                 counts.append(count)
-                errors.append(gain * relative_output_error(unit.matrix, pruned, gram, norms))
+                errors.append(gain * relative_layer_error(unit.matrix, pruned, gram, norms))
             log.debug("unit %d (%s): curve %s", index, unit.key, errors)
             curves.append(ErrorCurve(np.array(counts), np.array(errors)))
         return curves

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from onnxopt.passes.common.linalg import inverse_factor
 
 __all__ = [
     "ErrorCurve",
@@ -34,11 +35,10 @@ __all__ = [
     "allocate_counts",
     "compensate_upstream",
     "cross_validated_error",
-    "inverse_factor",
     "lowest_mask",
     "nm_mask",
     "parse_nm",
-    "relative_output_error",
+    "relative_layer_error",
     "sparsegpt",
 ]
 
@@ -82,8 +82,8 @@ def activation_scores(weight: np.ndarray, norms: np.ndarray | None) -> np.ndarra
     return magnitude if norms is None else magnitude * norms[:, None, :]
 
 
-def relative_output_error(weight: np.ndarray, pruned: np.ndarray, gram: np.ndarray | None,
-                          norms: np.ndarray | None = None) -> float:
+def relative_layer_error(weight: np.ndarray, pruned: np.ndarray, gram: np.ndarray | None,
+                         norms: np.ndarray | None = None) -> float:
     """Return ``‖X(W − W')ᵀ‖² / ‖XWᵀ‖²`` from ``XᵀX`` (or its diagonal, ``norms²``, if no gram)."""
     w = weight.astype(np.float64)
     delta = w - pruned
@@ -103,22 +103,6 @@ def _block_counts(total: int, sizes: Sequence[int]) -> list[int]:
     fraction = total / bounds[-1] if bounds[-1] else 0.0
     marks = np.round(bounds * fraction).astype(int)
     return list(np.diff(marks))
-
-
-def inverse_factor(gram: np.ndarray, damp: float = 0.01) -> np.ndarray:
-    """Return the upper Cholesky factor ``U`` of ``(XᵀX + λI)⁻¹ = UᵀU`` per group, ``λ = damp·mean(diag)``.
-
-    It depends on the statistics and the damping only, so it can be computed once and
-    shared by every :func:`sparsegpt` call on the same layer (different counts).
-    """
-    h = gram.astype(np.float64).copy()
-    index = np.arange(h.shape[-1])
-    diag = h[:, index, index]
-    diag[diag <= 0] = 1.0  # inputs that are always zero: any weight there is harmless
-    h[:, index, index] = diag + damp * diag.mean(axis=1, keepdims=True)
-    h_inv = np.linalg.inv(h)
-    h_inv = (h_inv + h_inv.transpose(0, 2, 1)) / 2
-    return np.linalg.cholesky(h_inv).transpose(0, 2, 1)
 
 
 def sparsegpt(weight: np.ndarray, gram: np.ndarray | None, *, count: int | None = None,

@@ -27,8 +27,8 @@ from collections.abc import Sequence
 import numpy as np
 import onnx
 from onnxopt.passes.common.layers import find_layers, from_canonical, to_canonical
+from onnxopt.passes.common.linalg import inverse_factor
 from onnxopt.passes.common.stats import collect_input_stats
-from onnxopt.passes.prune.sparsegpt import inverse_factor
 from onnxopt.passes.quantize.placement import weight_axis
 from onnxopt.passes.quantize.rewrite import Rounded
 
