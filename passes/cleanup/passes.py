@@ -398,16 +398,6 @@ class EliminateDeadCode(Pass):
     exact = True
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
-        """Remove everything unused."""
-        inputs = {i.name for i in model.graph.input}
-        defaults = [onnx.TensorProto() for t in model.graph.initializer if t.name in inputs]
-        for copy, tensor in zip(defaults, [t for t in model.graph.initializer if t.name in inputs], strict=True):
-            copy.CopyFrom(tensor)
+        """Remove everything unused (``remove_unused`` keeps a graph input's default, rule 2)."""
         removed = remove_unused(model.graph)
-        # remove_unused drops an unused initializer even when it is a graph input's default,
-        # which would turn an optional input into a required one: put those back.
-        present = {t.name for t in model.graph.initializer}
-        restored = [t for t in defaults if t.name not in present]
-        model.graph.initializer.extend(restored)
-        removed -= len(restored)
         return PassResult(model, removed > 0, {"removed": removed} if removed else {}, [])
