@@ -25,8 +25,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# onnxruntime prints run failures to stderr itself; onnxopt reports them as errors.
-ort.set_default_logger_severity(4)
+#: onnxruntime's log level for onnxopt's own sessions and runs: fatal only. onnxruntime
+#: prints load and run failures to stderr itself; onnxopt reports them as errors. Set
+#: per session and per run, never process-wide: a program that imports onnxopt keeps
+#: its own onnxruntime logging.
+_LOG_SEVERITY = 4
 
 OPTIMIZATION_LEVELS = {
     "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -49,7 +52,7 @@ class Session:
     ) -> None:
         options = ort.SessionOptions()
         options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
-        options.log_severity_level = 4
+        options.log_severity_level = _LOG_SEVERITY
         if threads:
             options.intra_op_num_threads = threads
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -79,8 +82,10 @@ class Session:
     def run(self, sample: Sample, outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Run one sample; return outputs by name."""
         names = list(outputs) if outputs is not None else self.output_names
+        run_options = ort.RunOptions()
+        run_options.log_severity_level = _LOG_SEVERITY
         try:
-            values = self.session.run(names, sample)
+            values = self.session.run(names, sample, run_options)
         except (ort.capi.onnxruntime_pybind11_state.Fail,
                 ort.capi.onnxruntime_pybind11_state.InvalidArgument,
                 ort.capi.onnxruntime_pybind11_state.RuntimeException) as exc:
