@@ -29,7 +29,6 @@ app = typer.Typer(
     help="Optimize ONNX models (fuse, int8, prune, lowrank) and check them against a reference.",
     pretty_exceptions_enable=False,
 )
-_state: dict[str, Any] = {"debug": False}
 # Wide when writing to a file or CI log, where rich would otherwise wrap tables at 80 columns.
 out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 400)
@@ -39,7 +38,6 @@ err = Console(stderr=True, width=None if sys.stderr.isatty() else 400)
 def _options(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
 ) -> None:
-    _state["debug"] = debug
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(name)s: %(message)s")
 
 

@@ -73,13 +73,11 @@ class Context:
 
     calibration: Dataset | None = None
     budget: dict[str, float] = field(default_factory=dict)
-    target: str = "cpu"
     seed: int = 0
     #: the model the pipeline started from (normalized, before any pass), kept only when a
     #: pass asks for it (:meth:`Pass.wants_reference`): e.g. int8 times itself against it
     reference: onnx.ModelProto | None = None
     progress: Progress = field(default_factory=NullProgress)
-    logger: logging.Logger = field(default_factory=lambda: logging.getLogger("onnxopt"))
 
 
 class Pass:
