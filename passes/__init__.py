@@ -7,6 +7,8 @@ The presets are declared here, so the core never names an individual pass.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 # Importing a family registers its passes.
 from onnxopt.passes import cleanup, fusion, lowrank, prune, quantize  # noqa: F401
 
@@ -39,23 +41,19 @@ register_preset(
     "exact clean-up and layer fusion, repeated until nothing changes",
     lambda: PipelineSpec([_fuse_stage()], name="fuse"),
 )
-register_preset(
-    "int8",
-    "fuse, then static int8 QDQ quantization with calibration and accuracy-aware fallback",
-    lambda: PipelineSpec([_fuse_stage(), Stage([("quantize_int8", {})])], name="int8"),
-)
-register_preset(
-    "prune",
-    "fuse, then magnitude pruning of weights under an error budget",
-    lambda: PipelineSpec([_fuse_stage(), Stage([("prune_magnitude", {})])], name="prune"),
-)
-register_preset(
-    "lowrank",
-    "fuse, then SVD splitting of MatMul/Gemm weights under an error budget",
-    lambda: PipelineSpec([_fuse_stage(), Stage([("split_lowrank", {})])], name="lowrank"),
-)
-register_preset(
-    "prune_channels",
-    "fuse, then structured pruning: whole channels removed, readers re-fitted, under an error budget",
-    lambda: PipelineSpec([_fuse_stage(), Stage([("prune_channels", {})])], name="prune_channels"),
-)
+#: The lossy presets: ``fuse``, then one lossy pass (preset name, pass name, what it does).
+_LOSSY_PRESETS = [
+    ("int8", "quantize_int8", "fuse, then static int8 QDQ quantization with calibration and accuracy-aware fallback"),
+    ("prune", "prune_magnitude", "fuse, then magnitude pruning of weights under an error budget"),
+    ("lowrank", "split_lowrank", "fuse, then SVD splitting of MatMul/Gemm weights under an error budget"),
+    ("prune_channels", "prune_channels",
+     "fuse, then structured pruning: whole channels removed, readers re-fitted, under an error budget"),
+]
+
+
+def _lossy_preset(preset: str, pass_name: str) -> Callable[[], PipelineSpec]:
+    return lambda: PipelineSpec([_fuse_stage(), Stage([(pass_name, {})])], name=preset)
+
+
+for _preset, _pass_name, _description in _LOSSY_PRESETS:
+    register_preset(_preset, _description, _lossy_preset(_preset, _pass_name))
