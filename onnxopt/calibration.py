@@ -222,7 +222,27 @@ def _finite(values: np.ndarray) -> tuple[np.ndarray, int]:
     return flat[mask], int(flat.size - np.count_nonzero(mask))
 
 
-class MinMaxObserver:
+class _FiniteObserver:
+    """What every observer does with a batch: count its non-finite values, fold the finite ones in."""
+
+    def __init__(self) -> None:
+        self.min = math.inf
+        self.max = -math.inf
+        self.nonfinite = 0
+
+    def update(self, values: np.ndarray) -> None:
+        """Fold one batch in (non-finite values are counted and skipped)."""
+        finite, bad = _finite(values)
+        self.nonfinite += bad
+        if finite.size:
+            self._fold(finite, float(finite.min()), float(finite.max()))
+
+    def _fold(self, finite: np.ndarray, low: float, high: float) -> None:
+        """Fold in a batch's finite values, whose extremes are ``low`` and ``high``."""
+        raise NotImplementedError
+
+
+class MinMaxObserver(_FiniteObserver):
     """Running minimum and maximum, or their moving average (``averaging_constant``).
 
     With ``averaging_constant = c`` each batch moves the estimate by
@@ -232,19 +252,11 @@ class MinMaxObserver:
     def __init__(self, averaging_constant: float | None = None) -> None:
         if averaging_constant is not None and not 0 < averaging_constant <= 1:
             raise ValueError("averaging_constant must be in (0, 1]")
+        super().__init__()
         self.averaging_constant = averaging_constant
-        self.min = math.inf
-        self.max = -math.inf
         self.batches = 0
-        self.nonfinite = 0
 
-    def update(self, values: np.ndarray) -> None:
-        """Fold one batch in (non-finite values are counted and skipped)."""
-        finite, bad = _finite(values)
-        self.nonfinite += bad
-        if finite.size == 0:
-            return
-        low, high = float(finite.min()), float(finite.max())
+    def _fold(self, finite: np.ndarray, low: float, high: float) -> None:
         if self.batches == 0 or self.averaging_constant is None:
             self.min, self.max = min(self.min, low), max(self.max, high)
         else:
@@ -314,7 +326,7 @@ def _rebin(counts: np.ndarray, old_low: float, old_high: float, new_low: float, 
     return np.diff(np.interp(new_edges, old_edges, cdf))
 
 
-class HistogramObserver:
+class HistogramObserver(_FiniteObserver):
     """A streaming histogram of a tensor's values with a fixed number of bins.
 
     The first batch sets the range; a later batch outside it widens the range (with a
@@ -326,21 +338,13 @@ class HistogramObserver:
     def __init__(self, bins: int = 2048) -> None:
         if bins < 16:
             raise ValueError("a histogram needs at least 16 bins")
+        super().__init__()
         self.bins = bins
         self.counts = np.zeros(bins, dtype=np.float64)
         self.low = 0.0
         self.high = 0.0
-        self.min = math.inf
-        self.max = -math.inf
-        self.nonfinite = 0
 
-    def update(self, values: np.ndarray) -> None:
-        """Fold one batch in (non-finite values are counted and skipped)."""
-        finite, bad = _finite(values)
-        self.nonfinite += bad
-        if finite.size == 0:
-            return
-        low, high = float(finite.min()), float(finite.max())
+    def _fold(self, finite: np.ndarray, low: float, high: float) -> None:
         if self.empty():
             self.low, self.high = low, high if high > low else low + max(abs(low), 1.0) * 1e-6
         elif low < self.low or high > self.high:
