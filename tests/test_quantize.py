@@ -440,7 +440,7 @@ def test_depthwise_groups_large_kernels_first():
     (["HardSwish"], (-3.0, None)), (["Relu"], (0.0, None)), (["HardSigmoid"], (-3.0, 3.0)),
     (["HardSwish", "Relu"], (-3.0, None)), (["HardSwish", "Sigmoid"], None), (["Identity"], None)])
 def test_saturation_bounds_from_readers(readers, expected):
-    from onnxopt.passes.quantize.placement import saturation_bounds
+    from onnxopt.passes.quantize.saturation import saturation_bounds
 
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv")]
     for i, op in enumerate(readers):
@@ -458,7 +458,7 @@ def test_saturation_bounds_from_readers(readers, expected):
 
 
 def test_saturation_bounds_not_for_graph_outputs_and_clip_constants():
-    from onnxopt.passes.quantize.placement import saturation_bounds
+    from onnxopt.passes.quantize.saturation import saturation_bounds
 
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
              helper.make_node("Clip", ["c", "lo", "hi"], ["y"], name="clip")]

@@ -28,8 +28,9 @@ from onnxopt.passes.common.graphs import opset_version, upgrade_opset
 from onnxopt.passes.quantize.backoff import Built, Variant, accuracy_fallback, latency_probes
 from onnxopt.passes.quantize.fallback import DEFAULT_TARGET, Target, measure_latency, parse_target
 from onnxopt.passes.quantize.gptq import round_weights
-from onnxopt.passes.quantize.placement import ANCHOR_OPS, DEFAULT_OP_TYPES, Placement, place, saturation_bounds
+from onnxopt.passes.quantize.placement import ANCHOR_OPS, DEFAULT_OP_TYPES, Placement, place
 from onnxopt.passes.quantize.rewrite import QDQPlan, Rounded, apply_plan
+from onnxopt.passes.quantize.saturation import saturation_bounds
 
 from onnxopt.calibration import (
     METHODS,

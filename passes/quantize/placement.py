@@ -37,16 +37,15 @@ Rules, in order (a node that fails one stays float, with the reason recorded):
 
 from __future__ import annotations
 
-import re
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnx
 from onnxopt.passes.common.layers import is_depthwise
+from onnxopt.passes.quantize.facts import DATA_INPUTS, GraphFacts, excluded
+from onnxopt.passes.quantize.lookup import LookupRegion, lookup_regions
 
-from onnxopt.graph import SHAPE_ONLY_OPS, GraphIndex, control_tensors, is_default_domain, node_attribute
-from onnxopt.runtime import tensor_types
+from onnxopt.graph import control_tensors, is_default_domain, node_attribute
 
 __all__ = [
     "ANCHOR_OPS",
@@ -57,7 +56,6 @@ __all__ = [
     "Placement",
     "WeightUse",
     "place",
-    "saturation_bounds",
     "weight_axis",
 ]
 
@@ -71,24 +69,11 @@ FLOW_OPS = frozenset({
 #: float latency with these; PP-OCR cls (48x192) 1.45x, too small for integer kernels to pay.
 DEFAULT_OP_TYPES = ANCHOR_OPS | FLOW_OPS | {"Gather"}
 
-_DATA_INPUTS = {"Reshape": 1, "Resize": 1, "Upsample": 1, "Slice": 1, "Expand": 1, "Tile": 1, "Pad": 1,
-                "Gather": 1, "Squeeze": 1, "Unsqueeze": 1, "Clip": 1, "TopK": 1, "Split": 1,
-                "ReduceMean": 1, "ReduceSum": 1, "ReduceMax": 1, "ReduceMin": 1, "CumSum": 1}
-_LOGIC_OPS = frozenset({"Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or", "Xor",
-                        "ArgMax", "ArgMin", "NonZero", "Floor", "Ceil", "Round", "Mod", "Range",
-                        "ConstantOfShape", "OneHot", "NonMaxSuppression"})
 _ALL_ACTIVATIONS = frozenset({"Add", "Mul", "Concat"})
 _CONTROL_REASON = "its output decides an If/Loop condition (a small error there switches branches); weights kept float"
-_FLOATS = frozenset({onnx.TensorProto.FLOAT})
-_FLOAT_ONLY = frozenset({"Conv", "ConvTranspose", "Gemm", "Relu", "Sigmoid", "Softmax", "HardSigmoid", "Erf", "Tanh",
-                         "GlobalAveragePool", "AveragePool", "BatchNormalization", "LayerNormalization",
-                         "LeakyRelu", "HardSwish", "Sqrt"})
 _MIN_TABLE = 4096
 _MIN_WEIGHT_ONLY = 256  # smaller weights: two more nodes and a scale cost about what int8 saves
 
-
-_ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Clip", "Relu", "HardSigmoid", "HardSwish", "Sigmoid",
-                          "Tanh", "LeakyRelu", "Neg", "Abs", "Erf", "Sqrt", "Exp", "Softplus", "Elu", "Selu"})
 
 
 @dataclass(frozen=True)
@@ -110,15 +95,6 @@ class BiasUse:
     weight: int
 
 
-@dataclass(frozen=True)
-class LookupRegion:
-    """Elementwise nodes computing ``output = f(input)`` of one tensor; replaced by a table."""
-
-    input: str
-    output: str
-    nodes: tuple[str, ...]
-
-
 @dataclass
 class Placement:
     """The nodes to quantize and the tensors, weights and biases that follows from them."""
@@ -135,55 +111,6 @@ class Placement:
     weight_only: list[str] = field(default_factory=list)  # float anchors whose weight is stored as int8
 
 
-def _excluded(node: onnx.NodeProto, patterns: Iterable[str]) -> bool:
-    for pattern in patterns:
-        if pattern in (node.name, node.op_type):
-            return True
-        try:
-            if re.fullmatch(pattern, node.name):
-                return True
-        except re.error:
-            continue
-    return False
-
-
-class _Graph:
-    """Read-only facts about the main graph that the rules need."""
-
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self.graph = model.graph
-        self.index = GraphIndex(model.graph)
-        self.types = {name: t.tensor_type.elem_type for name, t in tensor_types(model).items()}
-        self.outputs = {o.name for o in model.graph.output}
-
-    def is_activation(self, name: str) -> bool:
-        if not name or self.index.is_constant(name):
-            return False
-        if name in self.types:
-            return self.types[name] in _FLOATS
-        producer = self.index.producer.get(name)  # untyped: trust ops that only make floats
-        return producer is not None and producer.op_type in _FLOAT_ONLY
-
-    def logic_reason(self, name: str, *, output_ok: bool = False) -> str | None:
-        """Return why ``name`` may not be quantized, or None (``output_ok``: a graph output may be)."""
-        if name in self.outputs and not output_ok:
-            return "is a graph output"
-        if not self.is_activation(name):
-            return "is not a float activation"
-        for reader in self.index.consumers.get(name, ()):
-            if reader.op_type in SHAPE_ONLY_OPS:
-                continue
-            if reader.op_type in _LOGIC_OPS or (reader.op_type == "Cast" and node_attribute(reader, "to") not in
-                                                (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)):
-                return f"feeds integer logic ({reader.op_type} {reader.name})"
-            limit = _DATA_INPUTS.get(reader.op_type)
-            if limit is not None and name in list(reader.input)[limit:]:
-                return f"is a shape/parameter input of {reader.op_type} {reader.name}"
-            if reader.op_type == "Where" and reader.input[0] == name:
-                return f"is a condition of Where {reader.name}"
-        return None
-
-
 def weight_axis(node: onnx.NodeProto, value_ndim: int, per_channel: bool) -> int | None:
     """Return the per-channel axis of ``node``'s weight (its output channels), or None for one scale."""
     if not per_channel:
@@ -197,7 +124,7 @@ def weight_axis(node: onnx.NodeProto, value_ndim: int, per_channel: bool) -> int
     return value_ndim - 1 if value_ndim >= 2 else None
 
 
-def _anchor_check(node: onnx.NodeProto, g: _Graph) -> str | None:
+def _anchor_check(node: onnx.NodeProto, g: GraphFacts) -> str | None:
     inputs = list(node.input)
     if node.op_type in ("Conv", "ConvTranspose"):
         if len(inputs) < 2 or not g.index.is_constant(inputs[1]):
@@ -219,56 +146,17 @@ def _anchor_check(node: onnx.NodeProto, g: _Graph) -> str | None:
     return None
 
 
-def _table_check(node: onnx.NodeProto, g: _Graph) -> bool:
+def _table_check(node: onnx.NodeProto, g: GraphFacts) -> bool:
     table = g.index.constant(node.input[0])
     return (table is not None and table.ndim == 2 and table.size >= _MIN_TABLE and table.dtype.kind == "f"
             and int(node_attribute(node, "axis", 0)) == 0)  # type: ignore[call-overload]
 
 
-def _clip_from_zero(node: onnx.NodeProto, g: _Graph) -> bool:
+def _clip_from_zero(node: onnx.NodeProto, g: GraphFacts) -> bool:
     if node.op_type == "Relu":
         return True
     low = g.index.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else node_attribute(node, "min")
     return low is not None and float(low) == 0.0  # type: ignore[arg-type]
-
-
-def _uniform_constant(g: _Graph, name: str) -> bool:
-    value = g.index.constant(name)
-    return value is not None and value.size >= 1 and bool(np.all(value == value.flat[0]))
-
-
-def _lookup_regions(g: _Graph, enabled: set[str], exclude: list[str]) -> list[LookupRegion]:
-    """Return maximal elementwise regions with one activation input and one result."""
-    regions = []
-    taken: set[str] = set()
-    for start in g.graph.node:
-        if start.name in taken or start.op_type not in _ELEMENTWISE or not is_default_domain(start):
-            continue
-        sources = [n for n in start.input if n and not _uniform_constant(g, n)]
-        if len(sources) != 1 or not g.is_activation(sources[0]):
-            continue
-        source = sources[0]
-        members: dict[str, onnx.NodeProto] = {}
-        produced = {source}
-        grew = True
-        while grew:
-            grew = False
-            for reader in [r for t in list(produced) for r in g.index.consumers.get(t, ())]:
-                if (reader.name in members or reader.name in taken or reader.op_type not in _ELEMENTWISE
-                        or not is_default_domain(reader) or _excluded(reader, exclude) or len(reader.output) != 1):
-                    continue
-                if all(n in produced or _uniform_constant(g, n) for n in reader.input if n):
-                    members[reader.name] = reader
-                    produced.add(reader.output[0])
-                    grew = True
-        exits = [n.output[0] for n in members.values() if n.output[0] in g.outputs
-                 or any(r.name not in members for r in g.index.consumers.get(n.output[0], ()))]
-        single_activation = len(members) == 1 and next(iter(members.values())).op_type in ("Relu", "Clip")
-        if len(exits) == 1 and g.is_activation(exits[0]) and not single_activation:
-            order = [n.name for n in g.graph.node if n.name in members]
-            regions.append(LookupRegion(source, exits[0], tuple(order)))
-            taken.update(members)
-    return regions
 
 
 def place(
@@ -301,7 +189,7 @@ def place(
     0.9904 with depthwise weights int8, 0.9942 float): the accuracy fallback may return
     their weights to float.
     """
-    g = _Graph(model)
+    g = GraphFacts(model)
     enabled = set(op_types)
     exclude = list(exclude)
     forced = dict(float_nodes or {})
@@ -309,7 +197,7 @@ def place(
     result = Placement()
     chosen: dict[str, onnx.NodeProto] = {}
     regions = {} if "Lookup" not in enabled else {
-        r.output: r for r in _lookup_regions(g, enabled, exclude) if not any(n in forced for n in r.nodes)}
+        r.output: r for r in lookup_regions(g, enabled, exclude) if not any(n in forced for n in r.nodes)}
     in_region = {n for r in regions.values() for n in r.nodes}
     control = control_tensors(g.graph, g.index)
     for node in g.graph.node:
@@ -319,7 +207,7 @@ def place(
             continue
         if not is_default_domain(node) or node.op_type not in enabled:
             continue
-        if _excluded(node, exclude):
+        if excluded(node, exclude):
             result.float_reasons[node.name] = "excluded by the user"
         elif node.output and node.output[0] in control:
             result.float_reasons[node.name] = _CONTROL_REASON
@@ -345,7 +233,7 @@ def place(
         if node.output[0] in regions:
             return [regions[node.output[0]].input, node.output[0]]
         names = [n for n in node.input if g.is_activation(n)]
-        if node.op_type == "Clip" or node.op_type in _DATA_INPUTS:
+        if node.op_type == "Clip" or node.op_type in DATA_INPUTS:
             names = names[:1]
         if node.op_type in _OUTPUT_QUANTIZED_ANCHORS or node.op_type in FLOW_OPS:
             names += [node.output[0]]
@@ -397,7 +285,7 @@ def place(
         for node in g.graph.node:
             if (node.op_type in ANCHOR_OPS and node.name not in chosen and node.name not in float_weights
                     and node.output[0] not in control
-                    and is_default_domain(node) and node.op_type in enabled and not _excluded(node, exclude)):
+                    and is_default_domain(node) and node.op_type in enabled and not excluded(node, exclude)):
                 _weight_only(node, g, per_channel, result)
     result.observed = list(tensors)
     for name in result.absorbed:
@@ -407,7 +295,7 @@ def place(
     return result
 
 
-def _weights_and_bias(node: onnx.NodeProto, g: _Graph, per_channel: bool, result: Placement) -> None:
+def _weights_and_bias(node: onnx.NodeProto, g: GraphFacts, per_channel: bool, result: Placement) -> None:
     for i, name in enumerate(node.input[:2]):
         value = g.index.constant(name) if name else None
         if value is None or value.dtype.kind != "f":
@@ -418,7 +306,7 @@ def _weights_and_bias(node: onnx.NodeProto, g: _Graph, per_channel: bool, result
             result.biases.append(BiasUse(node.name, 2, node.input[0], 1))
 
 
-def _weight_only(node: onnx.NodeProto, g: _Graph, per_channel: bool, result: Placement) -> None:
+def _weight_only(node: onnx.NodeProto, g: GraphFacts, per_channel: bool, result: Placement) -> None:
     if len(node.input) < 2 or (node.op_type == "Gemm" and node_attribute(node, "transA", 0)):  # type: ignore
         return
     value = g.index.constant(node.input[1])
@@ -428,51 +316,3 @@ def _weight_only(node: onnx.NodeProto, g: _Graph, per_channel: bool, result: Pla
     result.weight_only.append(node.name)
 
 
-def _reader_bounds(node: onnx.NodeProto, g: _Graph) -> tuple[float | None, float | None] | None:
-    """Return the input interval outside which ``node``'s output no longer changes; None: no such bound."""
-    if not is_default_domain(node):
-        return None
-    if node.op_type == "Relu":
-        return 0.0, None
-    if node.op_type == "HardSwish":
-        return -3.0, None
-    if node.op_type == "HardSigmoid":
-        alpha = float(node_attribute(node, "alpha", 0.2))  # type: ignore[arg-type]
-        beta = float(node_attribute(node, "beta", 0.5))  # type: ignore[arg-type]
-        return (-beta / alpha, (1.0 - beta) / alpha) if alpha > 0 else None
-    if node.op_type == "Clip":
-        bounds: list[float | None] = []
-        for position, attribute in ((1, "min"), (2, "max")):
-            name = node.input[position] if len(node.input) > position else ""
-            value = g.index.constant(name) if name else node_attribute(node, attribute)
-            if name and value is None:
-                return None
-            bounds.append(None if value is None else float(np.asarray(value).reshape(-1)[0]))  # type: ignore[arg-type]
-        return bounds[0], bounds[1]
-    return None
-
-
-def saturation_bounds(model: onnx.ModelProto, tensors: Iterable[str]) -> dict[str, tuple[float | None, float | None]]:
-    """Return, per tensor read only by saturating activations, the interval those readers distinguish.
-
-    HardSwish reads every x <= -3 as 0, Relu every x <= 0, HardSigmoid(alpha, beta) is
-    constant outside [-beta/alpha, (1-beta)/alpha], Clip outside its constant bounds; with
-    several readers the union of their intervals. A graph output or a tensor with any
-    other reader gets no entry.
-    """
-    g = _Graph(model)
-    result = {}
-    for tensor in tensors:
-        readers = g.index.consumers.get(tensor, ())
-        if not readers or tensor in g.outputs:
-            continue
-        bounds = [_reader_bounds(r, g) for r in readers]
-        if any(b is None for b in bounds):
-            continue
-        lows = [b[0] for b in bounds if b is not None]
-        highs = [b[1] for b in bounds if b is not None]
-        low = None if any(v is None for v in lows) else min(v for v in lows if v is not None)
-        high = None if any(v is None for v in highs) else max(v for v in highs if v is not None)
-        if low is not None or high is not None:
-            result[tensor] = (low, high)
-    return result

@@ -38,20 +38,19 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+from onnxopt.passes.quantize.lookup import lookup_table
 from onnxopt.passes.quantize.placement import Placement
 
 from onnxopt.calibration import (
     QuantParams,
-    dequantize,
     fit_weight_scale_to_bias,
     quantize,
     quantize_bias,
     weight_qparams,
 )
 from onnxopt.graph import GraphIndex, NameGenerator, remove_unused, rename_input, replace_repeated, toposort
-from onnxopt.runtime import Session
 
-__all__ = ["QDQPlan", "Rounded", "apply_plan", "lookup_table"]
+__all__ = ["QDQPlan", "Rounded", "apply_plan"]
 
 
 #: integers chosen for weights by error-compensating rounding: (weight name, axis) → (scale, integers)
@@ -394,42 +393,3 @@ def _drop_stale_value_info(graph: onnx.GraphProto) -> None:
     keep = [v for v in graph.value_info if v.name in produced]
     if len(keep) != len(graph.value_info):
         replace_repeated(graph.value_info, keep)
-
-
-def lookup_table(
-    model: onnx.ModelProto,
-    region: list[onnx.NodeProto],
-    source: str,
-    result: str,
-    source_params: QuantParams,
-    result_params: QuantParams,
-) -> np.ndarray:
-    """Return ``Q_result(f(DQ_source(code)))`` for every code of the source type, ``f`` being ``region``."""
-    info = np.iinfo(source_params.dtype)
-    codes = np.arange(info.min, info.max + 1).astype(source_params.dtype)
-    values = dequantize(codes, source_params)
-    index = GraphIndex(model.graph)
-    constants: list[Any] = []
-    for node in region:
-        for name in node.input:
-            value = index.constant(name) if name else None
-            if value is not None and name not in {c.name for c in constants}:
-                constants.append(numpy_helper.from_array(np.asarray(value.reshape(-1)[0], dtype=value.dtype), name))
-    graph = helper.make_graph(
-        [_copy(n) for n in region],
-        "lookup",
-        [helper.make_tensor_value_info(source, onnx.TensorProto.FLOAT, [len(codes)])],
-        [helper.make_tensor_value_info(result, onnx.TensorProto.FLOAT, None)],
-        constants,
-    )
-    mini = helper.make_model(graph, opset_imports=list(model.opset_import))
-    mini.ir_version = model.ir_version
-    with Session(mini, label="lookup region") as session:
-        mapped = session.run({source: values})[result].reshape(-1)
-    return quantize(mapped, result_params)
-
-
-def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
-    copy = onnx.NodeProto()
-    copy.CopyFrom(node)
-    return copy
