@@ -95,7 +95,7 @@ class Session:
 
     def close(self) -> None:
         """Release the session and any temporary files."""
-        self.session = None  # type: ignore[assignment]
+        self.session = None
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None

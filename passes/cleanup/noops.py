@@ -113,7 +113,7 @@ def _transpose(node: onnx.NodeProto, const: ConstantLookup, types: TypeMap, opse
     if perm is None:
         rank = types.rank(node.input[0])
         return node.input[0] if rank is not None and rank <= 1 else None
-    return node.input[0] if list(perm) == list(range(len(perm))) else None  # type: ignore[arg-type]
+    return node.input[0] if list(perm) == list(range(len(perm))) else None
 
 
 def _pad(node: onnx.NodeProto, const: ConstantLookup, types: TypeMap, opset: int) -> str | None:

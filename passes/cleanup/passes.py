@@ -295,9 +295,9 @@ class RemoveIdentities(Pass):
             return True
         if node.op_type == "Transpose":
             first, second = node_attribute(producer, "perm"), node_attribute(node, "perm")
-            if first is None or second is None or len(first) != len(second):  # type: ignore[arg-type]
+            if first is None or second is None or len(first) != len(second):
                 return False
-            perm = compose_perm(list(first), list(second))  # type: ignore[arg-type]
+            perm = compose_perm(list(first), list(second))
             node.input[0] = producer.input[0]
             for attr in node.attribute:
                 if attr.name == "perm":

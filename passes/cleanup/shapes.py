@@ -35,11 +35,11 @@ def _shape(node: onnx.NodeProto, types: TypeMap) -> ShapeValue | None:
     if dims is None:
         return None
     rank = len(dims)
-    start = int(node_attribute(node, "start", 0))  # type: ignore[arg-type]
+    start = int(node_attribute(node, "start", 0))
     end = node_attribute(node, "end")
-    stop = rank if end is None else int(end)  # type: ignore[call-overload]
+    stop = rank if end is None else int(end)
     axes = range(rank)[start:stop]
-    return ShapeValue(tuple(dims[a] if dims[a] is not None else (node.input[0], a) for a in axes))  # type: ignore[misc]
+    return ShapeValue(tuple(dims[a] if dims[a] is not None else (node.input[0], a) for a in axes))
 
 
 def propagate(node: onnx.NodeProto, known: dict[str, ShapeValue], constant, types: TypeMap) -> ShapeValue | None:
@@ -61,7 +61,7 @@ def propagate(node: onnx.NodeProto, known: dict[str, ShapeValue], constant, type
         return None
     if op == "Cast":
         return source if node_attribute(node, "to") in _INTS else None
-    if op == "Gather" and int(node_attribute(node, "axis", 0)) == 0:  # type: ignore[arg-type]
+    if op == "Gather" and int(node_attribute(node, "axis", 0)) == 0:
         indices = constant(node.input[1])
         if indices is None or indices.ndim > 1 or source.scalar:
             return None
@@ -77,7 +77,7 @@ def propagate(node: onnx.NodeProto, known: dict[str, ShapeValue], constant, type
         return ShapeValue(source.elements) if axes is not None and list(np.reshape(axes, -1)) in ([0], [-1]) else None
     if op == "Squeeze" and len(source.elements) == 1 and not source.scalar:
         return ShapeValue(source.elements, True)
-    if op == "Concat" and int(node_attribute(node, "axis", 0)) in (0, -1):  # type: ignore[arg-type]
+    if op == "Concat" and int(node_attribute(node, "axis", 0)) in (0, -1):
         parts = [value(n) for n in node.input]
         if any(p is None or p.scalar for p in parts):
             return None
@@ -107,9 +107,9 @@ def shape_value(node: onnx.NodeProto, types: TypeMap) -> np.ndarray | None:
     if node.op_type == "Size":
         known = [d for d in dims if d is not None]
         return None if len(known) != len(dims) else np.array(int(np.prod(known, dtype=np.int64)), np.int64)
-    start = int(node_attribute(node, "start", 0))  # type: ignore[arg-type]
+    start = int(node_attribute(node, "start", 0))
     end = node_attribute(node, "end")
-    selected = dims[start:] if end is None else dims[start:int(end)]  # type: ignore[call-overload]
+    selected = dims[start:] if end is None else dims[start:int(end)]
     return None if any(d is None for d in selected) else np.array(selected, dtype=np.int64)
 
 

@@ -37,7 +37,7 @@ def is_depthwise(node: onnx.NodeProto, index: GraphIndex, channels: int | None =
     if node.op_type != "Conv" or len(node.input) < 2:
         return False
     weight = index.constant(node.input[1])
-    group = int(node_attribute(node, "group", 1))  # type: ignore[call-overload]
+    group = int(node_attribute(node, "group", 1))
     if weight is None or weight.ndim < 3 or weight.shape[1] != 1:
         return False
     return group > 1 if channels is None else group == channels and weight.shape[0] == channels
@@ -121,11 +121,11 @@ def find_layers(graph: onnx.GraphProto, op_types: Iterable[str] = WEIGHT_OPS) ->
         auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
         layers.append(Layer(
             node.output[0], node.op_type, node.input[0], weight, shape,
-            groups=int(node_attribute(node, "group", 1)),  # type: ignore[arg-type]
+            groups=int(node_attribute(node, "group", 1)),
             kernel=shape[2:],
-            strides=tuple(node_attribute(node, "strides", [1] * spatial)),  # type: ignore[arg-type]
-            pads=tuple(node_attribute(node, "pads", [0] * 2 * spatial)),  # type: ignore[arg-type]
-            dilations=tuple(node_attribute(node, "dilations", [1] * spatial)),  # type: ignore[arg-type]
+            strides=tuple(node_attribute(node, "strides", [1] * spatial)),
+            pads=tuple(node_attribute(node, "pads", [0] * 2 * spatial)),
+            dilations=tuple(node_attribute(node, "dilations", [1] * spatial)),
             auto_pad=auto_pad,
         ))
     if deciding:

@@ -108,7 +108,7 @@ def collect_input_stats(
                 accumulators[signature] = acc
             acc.rows += rows.shape[0]
             acc.sq_sum += np.einsum("pgi,pgi->gi", rows, rows, dtype=np.float64)
-            acc.total += rows.sum(axis=0, dtype=np.float64)  # type: ignore[operator]
+            acc.total += rows.sum(axis=0, dtype=np.float64)
             if acc.gram is not None:
                 grouped = np.ascontiguousarray(rows.transpose(1, 0, 2))
                 acc.gram += np.matmul(grouped.transpose(0, 2, 1), grouped).astype(np.float64)

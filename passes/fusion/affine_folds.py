@@ -51,7 +51,7 @@ class FoldBatchNorm(Fusion):
         scale, shift = batchnorm_affine(gamma, beta, mean, var, float(node_attribute(node, "epsilon", 1e-5)))
         weight = m.constant(layer.input[1])
         bias = m.optional_constant(layer, 2)
-        op, group = layer.op_type, int(node_attribute(layer, "group", 1))  # type: ignore[arg-type]
+        op, group = layer.op_type, int(node_attribute(layer, "group", 1))
         if op == "Conv":
             layout, channels = "conv", weight.shape[0]
         elif op == "ConvTranspose":
@@ -64,7 +64,7 @@ class FoldBatchNorm(Fusion):
             if bias is not None:
                 if bias.ndim == 2 and bias.shape[0] != 1:
                     raise NoMatch("Gemm C varies along rows")
-                bias = bias.reshape(-1) * float(node_attribute(layer, "beta", 1.0))  # type: ignore[arg-type]
+                bias = bias.reshape(-1) * float(node_attribute(layer, "beta", 1.0))
         else:
             if m.types.rank(layer.input[0]) != 2:
                 raise NoMatch("MatMul input is not known to be 2-D")
@@ -131,7 +131,7 @@ class FoldConvAffine(Fusion):
         m.private(conv.output[0])
         weight = m.constant(conv.input[1])
         bias = m.optional_constant(conv, 2)
-        group = int(node_attribute(conv, "group", 1))  # type: ignore[call-overload]
+        group = int(node_attribute(conv, "group", 1))
         if conv.op_type == "Conv":
             layout, channels = "conv", weight.shape[0]
         else:

@@ -96,4 +96,4 @@ class Matcher:
             raise NoMatch("ReduceMean reduces every axis")
         if not node_attribute(node, "keepdims", 1):
             raise NoMatch("ReduceMean drops the reduced axes")
-        return [int(a) for a in axes]  # type: ignore[union-attr]
+        return [int(a) for a in axes]

@@ -79,8 +79,8 @@ def _clip_bounds(m: Matcher, clip: onnx.NodeProto) -> tuple[float | None, float 
         high = m.scalar(clip.input[2]) if len(clip.input) > 2 and clip.input[2] else None
         return low, high
     low_attr, high_attr = node_attribute(clip, "min"), node_attribute(clip, "max")
-    return (None if low_attr is None else float(low_attr),  # type: ignore[arg-type]
-            None if high_attr is None else float(high_attr))  # type: ignore[arg-type]
+    return (None if low_attr is None else float(low_attr),
+            None if high_attr is None else float(high_attr))
 
 
 def _divided_by_six(m: Matcher, name: str) -> onnx.NodeProto:

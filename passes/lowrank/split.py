@@ -164,9 +164,9 @@ def _fold_stats(model: onnx.ModelProto, ctx: Context, layers: list[Layer],
 def _merged(parts: list[InputStats]) -> InputStats:
     """Return the statistics of the union of the folds."""
     first = parts[0]
-    return InputStats(sum(p.rows for p in parts), sum(p.sq_sum for p in parts),  # type: ignore[arg-type]
-                      sum(p.gram for p in parts),  # type: ignore[arg-type, misc]
-                      sum(p.total for p in parts) if first.total is not None else None)  # type: ignore[arg-type, misc]
+    return InputStats(sum(p.rows for p in parts), sum(p.sq_sum for p in parts),
+                      sum(p.gram for p in parts),
+                      sum(p.total for p in parts) if first.total is not None else None)
 
 
 def _pair_limit(pair: HeadPair, min_saving: float) -> int:
@@ -228,9 +228,9 @@ def plan_lowrank(model: onnx.ModelProto, ctx: Context, *, whiten: bool, min_para
             factorizations.append(factorize(w))
             continue
         rows = sum(p.rows for p in parts)
-        factorizations.append(factorize(w, sum(p.gram[0] for p in parts) / max(rows, 1), shrinkage))  # type: ignore
+        factorizations.append(factorize(w, sum(p.gram[0] for p in parts) / max(rows, 1), shrinkage))
         if len(parts) == 2:
-            g_a, g_b = (p.gram[0] / max(p.rows, 1) for p in parts)  # type: ignore[index]
+            g_a, g_b = (p.gram[0] / max(p.rows, 1) for p in parts)
             curves = [held_out_error(w, factorize(w, g_a, shrinkage), g_b),
                       held_out_error(w, factorize(w, g_b, shrinkage), g_a)]
             expected.append((curves[0] + curves[1]) / 2)
@@ -249,7 +249,7 @@ def _plan_pairs(model: onnx.ModelProto, plan: SplitPlan, pairs: list[HeadPair],
     set_statistics(model, pairs, {key: _merged([fold[key] for fold in folds]) for key in keys})
     plan.pairs = pairs
     plan.pair_limits = [_pair_limit(pair, min_saving) for pair in pairs]
-    plan.pair_errors = [head_error_curve(p.tq, p.tk, p.gram_q, p.gram_k, p.heads)  # type: ignore[arg-type]
+    plan.pair_errors = [head_error_curve(p.tq, p.tk, p.gram_q, p.gram_k, p.heads)
                         for p in pairs]
     if len(folds) != 2:
         return
@@ -257,8 +257,8 @@ def _plan_pairs(model: onnx.ModelProto, plan: SplitPlan, pairs: list[HeadPair],
     for pair in pairs:
         (q_a, q_b), (k_a, k_b) = ([input_moment(fold[side.matmul]) for fold in folds]
                                   for side in (pair.query, pair.key))
-        curves = [head_error_curve(pair.tq, pair.tk, q_a, k_a, pair.heads, q_b, k_b),  # type: ignore[arg-type]
-                  head_error_curve(pair.tq, pair.tk, q_b, k_b, pair.heads, q_a, k_a)]  # type: ignore[arg-type]
+        curves = [head_error_curve(pair.tq, pair.tk, q_a, k_a, pair.heads, q_b, k_b),
+                  head_error_curve(pair.tq, pair.tk, q_b, k_b, pair.heads, q_a, k_a)]
         expected.append((curves[0] + curves[1]) / 2)
     plan.pair_expected = expected
 

@@ -120,7 +120,7 @@ def _source_width(node: onnx.NodeProto, index: GraphIndex) -> tuple[int, int] | 
     if weight is None or weight.dtype != np.float32:
         return None
     if node.op_type in ("Conv", "ConvTranspose"):
-        if weight.ndim < 3 or int(node_attribute(node, "group", 1)) != 1:  # type: ignore[arg-type]
+        if weight.ndim < 3 or int(node_attribute(node, "group", 1)) != 1:
             return None
         width = weight.shape[0] if node.op_type == "Conv" else weight.shape[1]
         return int(width), 1 - weight.ndim
@@ -138,7 +138,7 @@ def _consumes(node: onnx.NodeProto, name: str, index: GraphIndex, axis: int) -> 
     if weight is None or weight.dtype != np.float32:
         return False
     if node.op_type in ("Conv", "ConvTranspose"):
-        return int(node_attribute(node, "group", 1)) == 1 and axis == 1 - weight.ndim  # type: ignore[arg-type]
+        return int(node_attribute(node, "group", 1)) == 1 and axis == 1 - weight.ndim
     return weight.ndim == 2 and axis == -1 and not node_attribute(node, "transA", 0)
 
 
@@ -178,7 +178,7 @@ def _carry_reason(node: onnx.NodeProto, name: str, channels: int, axis: int, ind
         if axes is not None:
             if shape is None:
                 return f"read by {label} with axes on a tensor of unknown rank"
-            listed = [int(a) - len(shape) if int(a) >= 0 else int(a) for a in axes]  # type: ignore[union-attr]
+            listed = [int(a) - len(shape) if int(a) >= 0 else int(a) for a in axes]
             scale = float(scales[listed.index(axis)]) if axis in listed else 1.0
         elif scales.size >= -axis:
             scale = float(scales[axis])
@@ -210,7 +210,7 @@ def _carry_reason(node: onnx.NodeProto, name: str, channels: int, axis: int, ind
 def _concat_parts(node: onnx.NodeProto, width: dict[str, tuple[int, int]], types: dict[str, onnx.TypeProto]
                   ) -> tuple[list[tuple[str, int, int]], int, int] | str:
     """Return the parts (input, offset, width), total width and axis of a channel Concat, or why not."""
-    axis_attr = int(node_attribute(node, "axis", 0))  # type: ignore[arg-type]
+    axis_attr = int(node_attribute(node, "axis", 0))
     label = f"Concat node {node.name or node.output[0]!r}"
     tracked = [n for n in node.input if n in width]
     if len({width[n][1] for n in tracked}) > 1:

@@ -190,7 +190,7 @@ def _node_macs(model: onnx.ModelProto, nodes: list[onnx.NodeProto], index: Graph
         if node.op_type == "Conv":
             outputs = weight.shape[0]
         elif node.op_type == "ConvTranspose":
-            outputs = weight.shape[1] * int(node_attribute(node, "group", 1))  # type: ignore[arg-type]
+            outputs = weight.shape[1] * int(node_attribute(node, "group", 1))
         elif node.op_type == "Gemm" and node_attribute(node, "transB", 0):
             outputs = weight.shape[0]
         else:
@@ -242,14 +242,14 @@ def build_channel_plan(model: onnx.ModelProto, samples: list, *, multiple: int =
                 systems[layer.key] = dataclasses.replace(shared[layer.key], offset=offset)
                 continue
             st = stats[layer.key]
-            matrix = to_canonical(layer, index.constant(layer.weight))[0].astype(np.float64)  # type: ignore[arg-type]
+            matrix = to_canonical(layer, index.constant(layer.weight))[0].astype(np.float64)
             bias = index.constant(consumer.input[2]) if len(consumer.input) > 2 and consumer.input[2] else None
             if bias is None:
                 bias = np.zeros(layer.shape[1] if layer.op_type == "ConvTranspose" else matrix.shape[0])
             if layer.op_type == "ConvTranspose":
                 bias = np.repeat(bias, int(np.prod(layer.shape[2:])))
             per = int(np.prod(layer.kernel)) if layer.op_type == "Conv" else 1
-            gram, mean = st.mean_gram[0], st.mean[0]  # type: ignore[index]
+            gram, mean = st.mean_gram[0], st.mean[0]
             if st.rows < MIN_ROWS_PER_FEATURE * gram.shape[0]:
                 gram = independent_gram(gram, mean)
                 few.append(layer.key)

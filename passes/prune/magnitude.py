@@ -213,7 +213,7 @@ def _back_off(plan: PrunePlan, model: onnx.ModelProto, matrices: list[np.ndarray
     """Restore the most sensitive units to dense until the budget holds (bisection on the count)."""
     gains = plan.gains or [1.0] * len(plan.units)
     pruned = [i for i, m in enumerate(matrices) if m is not None]
-    order = sorted(pruned, key=lambda i: -gains[i] * plan.error(i, matrices[i]))  # type: ignore[arg-type]
+    order = sorted(pruned, key=lambda i: -gains[i] * plan.error(i, matrices[i]))
 
     def with_dense(count: int) -> list[np.ndarray | None]:
         restored = set(order[:count])

@@ -120,7 +120,7 @@ class PrunePlan:
         """Return (cached) :func:`inverse_factor` of unit ``index``'s statistics and damping."""
         if index not in self._factors:
             unit = self.units[index]
-            self._factors[index] = inverse_factor(self._gram(unit), unit.damp)  # type: ignore[arg-type]
+            self._factors[index] = inverse_factor(self._gram(unit), unit.damp)
         return self._factors[index]
 
     def _repaired(self, index: int, count: int) -> np.ndarray:
@@ -139,7 +139,7 @@ class PrunePlan:
         with (progress or NullProgress()).task("choosing the repair damping", len(eligible)) as task:
             for unit in eligible:
                 count = round(self.probe * unit.size)
-                errors = [cross_validated_error(unit.matrix, unit.folds, [count], damp=d,  # type: ignore[arg-type]
+                errors = [cross_validated_error(unit.matrix, unit.folds, [count], damp=d,
                                                 max_rows=max_rows)[0] for d in candidates]
                 best = int(np.argmin(errors))
                 unit.damp, unit.cv_error = float(candidates[best]), float(errors[best])
@@ -335,10 +335,10 @@ def collect_paired_stats(reference: onnx.ModelProto, candidate: onnx.ModelProto,
                     accumulators[signature] = acc
                 acc.stats.rows += rows_p.shape[0]
                 acc.stats.sq_sum += np.einsum("pgi,pgi->gi", rows_p, rows_p, dtype=np.float64)
-                acc.stats.total += rows_p.sum(axis=0, dtype=np.float64)  # type: ignore[operator]
+                acc.stats.total += rows_p.sum(axis=0, dtype=np.float64)
                 grouped_p = np.ascontiguousarray(rows_p.transpose(1, 2, 0)).astype(np.float64)
                 grouped_x = np.ascontiguousarray(rows_x.transpose(1, 0, 2)).astype(np.float64)
-                acc.stats.gram += np.matmul(grouped_p, grouped_p.transpose(0, 2, 1))  # type: ignore[operator]
+                acc.stats.gram += np.matmul(grouped_p, grouped_p.transpose(0, 2, 1))
                 acc.cross += np.matmul(grouped_p, grouped_x)
             del pair
     return {layer.key: accumulators[sig] for sig, group in by_signature.items() for layer in group}
@@ -372,7 +372,7 @@ def _collect_folds(model: onnx.ModelProto, layers: list[Layer], samples: list, f
         merged[key] = totals[id(first)]
         grams = [part[key].gram for part in parts]
         if all(g is not None for g in grams):
-            fold_grams[key] = grams  # type: ignore[assignment]
+            fold_grams[key] = grams
     return merged, fold_grams
 
 
@@ -411,11 +411,11 @@ def build_plan(model: onnx.ModelProto, *, scoring: str, repair: bool, exclude: S
             continue
         reader_ids = {id(by_output[layer.key]) for layer in readers}
         others = [n for n in index.consumers.get(weight, []) if id(n) not in reader_ids]
-        shapes = {to_canonical(layer, index.constant(weight)).shape for layer in readers}  # type: ignore[arg-type]
+        shapes = {to_canonical(layer, index.constant(weight)).shape for layer in readers}
         if others or weight in index.outputs or len(shapes) > 1:
             notes.append(f"{first.key}: weight {weight!r} is also read by other nodes; left dense")
             continue
-        units.append(PruneUnit(weight, readers, to_canonical(first, index.constant(weight))))  # type: ignore[arg-type]
+        units.append(PruneUnit(weight, readers, to_canonical(first, index.constant(weight))))
     if samples and units:
         layers_read = [layer for u in units for layer in u.layers]
         need_gram = repair or scoring == "activation"

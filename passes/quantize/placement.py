@@ -118,7 +118,7 @@ def weight_axis(node: onnx.NodeProto, value_ndim: int, per_channel: bool) -> int
     if node.op_type == "Conv":
         return 0
     if node.op_type == "ConvTranspose":
-        return 1 if int(node_attribute(node, "group", 1)) == 1 else None  # type: ignore[call-overload]
+        return 1 if int(node_attribute(node, "group", 1)) == 1 else None
     if node.op_type == "Gemm":
         return 0 if node_attribute(node, "transB", 0) else 1
     return value_ndim - 1 if value_ndim >= 2 else None
@@ -133,11 +133,11 @@ def _anchor_check(node: onnx.NodeProto, g: GraphFacts) -> str | None:
             return "its bias is not a constant"
         return None if g.is_activation(inputs[0]) else "its input is not a float activation"
     if node.op_type == "Gemm":
-        if float(node_attribute(node, "alpha", 1.0)) != 1.0 or node_attribute(node, "transA", 0):  # type: ignore
+        if float(node_attribute(node, "alpha", 1.0)) != 1.0 or node_attribute(node, "transA", 0):
             return "alpha != 1 or transA is set"
         if len(inputs) > 2 and inputs[2]:
             bias = g.index.constant(inputs[2])
-            if bias is None or bias.ndim != 1 or float(node_attribute(node, "beta", 1.0)) != 1.0:  # type: ignore
+            if bias is None or bias.ndim != 1 or float(node_attribute(node, "beta", 1.0)) != 1.0:
                 return "its C input is not a constant vector with beta = 1"
     if not g.is_activation(inputs[0]):
         return "its first input is not a float activation"
@@ -149,14 +149,14 @@ def _anchor_check(node: onnx.NodeProto, g: GraphFacts) -> str | None:
 def _table_check(node: onnx.NodeProto, g: GraphFacts) -> bool:
     table = g.index.constant(node.input[0])
     return (table is not None and table.ndim == 2 and table.size >= _MIN_TABLE and table.dtype.kind == "f"
-            and int(node_attribute(node, "axis", 0)) == 0)  # type: ignore[call-overload]
+            and int(node_attribute(node, "axis", 0)) == 0)
 
 
 def _clip_from_zero(node: onnx.NodeProto, g: GraphFacts) -> bool:
     if node.op_type == "Relu":
         return True
     low = g.index.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else node_attribute(node, "min")
-    return low is not None and float(low) == 0.0  # type: ignore[arg-type]
+    return low is not None and float(low) == 0.0
 
 
 def place(
@@ -307,7 +307,7 @@ def _weights_and_bias(node: onnx.NodeProto, g: GraphFacts, per_channel: bool, re
 
 
 def _weight_only(node: onnx.NodeProto, g: GraphFacts, per_channel: bool, result: Placement) -> None:
-    if len(node.input) < 2 or (node.op_type == "Gemm" and node_attribute(node, "transA", 0)):  # type: ignore
+    if len(node.input) < 2 or (node.op_type == "Gemm" and node_attribute(node, "transA", 0)):
         return
     value = g.index.constant(node.input[1])
     if value is None or value.dtype.kind != "f" or value.ndim < 2 or value.size < _MIN_WEIGHT_ONLY:

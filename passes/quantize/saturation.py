@@ -27,8 +27,8 @@ def _reader_bounds(node: onnx.NodeProto, g: GraphFacts) -> tuple[float | None, f
     if node.op_type == "HardSwish":
         return -3.0, None
     if node.op_type == "HardSigmoid":
-        alpha = float(node_attribute(node, "alpha", 0.2))  # type: ignore[arg-type]
-        beta = float(node_attribute(node, "beta", 0.5))  # type: ignore[arg-type]
+        alpha = float(node_attribute(node, "alpha", 0.2))
+        beta = float(node_attribute(node, "beta", 0.5))
         return (-beta / alpha, (1.0 - beta) / alpha) if alpha > 0 else None
     if node.op_type == "Clip":
         bounds: list[float | None] = []
@@ -37,7 +37,7 @@ def _reader_bounds(node: onnx.NodeProto, g: GraphFacts) -> tuple[float | None, f
             value = g.index.constant(name) if name else node_attribute(node, attribute)
             if name and value is None:
                 return None
-            bounds.append(None if value is None else float(np.asarray(value).reshape(-1)[0]))  # type: ignore[arg-type]
+            bounds.append(None if value is None else float(np.asarray(value).reshape(-1)[0]))
         return bounds[0], bounds[1]
     return None
 
