@@ -63,8 +63,8 @@ def _pruning(model, calib: list, held: list, reference: list) -> list[dict]:
 
 
 def _lowrank(model, calib: list, held: list, reference: list) -> dict:
+    from onnxopt.passes.lowrank.plan import apply_ranks, plan_lowrank
     from onnxopt.passes.lowrank.ranks import allocate_ranks
-    from onnxopt.passes.lowrank.split import apply_ranks, plan_lowrank
 
     from benchmarks.inputs import task_agreement
 

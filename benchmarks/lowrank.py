@@ -36,8 +36,9 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx
+from onnxopt.passes.lowrank.plan import SplitPlan, apply_ranks, plan_lowrank
 from onnxopt.passes.lowrank.ranks import allocate_ranks
-from onnxopt.passes.lowrank.split import SplitLowRank, SplitPlan, apply_ranks, plan_lowrank
+from onnxopt.passes.lowrank.split import SplitLowRank
 
 from onnxopt.data import Dataset
 from onnxopt.normalize import normalize

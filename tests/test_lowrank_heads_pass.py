@@ -7,8 +7,9 @@ import onnx
 import pytest
 from onnx import helper
 from onnxopt.passes.lowrank.heads import find_head_pairs, head_error_curve, joint_qk
+from onnxopt.passes.lowrank.plan import apply_ranks, plan_lowrank
 from onnxopt.passes.lowrank.ranks import RankCandidate, WidthCandidate, allocate_ranks
-from onnxopt.passes.lowrank.split import SplitLowRank, apply_ranks, plan_lowrank
+from onnxopt.passes.lowrank.split import SplitLowRank
 
 from onnxopt.data import Dataset
 from onnxopt.pipeline import Context
