@@ -26,7 +26,8 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 from onnxopt.passes.prune.magnitude import FOLDS, PruneMagnitude
-from onnxopt.passes.prune.plan import PrunePlan, build_plan, store_sparse
+from onnxopt.passes.prune.plan import PrunePlan, build_plan
+from onnxopt.passes.prune.sparse_storage import store_sparse
 
 from benchmarks.lowrank import CALIBRATION, model_and_inputs
 from onnxopt.data import Dataset

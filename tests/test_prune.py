@@ -295,7 +295,7 @@ def test_prune_then_quantize_in_one_pipeline(tmp_path):
 def test_paired_stats_of_an_unchanged_model_match_the_plain_ones():
     from onnxopt.passes.common.layers import find_layers
     from onnxopt.passes.common.stats import collect_input_stats
-    from onnxopt.passes.prune.plan import collect_paired_stats
+    from onnxopt.passes.prune.paired_stats import collect_paired_stats
 
     model = _mlp(seed=7)
     samples = list(synthesize_inputs(model, iterations=4))

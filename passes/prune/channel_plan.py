@@ -23,8 +23,9 @@ from onnxopt.passes.common.budget import measure_gains
 from onnxopt.passes.common.layers import Layer, find_layers, to_canonical
 from onnxopt.passes.common.linalg import augmented_gram
 from onnxopt.passes.common.stats import collect_input_stats
-from onnxopt.passes.prune.channel_groups import ChannelGroup, describe_types, find_channel_groups, remove_channels
+from onnxopt.passes.prune.channel_groups import ChannelGroup, describe_types, find_channel_groups
 from onnxopt.passes.prune.channel_math import ConsumerSystem, independent_gram, refit, removal_order
+from onnxopt.passes.prune.channel_surgery import remove_channels
 
 from onnxopt.graph import GraphIndex, NameGenerator, node_attribute, toposort
 from onnxopt.progress import Progress

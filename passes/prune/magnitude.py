@@ -27,7 +27,8 @@ from onnxopt.passes.common.budget import (
     search_largest,
     search_smallest,
 )
-from onnxopt.passes.prune.plan import PrunePlan, build_plan, store_sparse
+from onnxopt.passes.prune.plan import PrunePlan, build_plan
+from onnxopt.passes.prune.sparse_storage import store_sparse
 from onnxopt.passes.prune.sparsegpt import parse_nm
 
 from onnxopt.errors import CalibrationDataError

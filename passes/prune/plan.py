@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
 from onnxopt.passes.common.budget import measure_gains
-from onnxopt.passes.common.layers import Layer, find_layers, from_canonical, layer_rows, to_canonical, write_weight
+from onnxopt.passes.common.layers import Layer, find_layers, from_canonical, to_canonical, write_weight
 from onnxopt.passes.common.linalg import inverse_factor
-from onnxopt.passes.common.stats import InputStats, collect_input_stats, layer_inputs
+from onnxopt.passes.common.stats import InputStats, collect_input_stats
+from onnxopt.passes.prune.paired_stats import collect_paired_stats
 from onnxopt.passes.prune.sparsegpt import (
     ErrorCurve,
     activation_scores,
@@ -38,12 +38,10 @@ from onnxopt.passes.prune.sparsegpt import (
     sparsegpt,
 )
 
-from onnxopt.data import Sample
-from onnxopt.graph import GraphIndex, NameGenerator, remove_unused, replace_repeated
+from onnxopt.graph import GraphIndex, NameGenerator, remove_unused
 from onnxopt.progress import NullProgress, Progress
-from onnxopt.runtime import Session, expose_tensors
 
-__all__ = ["LEVELS", "PairedStats", "PrunePlan", "PruneUnit", "build_plan", "collect_paired_stats", "store_sparse"]
+__all__ = ["LEVELS", "PrunePlan", "PruneUnit", "build_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -296,54 +294,6 @@ class PrunePlan:
         return next(n for n, node in enumerate(model.graph.node) if node.output and node.output[0] in keys)
 
 
-@dataclass
-class PairedStats:
-    """Statistics of one layer's inputs ``X'`` in a changed model, paired row by row with the original ``X``.
-
-    ``stats`` are those of ``X'`` (``gram = X'ᵀX'``); ``cross = X'ᵀX`` ``[g, c, c]``.
-    """
-
-    stats: InputStats
-    cross: np.ndarray
-
-
-def collect_paired_stats(reference: onnx.ModelProto, candidate: onnx.ModelProto, layers: Sequence[Layer],
-                         samples: Iterable[Sample], *, max_rows: int = 1024,
-                         seed: int = 0) -> dict[str, PairedStats]:
-    """Return ``X'ᵀX'`` and ``X'ᵀX`` of each layer's input in ``candidate`` (``X'``) and ``reference`` (``X``).
-
-    Both models must name the layers' inputs alike (pruning changes only weights); the
-    same rows are sampled from both, one calibration sample at a time.
-    """
-    by_signature, exposed = layer_inputs(reference, layers)
-    accumulators: dict[tuple, PairedStats] = {}
-    with Session(expose_tensors(reference, exposed), label="input model, layer inputs exposed") as original, \
-            Session(expose_tensors(candidate, exposed), label="changed model, layer inputs exposed") as changed:
-        for number, sample in enumerate(samples):
-            pair = [session.run(sample, exposed) if exposed else {} for session in (original, changed)]
-            for values in pair:
-                values.update(sample)  # layers reading graph inputs read them from the sample
-            for position, (signature, group) in enumerate(by_signature.items()):
-                layer = group[0]
-                rows_x, rows_p = (layer_rows(layer, np.asarray(values[layer.activation], dtype=np.float32), max_rows,
-                                             np.random.default_rng([seed, number, position])) for values in pair)
-                acc = accumulators.get(signature)
-                if acc is None:
-                    features = rows_p.shape[1:]
-                    acc = PairedStats(InputStats(0, np.zeros(features), np.zeros((*features, features[1])),
-                                                 np.zeros(features)), np.zeros((*features, features[1])))
-                    accumulators[signature] = acc
-                acc.stats.rows += rows_p.shape[0]
-                acc.stats.sq_sum += np.einsum("pgi,pgi->gi", rows_p, rows_p, dtype=np.float64)
-                acc.stats.total += rows_p.sum(axis=0, dtype=np.float64)
-                grouped_p = np.ascontiguousarray(rows_p.transpose(1, 2, 0)).astype(np.float64)
-                grouped_x = np.ascontiguousarray(rows_x.transpose(1, 0, 2)).astype(np.float64)
-                acc.stats.gram += np.matmul(grouped_p, grouped_p.transpose(0, 2, 1))
-                acc.cross += np.matmul(grouped_p, grouped_x)
-            del pair
-    return {layer.key: accumulators[sig] for sig, group in by_signature.items() for layer in group}
-
-
 def _excluded(layer: Layer, node: onnx.NodeProto, patterns: Sequence[str]) -> bool:
     names = [layer.op_type, node.name, layer.key, layer.weight]
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns for name in names if name)
@@ -440,30 +390,3 @@ def build_plan(model: onnx.ModelProto, *, scoring: str, repair: bool, exclude: S
     return PrunePlan(units, scoring, repair, notes)
 
 
-def store_sparse(model: onnx.ModelProto) -> list[str]:
-    """Move mostly-zero float initializers of the main graph to ``sparse_initializer`` where smaller.
-
-    A sparse tensor stores values (4 bytes) and int64 linear indices (8 bytes) per
-    non-zero, so it pays below one third density. onnxruntime densifies them on load.
-    Returns the names moved.
-    """
-    graph = model.graph
-    inputs = {i.name for i in graph.input}
-    keep, moved = [], []
-    for tensor in graph.initializer:
-        if tensor.data_type != onnx.TensorProto.FLOAT or tensor.name in inputs:
-            keep.append(tensor)
-            continue
-        array = numpy_helper.to_array(tensor)
-        flat = array.ravel()
-        nonzero = np.flatnonzero(flat)
-        if array.size < 64 or nonzero.size * 12 >= array.size * 4:
-            keep.append(tensor)
-            continue
-        values = numpy_helper.from_array(flat[nonzero].astype(np.float32), tensor.name)
-        indices = numpy_helper.from_array(nonzero.astype(np.int64), f"{tensor.name}_indices")
-        graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, list(array.shape)))
-        moved.append(tensor.name)
-    if moved:
-        replace_repeated(graph.initializer, keep)
-    return moved
