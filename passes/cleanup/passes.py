@@ -24,14 +24,13 @@ from onnxopt.passes.common.graphs import (
     TypeMap,
     bypass_node,
     opset_version,
-    rename_uses,
     walk_scopes,
 )
 
 from onnxopt.graph import GraphIndex, NameGenerator, is_default_domain, node_attribute, remove_unused, subgraphs
 from onnxopt.pipeline import Context, Pass, PassResult, register_pass
 
-__all__ = ["Deduplicate", "EliminateDeadCode", "FoldConstants", "RemoveIdentities", "SimplifyShapes"]
+__all__ = ["EliminateDeadCode", "FoldConstants", "RemoveIdentities", "SimplifyShapes"]
 
 _QDQ = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 _SHAPE_OPS = {"Shape", "Size", "Gather", "Slice", "Concat"}
@@ -311,75 +310,6 @@ class RemoveIdentities(Pass):
             node.input[0] = producer.input[0]
             return True
         return False
-
-
-def _content_key(tensor: onnx.TensorProto) -> tuple[object, ...]:
-    return (tensor.data_type, tuple(tensor.dims), numpy_helper.to_array(tensor).tobytes())
-
-
-@register_pass
-class Deduplicate(Pass):
-    """Merge initializers with equal content and nodes that compute the same thing.
-
-    Rules:
-    1. Initializers of one graph with equal dtype, shape and bytes become one (graph
-       inputs and outputs are never merged).
-    2. Default-domain nodes with the same op, attributes (bodies included) and inputs
-       become one; random ops never merge; a node whose output is a graph output is kept.
-    """
-
-    name = "deduplicate"
-    exact = True
-
-    def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
-        """Merge every duplicate."""
-        stats: collections.Counter[str] = collections.Counter()
-
-        def visit(scope: Scope) -> None:
-            graph = scope.graph
-            protected = {i.name for i in graph.input} | {o.name for o in graph.output}
-            first: dict[tuple[object, ...], str] = {}
-            mapping: dict[str, str] = {}
-            duplicates = []
-            own = [t for t in graph.initializer if t.name not in protected]
-            layouts = {(t.data_type, tuple(t.dims)) for t in own}
-            # a body's initializer equal to an outer one reads the outer one instead
-            shadowed = {t.name for t in graph.initializer} | protected
-            for name, tensor in scope.outer_constants.items():
-                if name not in shadowed and (tensor.data_type, tuple(tensor.dims)) in layouts:
-                    first.setdefault(_content_key(tensor), name)
-            for tensor in own:
-                key = _content_key(tensor)
-                if key in first:
-                    mapping[tensor.name] = first[key]
-                    duplicates.append(tensor)
-                else:
-                    first[key] = tensor.name
-            for tensor in duplicates:
-                graph.initializer.remove(tensor)
-            rename_uses(graph, mapping)
-            stats["initializers_merged"] += len(duplicates)
-            seen: dict[tuple[object, ...], onnx.NodeProto] = {}
-            for node in list(graph.node):
-                if (not is_default_domain(node) or node.op_type in NONDETERMINISTIC
-                        or node.op_type.startswith("Random") or not node.input):
-                    continue
-                key = (node.op_type, tuple(node.input), len(node.output),
-                       tuple(a.SerializeToString(deterministic=True) for a in sorted(node.attribute,
-                                                                                   key=lambda a: a.name)))
-                kept = seen.get(key)
-                if kept is None:
-                    seen[key] = node
-                    continue
-                pairs = dict(zip(node.output, kept.output, strict=True))
-                if any(o in protected or (o and not k) for o, k in pairs.items()):
-                    continue
-                graph.node.remove(node)
-                rename_uses(graph, {o: k for o, k in pairs.items() if o})
-                stats["nodes_merged"] += 1
-
-        walk_scopes(model, visit)
-        return PassResult(model, any(stats.values()), {k: v for k, v in stats.items() if v}, [])
 
 
 @register_pass
