@@ -40,7 +40,7 @@ HELD_OUT = 64
 def _calibration(n: int, calib32: list) -> list:
     """Return ``n`` calibration sentences: the benchmarks' 32, then sentences after the held-out ones."""
     start = 32 + HELD_OUT
-    return calib32 + [encode_sentences([s]) for s in SENTENCES[start:start + n - 32]]
+    return calib32 + [encode_sentences([s]) for s in SENTENCES[start : start + n - 32]]
 
 
 def _pruning(model, calib: list, held: list, reference: list) -> list[dict]:
@@ -56,9 +56,13 @@ def _pruning(model, calib: list, held: list, reference: list) -> list[dict]:
     for sparsity in SPARSITIES:
         matrices = [plan.pruned(i, c) if c else None for i, c in enumerate(plan.counts_for(sparsity, "global", curves))]
         pruned = plan.apply(model, matrices)
-        rows.append({"sparsity": sparsity,
-                     "held_out": round(task_agreement("encoder", reference, run_model(pruned, held), held), 4),
-                     "in_sample": round(task_agreement("encoder", fitted_ref, run_model(pruned, fitted), fitted), 4)})
+        rows.append(
+            {
+                "sparsity": sparsity,
+                "held_out": round(task_agreement("encoder", reference, run_model(pruned, held), held), 4),
+                "in_sample": round(task_agreement("encoder", fitted_ref, run_model(pruned, fitted), fitted), 4),
+            }
+        )
     return rows
 
 
@@ -68,8 +72,16 @@ def _lowrank(model, calib: list, held: list, reference: list) -> dict:
 
     from benchmarks.inputs import task_agreement
 
-    plan = plan_lowrank(model, Context(), whiten=True, min_params=16384, include_conv1x1=False, min_saving=0.1,
-                        samples=calib, heads=True)
+    plan = plan_lowrank(
+        model,
+        Context(),
+        whiten=True,
+        min_params=16384,
+        include_conv1x1=False,
+        min_saving=0.1,
+        samples=calib,
+        heads=True,
+    )
     plan.measure_sensitivity(model, calib[:4])
     total = sum(w.size for w in plan.weights) + sum(p.params for p in plan.pairs)
 
@@ -87,10 +99,12 @@ def _lowrank(model, calib: list, held: list, reference: list) -> dict:
         rank = int(0.8 * k * n / (k + n))
         uniform.append(rank if rank <= limit else 0)
     uniform += [0] * len(plan.pairs)
-    return {"saved_pct_at_target": round(100 * _saved(plan, ranks) / total, 2) if ranks else 0.0,
-            "agreement_at_target": round(best, 4),
-            "every_layer_20pct_saved_pct": round(100 * _saved(plan, uniform) / total, 2),
-            "every_layer_20pct_agreement": round(agreement(uniform), 4)}
+    return {
+        "saved_pct_at_target": round(100 * _saved(plan, ranks) / total, 2) if ranks else 0.0,
+        "agreement_at_target": round(best, 4),
+        "every_layer_20pct_saved_pct": round(100 * _saved(plan, uniform) / total, 2),
+        "every_layer_20pct_agreement": round(agreement(uniform), 4),
+    }
 
 
 def _value_heads(model, calib: list, held: list, heads: int = 12, widths: tuple[int, ...] = (28, 24)) -> list[dict]:
@@ -116,8 +130,9 @@ def _value_heads(model, calib: list, held: list, heads: int = 12, widths: tuple[
                 u = np.linalg.svd(lower.T @ weight[part], full_matrices=False)[0][:, :width]
                 projector[part, part] = np.linalg.inv(lower.T) @ u @ u.T @ lower.T
             delta = (np.eye(gram.shape[0]) - projector) @ weight
-            row[f"error_width_{width}"] = round(float(np.trace(delta.T @ gram_test @ delta)
-                                                      / np.trace(weight.T @ gram_test @ weight)), 4)
+            row[f"error_width_{width}"] = round(
+                float(np.trace(delta.T @ gram_test @ delta) / np.trace(weight.T @ gram_test @ weight)), 4
+            )
         rows.append(row)
     return rows
 

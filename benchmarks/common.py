@@ -64,8 +64,9 @@ def feeds(key: str, n: int, seed: int = 0) -> list[Feed]:
     raise KeyError(f"no inputs for model {key!r}")
 
 
-def session(model: str | Path | onnx.ModelProto, *, threads: int = 1, optimization: str = "default"
-            ) -> ort.InferenceSession:
+def session(
+    model: str | Path | onnx.ModelProto, *, threads: int = 1, optimization: str = "default"
+) -> ort.InferenceSession:
     """Return a CPU session (from a path or an in-memory model) with a fixed number of threads."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -78,7 +79,11 @@ def session(model: str | Path | onnx.ModelProto, *, threads: int = 1, optimizati
 
 
 def interleaved_latency(
-    models: Sequence[str | Path | onnx.ModelProto], feed: Feed, *, threads: int = 1, rounds: int = 30,
+    models: Sequence[str | Path | onnx.ModelProto],
+    feed: Feed,
+    *,
+    threads: int = 1,
+    rounds: int = 30,
     warmup: int = 3,
     optimization: str = "default",
 ) -> list[float]:

@@ -65,8 +65,7 @@ def _import_torch() -> Any:
         import torch
     except ImportError as error:
         raise RuntimeError(
-            "the sentence encoder is exported from PyTorch: install torch "
-            "(pip install torch) to build it"
+            "the sentence encoder is exported from PyTorch: install torch (pip install torch) to build it"
         ) from error
     return torch
 
@@ -114,9 +113,7 @@ def _build_bert(config: dict[str, Any]) -> Any:
             return x.view(batch, length, heads, hidden // heads).transpose(1, 2)
 
         def forward(self, x: Any, additive_mask: Any) -> Any:
-            query, key, value = self._split(self.query(x)), self._split(self.key(x)), (
-                self._split(self.value(x))
-            )
+            query, key, value = self._split(self.query(x)), self._split(self.key(x)), (self._split(self.value(x)))
             scores = torch.matmul(query, key.transpose(-1, -2)) / (hidden // heads) ** 0.5
             probs = torch.softmax(scores + additive_mask, dim=-1)
             context = torch.matmul(probs, value).transpose(1, 2)
@@ -209,19 +206,26 @@ def _export(target: Path, opset: int = OPSET) -> None:
     model.requires_grad_(False)
     example = encode_sentences(["An example sentence to trace the graph.", "Short one."])
     args = (torch.from_numpy(example["input_ids"]), torch.from_numpy(example["attention_mask"]))
-    dynamic = {"input_ids": {0: "batch", 1: "sequence"},
-               "attention_mask": {0: "batch", 1: "sequence"},
-               "last_hidden_state": {0: "batch", 1: "sequence"},
-               "sentence_embedding": {0: "batch"}}
+    dynamic = {
+        "input_ids": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "sequence"},
+        "last_hidden_state": {0: "batch", 1: "sequence"},
+        "sentence_embedding": {0: "batch"},
+    }
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(suffix=".onnx", dir=target.parent)
     os.close(handle)
     try:
         torch.onnx.export(
-            model, args, tmp, dynamo=False, opset_version=opset,
+            model,
+            args,
+            tmp,
+            dynamo=False,
+            opset_version=opset,
             input_names=["input_ids", "attention_mask"],
             output_names=["last_hidden_state", "sentence_embedding"],
-            dynamic_axes=dynamic, do_constant_folding=True,
+            dynamic_axes=dynamic,
+            do_constant_folding=True,
         )
         os.replace(tmp, target)
     finally:
@@ -237,9 +241,7 @@ def encoder_model_path() -> Path:
     return target
 
 
-def encode_sentences(
-    sentences: Sequence[str], max_len: int = 64, pad_to: int | None = None
-) -> dict[str, np.ndarray]:
+def encode_sentences(sentences: Sequence[str], max_len: int = 64, pad_to: int | None = None) -> dict[str, np.ndarray]:
     """Tokenize ``sentences`` into the encoder's ``input_ids`` and ``attention_mask``.
 
     The batch is padded to its longest sentence (or to ``pad_to`` tokens when given) and
@@ -261,24 +263,36 @@ def encode_sentences(
 
 
 PARAPHRASES: list[tuple[str, str, str]] = [
-    ("A man is playing a guitar on the stage.",
-     "A musician performs with his guitar in front of an audience.",
-     "The stock market fell sharply after the announcement."),
-    ("The cat is sleeping on the warm windowsill.",
-     "A kitten naps in the sun by the window.",
-     "Engineers are testing the new bridge design."),
-    ("How do I reset my password?",
-     "What are the steps to change a forgotten password?",
-     "The recipe calls for two cups of flour."),
-    ("It is raining heavily in the city today.",
-     "There is a downpour in town this afternoon.",
-     "She bought a new laptop for her studies."),
-    ("The train to Berlin was delayed by two hours.",
-     "Our Berlin train arrived two hours late.",
-     "Tomatoes grow best in full sunlight."),
-    ("Children are playing football in the park.",
-     "Kids kick a soccer ball around on the grass.",
-     "The committee approved the annual budget."),
+    (
+        "A man is playing a guitar on the stage.",
+        "A musician performs with his guitar in front of an audience.",
+        "The stock market fell sharply after the announcement.",
+    ),
+    (
+        "The cat is sleeping on the warm windowsill.",
+        "A kitten naps in the sun by the window.",
+        "Engineers are testing the new bridge design.",
+    ),
+    (
+        "How do I reset my password?",
+        "What are the steps to change a forgotten password?",
+        "The recipe calls for two cups of flour.",
+    ),
+    (
+        "It is raining heavily in the city today.",
+        "There is a downpour in town this afternoon.",
+        "She bought a new laptop for her studies.",
+    ),
+    (
+        "The train to Berlin was delayed by two hours.",
+        "Our Berlin train arrived two hours late.",
+        "Tomatoes grow best in full sunlight.",
+    ),
+    (
+        "Children are playing football in the park.",
+        "Kids kick a soccer ball around on the grass.",
+        "The committee approved the annual budget.",
+    ),
 ]
 """(sentence, paraphrase, unrelated sentence) triples used to validate the export."""
 
@@ -308,9 +322,7 @@ def validate_encoder(model_path: Path | None = None) -> dict[str, float]:
     paraphrase = np.sum(vectors[:, 0] * vectors[:, 1], axis=-1)
     unrelated = np.sum(vectors[:, 0] * vectors[:, 2], axis=-1)
     return {
-        "max_abs_diff_last_hidden_state": float(
-            np.abs(hidden - ref_hidden.numpy())[mask].max()
-        ),
+        "max_abs_diff_last_hidden_state": float(np.abs(hidden - ref_hidden.numpy())[mask].max()),
         "max_abs_diff_sentence_embedding": float(np.abs(embedding - ref_embedding.numpy()).max()),
         "cosine_paraphrase": float(np.mean(paraphrase)),
         "cosine_unrelated": float(np.mean(unrelated)),
@@ -449,55 +461,112 @@ Thank you for helping me move the furniture yesterday.
 """
 
 _LONG = [
-    ("Although the forecast promised sunshine all week, the fishermen stayed in "
-     "port because the sea looked far rougher than anyone had expected."),
-    ("After months of careful negotiation, the two companies finally agreed to share "
-     "their research on batteries and to build a joint factory near the border."),
-    ("When the old mill closed, many families left the valley, but a small "
-     "group of artists moved in and slowly turned the empty buildings into studios."),
-    ("The report argues that cities should plant more trees along busy "
-     "streets, since shade lowers summer temperatures and makes walking far more pleasant."),
-    ("If you are travelling by car during the holiday weekend, leave early "
-     "in the morning and check the traffic reports before you set off."),
-    ("My grandmother still writes every letter by hand, and she insists that "
-     "an email can never replace the feeling of opening a real envelope."),
-    ("The researchers followed a thousand volunteers for ten years and found "
-     "that people who walked every day lived noticeably longer on average."),
-    ("Because the bridge was closed for repairs, the school bus had to take "
-     "a long detour through the hills and the children arrived an hour late."),
-    ("The small restaurant at the end of the pier serves grilled fish caught that "
-     "same morning, and in summer you have to book a table days in advance."),
-    ("Once the volunteers had cleared the rubbish from the beach, they counted "
-     "the plastic bottles and sent the results to the regional environment office."),
+    (
+        "Although the forecast promised sunshine all week, the fishermen stayed in "
+        "port because the sea looked far rougher than anyone had expected."
+    ),
+    (
+        "After months of careful negotiation, the two companies finally agreed to share "
+        "their research on batteries and to build a joint factory near the border."
+    ),
+    (
+        "When the old mill closed, many families left the valley, but a small "
+        "group of artists moved in and slowly turned the empty buildings into studios."
+    ),
+    (
+        "The report argues that cities should plant more trees along busy "
+        "streets, since shade lowers summer temperatures and makes walking far more pleasant."
+    ),
+    (
+        "If you are travelling by car during the holiday weekend, leave early "
+        "in the morning and check the traffic reports before you set off."
+    ),
+    (
+        "My grandmother still writes every letter by hand, and she insists that "
+        "an email can never replace the feeling of opening a real envelope."
+    ),
+    (
+        "The researchers followed a thousand volunteers for ten years and found "
+        "that people who walked every day lived noticeably longer on average."
+    ),
+    (
+        "Because the bridge was closed for repairs, the school bus had to take "
+        "a long detour through the hills and the children arrived an hour late."
+    ),
+    (
+        "The small restaurant at the end of the pier serves grilled fish caught that "
+        "same morning, and in summer you have to book a table days in advance."
+    ),
+    (
+        "Once the volunteers had cleared the rubbish from the beach, they counted "
+        "the plastic bottles and sent the results to the regional environment office."
+    ),
 ]
 
 _PEOPLE = [
-    "My neighbor", "The new teacher", "Our youngest daughter", "The head chef",
-    "A local farmer", "The retired pilot", "My best friend", "The young doctor",
-    "Her older brother", "The museum guide", "A group of students", "The night nurse",
-    "Our football coach", "The shy librarian", "An elderly couple", "The bus driver",
-    "My aunt", "The software engineer", "The village baker", "A famous author",
+    "My neighbor",
+    "The new teacher",
+    "Our youngest daughter",
+    "The head chef",
+    "A local farmer",
+    "The retired pilot",
+    "My best friend",
+    "The young doctor",
+    "Her older brother",
+    "The museum guide",
+    "A group of students",
+    "The night nurse",
+    "Our football coach",
+    "The shy librarian",
+    "An elderly couple",
+    "The bus driver",
+    "My aunt",
+    "The software engineer",
+    "The village baker",
+    "A famous author",
 ]
 _ACTIONS = [
-    "repaired the old bicycle", "baked bread for the whole street",
-    "planted tomatoes in the back garden", "wrote a long letter to the mayor",
-    "cleaned the windows of the house", "painted a mural on the school wall",
-    "cooked a huge pot of vegetable soup", "read three novels",
-    "fixed the leaking roof", "visited the art museum",
-    "adopted a puppy from the shelter", "learned a new song on the piano",
-    "ran ten kilometers along the river", "organized a charity concert",
-    "bought a second-hand car", "took photographs of the harbor",
-    "volunteered at the food bank", "built a wooden bookshelf",
-    "taught the children how to swim", "cleared the snow from the driveway",
-    "picked apples in the orchard", "sold homemade jam at the market",
-    "lost a wallet on the train", "found a rare coin in the sand",
-    "studied for the driving test", "climbed the highest hill in the region",
+    "repaired the old bicycle",
+    "baked bread for the whole street",
+    "planted tomatoes in the back garden",
+    "wrote a long letter to the mayor",
+    "cleaned the windows of the house",
+    "painted a mural on the school wall",
+    "cooked a huge pot of vegetable soup",
+    "read three novels",
+    "fixed the leaking roof",
+    "visited the art museum",
+    "adopted a puppy from the shelter",
+    "learned a new song on the piano",
+    "ran ten kilometers along the river",
+    "organized a charity concert",
+    "bought a second-hand car",
+    "took photographs of the harbor",
+    "volunteered at the food bank",
+    "built a wooden bookshelf",
+    "taught the children how to swim",
+    "cleared the snow from the driveway",
+    "picked apples in the orchard",
+    "sold homemade jam at the market",
+    "lost a wallet on the train",
+    "found a rare coin in the sand",
+    "studied for the driving test",
+    "climbed the highest hill in the region",
 ]
 _WHEN = [
-    "last weekend", "before breakfast", "on Saturday morning", "during the holidays",
-    "after work yesterday", "in the pouring rain", "early this morning",
-    "while the kids were at school", "for the first time", "late at night",
-    "despite a bad cold", "in less than an hour", "with a little help from friends",
+    "last weekend",
+    "before breakfast",
+    "on Saturday morning",
+    "during the holidays",
+    "after work yesterday",
+    "in the pouring rain",
+    "early this morning",
+    "while the kids were at school",
+    "for the first time",
+    "late at night",
+    "despite a bad cold",
+    "in less than an hour",
+    "with a little help from friends",
 ]
 
 

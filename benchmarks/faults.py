@@ -35,11 +35,16 @@ def weight_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     """Float initializers of rank >= 2 that feed a Conv/MatMul/Gemm/LSTM (any graph), largest first."""
     graphs = list(iter_graphs(model.graph))
     weight_inputs = {
-        name for graph in graphs for node in graph.node
-        if node.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm", "LSTM") for name in node.input[1:3]
+        name
+        for graph in graphs
+        for node in graph.node
+        if node.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm", "LSTM")
+        for name in node.input[1:3]
     }
     found = [
-        tensor for graph in graphs for tensor in graph.initializer
+        tensor
+        for graph in graphs
+        for tensor in graph.initializer
         if tensor.name in weight_inputs and len(tensor.dims) >= 2 and tensor.data_type == onnx.TensorProto.FLOAT
     ]
     found.sort(key=lambda t: -int(np.prod(t.dims)))
@@ -62,6 +67,7 @@ def _edit_weight(model: onnx.ModelProto, change: Callable[[np.ndarray], None]) -
 
 def scale_weight_slice(model: onnx.ModelProto) -> onnx.ModelProto:
     """Scale the first quarter of the target weight's leading axis by 1.3."""
+
     def change(w: np.ndarray) -> None:
         w[: max(1, w.shape[0] // 4)] *= 1.3
 
@@ -70,6 +76,7 @@ def scale_weight_slice(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def shift_weight_values(model: onnx.ModelProto) -> onnx.ModelProto:
     """Shift 2 % of the target weight's values by 5 % of its range."""
+
     def change(w: np.ndarray) -> None:
         rng = np.random.default_rng(0)
         flat = w.reshape(-1)

@@ -31,8 +31,17 @@ __all__ = ["DEFAULT_MODELS", "format_table", "run"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODELS = ["ppocr_det", "ppocr_cls", "silero_vad", "silero_vad_op15", "silero_vad_sequence",
-                  "silero_vad_half", "silero_vad_op18", "silero_vad_openvino", "encoder"]
+DEFAULT_MODELS = [
+    "ppocr_det",
+    "ppocr_cls",
+    "silero_vad",
+    "silero_vad_op15",
+    "silero_vad_sequence",
+    "silero_vad_half",
+    "silero_vad_op18",
+    "silero_vad_openvino",
+    "encoder",
+]
 
 
 def _optimize_ours(model: onnx.ModelProto) -> tuple[onnx.ModelProto, float]:
@@ -83,30 +92,39 @@ def run(models: list[str]) -> list[dict[str, Any]]:
         for name, model in variants.items():
             outputs = reference if name == "original" else run_model(model, samples)
             exact = True if name == "original" else check(original, model, Dataset(samples)).passed
-            rows.append({
-                "model": key, "method": name, "nodes": model_stats(model).nodes,
-                "size_ratio": serialized_size(model) / original_bytes,
-                "optimize_s": round(seconds[name], 2),
-                "ms_disabled": latency["disabled"][name] * 1e3, "ms_default": latency["default"][name] * 1e3,
-                "latency_ratio": latency["default"][name] / latency["default"]["original"],
-                "agreement": task_agreement(key, reference, outputs, samples),
-                "exact": exact,
-            })
+            rows.append(
+                {
+                    "model": key,
+                    "method": name,
+                    "nodes": model_stats(model).nodes,
+                    "size_ratio": serialized_size(model) / original_bytes,
+                    "optimize_s": round(seconds[name], 2),
+                    "ms_disabled": latency["disabled"][name] * 1e3,
+                    "ms_default": latency["default"][name] * 1e3,
+                    "latency_ratio": latency["default"][name] / latency["default"]["original"],
+                    "agreement": task_agreement(key, reference, outputs, samples),
+                    "exact": exact,
+                }
+            )
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """Render the rows as a plain-text table."""
-    header = (f"{'model':<20} {'method':<9} {'nodes':>6} {'size':>6} {'opt s':>6} {'ms off':>8} "
-              f"{'ms default':>10} {'exact':>6}")
+    header = (
+        f"{'model':<20} {'method':<9} {'nodes':>6} {'size':>6} {'opt s':>6} {'ms off':>8} "
+        f"{'ms default':>10} {'exact':>6}"
+    )
     lines = [header, "-" * len(header)]
     for row in rows:
         if "note" in row:
             lines.append(f"{row['model']:<20} {row['note']}")
             continue
-        lines.append(f"{row['model']:<20} {row['method']:<9} {row['nodes']:>6} {row['size_ratio']:>6.3f} "
-                     f"{row['optimize_s']:>6.2f} {row['ms_disabled']:>8.3f} {row['ms_default']:>10.3f} "
-                     f"{'yes' if row['exact'] else 'NO':>6}")
+        lines.append(
+            f"{row['model']:<20} {row['method']:<9} {row['nodes']:>6} {row['size_ratio']:>6.3f} "
+            f"{row['optimize_s']:>6.2f} {row['ms_disabled']:>8.3f} {row['ms_default']:>10.3f} "
+            f"{'yes' if row['exact'] else 'NO':>6}"
+        )
     return "\n".join(lines)
 
 

@@ -142,7 +142,10 @@ def _timed(argv: Sequence[str], folder: Path) -> tuple[float, float, int, str]:
     start = time.perf_counter()
     done = subprocess.run(
         [_TIME, "-f", "%M", "-o", str(rss_file), *argv],
-        cwd=_ROOT, capture_output=True, text=True, check=False,
+        cwd=_ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     seconds = time.perf_counter() - start
     peak_kib = int(rss_file.read_text().strip().splitlines()[-1])
@@ -169,10 +172,26 @@ def _polygraphy(reference: Path, candidate: Path, inputs_json: Path, folder: Pat
     ref_outputs = folder / "ref_outputs.json"
     ref_outputs.unlink(missing_ok=True)
     polygraphy = str(_BIN / "polygraphy")
-    first = [polygraphy, "run", str(reference), "--onnxrt", "--load-inputs", str(inputs_json),
-             "--save-outputs", str(ref_outputs)]
-    second = [polygraphy, "run", str(candidate), "--onnxrt", "--load-inputs", str(inputs_json),
-              "--load-outputs", str(ref_outputs)]
+    first = [
+        polygraphy,
+        "run",
+        str(reference),
+        "--onnxrt",
+        "--load-inputs",
+        str(inputs_json),
+        "--save-outputs",
+        str(ref_outputs),
+    ]
+    second = [
+        polygraphy,
+        "run",
+        str(candidate),
+        "--onnxrt",
+        "--load-inputs",
+        str(inputs_json),
+        "--load-outputs",
+        str(ref_outputs),
+    ]
     seconds_ref, peak_ref, code, output = _timed(first, folder)
     if code != 0:
         return Measurement(seconds_ref, peak_ref, f"error (exit {code})", _tail(output))
@@ -214,8 +233,10 @@ def _benchmark_model(key: str, samples: int, repeats: int, folder: Path, notes: 
     reference = fetch(key)
     npz, inputs_json = _write_inputs(_inputs(key, samples), folder)
     if npz.is_dir():
-        notes.append(f"{key}: onnxopt read --data from a folder of per-sample .npz files (scalar input; "
-                     "a stacked inputs.npz makes onnxopt check exit 3)")
+        notes.append(
+            f"{key}: onnxopt read --data from a folder of per-sample .npz files (scalar input; "
+            "a stacked inputs.npz makes onnxopt check exit 3)"
+        )
     models = {**_equivalents(reference, notes), "faulty": _faulty(reference)}
     paths = {name: save_model(model, folder / f"{name}.onnx") for name, model in models.items()}
     timed_name = next(iter(paths))  # the fuse output when the preset runs, else the rewrite
@@ -231,17 +252,22 @@ def _benchmark_model(key: str, samples: int, repeats: int, folder: Path, notes: 
             first = runs[name][tool][0]
             if first.verdict != ("FAIL" if name == "faulty" else "pass"):
                 notes.append(f"{key}, {tool} on the {name} candidate: {first.verdict}: {first.detail}")
-        rows.append({
-            "model": key,
-            "tool": tool,
-            "samples": samples,
-            "timed": timed_name,
-            "wall_s": round(seconds, 3),
-            "ms_per_sample": round(1000 * seconds / samples, 1),
-            "peak_rss_mib": round(statistics.median(m.peak_mib for m in timed), 1),
-            "repeats": repeats,
-            **{name: _verdict(runs[name][tool]) if name in runs else "n/a" for name in ("fuse", "rewrite", "faulty")},
-        })
+        rows.append(
+            {
+                "model": key,
+                "tool": tool,
+                "samples": samples,
+                "timed": timed_name,
+                "wall_s": round(seconds, 3),
+                "ms_per_sample": round(1000 * seconds / samples, 1),
+                "peak_rss_mib": round(statistics.median(m.peak_mib for m in timed), 1),
+                "repeats": repeats,
+                **{
+                    name: _verdict(runs[name][tool]) if name in runs else "n/a"
+                    for name in ("fuse", "rewrite", "faulty")
+                },
+            }
+        )
     return rows
 
 
@@ -258,8 +284,13 @@ def _benchmark_int8(folder: Path, samples: int = 32, calibration: int = 16) -> l
 
     reference = fetch("ppocr_cls")
     quantized = folder / "int8.onnx"
-    quantize_static(str(reference), str(quantized), _Reader(real_inputs.ppocr_cls_inputs(calibration, seed=1)),
-                    quant_format=QuantFormat.QDQ, per_channel=True)
+    quantize_static(
+        str(reference),
+        str(quantized),
+        _Reader(real_inputs.ppocr_cls_inputs(calibration, seed=1)),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+    )
     held_out = real_inputs.ppocr_cls_inputs(samples, seed=7)
     agreement = real_inputs.task_agreement(
         "ppocr_cls", real_inputs.run_model(reference, held_out), real_inputs.run_model(quantized, held_out)
@@ -343,9 +374,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         repeats = args.repeats
         rows = run(args.models, repeats=repeats, int8=not args.no_int8, notes=notes)
-    print(format_table([r for r in rows if "int8" not in r],
-                       ["model", "tool", "samples", "wall_s", "ms_per_sample", "peak_rss_mib", "timed",
-                        "fuse", "rewrite", "faulty"]))
+    print(
+        format_table(
+            [r for r in rows if "int8" not in r],
+            [
+                "model",
+                "tool",
+                "samples",
+                "wall_s",
+                "ms_per_sample",
+                "peak_rss_mib",
+                "timed",
+                "fuse",
+                "rewrite",
+                "faulty",
+            ],
+        )
+    )
     print(f"""
 wall_s, ms_per_sample (wall_s / samples, start-up included), peak_rss_mib: median of {repeats} interleaved \
 run(s) on the `timed` candidate.
@@ -358,8 +403,12 @@ tensors renamed; faulty = the first quarter of one weight's output channels scal
     int8_rows = [r for r in rows if "int8" in r]
     if int8_rows:
         print()
-        print(format_table(int8_rows, ["model", "tool", "settings", "int8", "task_agreement", "wall_s",
-                                       "peak_rss_mib", "candidate"]))
+        print(
+            format_table(
+                int8_rows,
+                ["model", "tool", "settings", "int8", "task_agreement", "wall_s", "peak_rss_mib", "candidate"],
+            )
+        )
     for note in notes:
         print(f"note: {note}")
     return 0

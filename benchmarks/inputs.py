@@ -50,9 +50,28 @@ Feed = dict[str, np.ndarray]
 # --------------------------------------------------------------------------- text detection
 
 DET_IMAGES = (
-    "text", "page", "astronaut", "coffee", "chelsea", "rocket", "camera", "stereo_motorcycle",
-    "immunohistochemistry", "hubble_deep_field", "retina", "colorwheel", "logo", "clock",
-    "coins", "moon", "brick", "grass", "gravel", "cell", "cat", "microaneurysms",
+    "text",
+    "page",
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "camera",
+    "stereo_motorcycle",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "retina",
+    "colorwheel",
+    "logo",
+    "clock",
+    "coins",
+    "moon",
+    "brick",
+    "grass",
+    "gravel",
+    "cell",
+    "cat",
+    "microaneurysms",
 )
 """The scikit-image images used for detection, documents with text first."""
 
@@ -78,8 +97,7 @@ def _skimage_rgb(name: str) -> np.ndarray:
     return image
 
 
-def _det_view(image: np.ndarray, variant: int, size: tuple[int, int], seed: int,
-              mirror: bool) -> Image.Image:
+def _det_view(image: np.ndarray, variant: int, size: tuple[int, int], seed: int, mirror: bool) -> Image.Image:
     """Return one view of ``image`` with the aspect ratio of ``size`` (height, width).
 
     Variant 0 is the whole picture, letterboxed on its border colour; later variants are
@@ -91,11 +109,14 @@ def _det_view(image: np.ndarray, variant: int, size: tuple[int, int], seed: int,
     if variant == 0:
         scale = min(target_h / height, target_w / width)
         new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
-        border = tuple(int(v) for v in np.median(
-            np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]), axis=0))
+        border = tuple(
+            int(v) for v in np.median(np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]), axis=0)
+        )
         canvas = Image.new("RGB", (target_w, target_h), border)
-        canvas.paste(picture.resize((new_w, new_h), Image.Resampling.BILINEAR),
-                     ((target_w - new_w) // 2, (target_h - new_h) // 2))
+        canvas.paste(
+            picture.resize((new_w, new_h), Image.Resampling.BILINEAR),
+            ((target_w - new_w) // 2, (target_h - new_h) // 2),
+        )
         return canvas
     rng = np.random.default_rng([seed, variant])
     aspect = target_w / target_h
@@ -120,8 +141,7 @@ def _add_caption(view: Image.Image, index: int, rng: np.random.Generator) -> Ima
     fonts = _fonts()
     font_path = fonts[index % len(fonts)]
     size = max(10, int(view.height * rng.uniform(0.05, 0.1)))
-    font = (ImageFont.load_default(size=size) if font_path is None
-            else ImageFont.truetype(str(font_path), size))
+    font = ImageFont.load_default(size=size) if font_path is None else ImageFont.truetype(str(font_path), size)
     left, top, right, bottom = font.getbbox(" ".join(words))
     while len(words) > 1 and right - left > 0.9 * view.width:
         words = words[:-1]
@@ -166,11 +186,9 @@ def ppocr_det_inputs(n: int, size: tuple[int, int] = (480, 640), seed: int = 0) 
     for index in range(n):
         name = DET_IMAGES[index % len(DET_IMAGES)]
         variant = index // len(DET_IMAGES)
-        view = _det_view(_skimage_rgb(name), variant, size, seed + index,
-                         mirror=name not in _TEXT_IMAGES)
+        view = _det_view(_skimage_rgb(name), variant, size, seed + index, mirror=name not in _TEXT_IMAGES)
         if name not in _TEXT_IMAGES and index % 2:
-            view = _add_caption(view.resize(size[::-1]), index,
-                                np.random.default_rng([seed, index, 1]))
+            view = _add_caption(view.resize(size[::-1]), index, np.random.default_rng([seed, index, 1]))
         feeds.append({"x": _det_preprocess(view, size)})
     return feeds
 
@@ -187,8 +205,14 @@ def _fonts() -> list[Path | None]:
     except ImportError:
         return [None]
     folder = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
-    names = ["DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSans-Bold.ttf",
-             "DejaVuSansMono.ttf", "DejaVuSerif-Italic.ttf", "DejaVuSans-Oblique.ttf"]
+    names = [
+        "DejaVuSans.ttf",
+        "DejaVuSerif.ttf",
+        "DejaVuSans-Bold.ttf",
+        "DejaVuSansMono.ttf",
+        "DejaVuSerif-Italic.ttf",
+        "DejaVuSans-Oblique.ttf",
+    ]
     found: list[Path | None] = [folder / name for name in names if (folder / name).is_file()]
     return found or [None]
 
@@ -200,12 +224,11 @@ def _text_line(index: int, rng: np.random.Generator) -> Image.Image:
     words = SENTENCES[(index * 37) % len(SENTENCES)].rstrip(".?!").split()
     count = int(rng.integers(2, 6))
     start = int(rng.integers(0, max(1, len(words) - count + 1)))
-    text = " ".join(words[start:start + count])
+    text = " ".join(words[start : start + count])
     fonts = _fonts()
     font_path = fonts[index % len(fonts)]
     size = int(rng.integers(22, 40))
-    font = (ImageFont.load_default(size=size) if font_path is None
-            else ImageFont.truetype(str(font_path), size))
+    font = ImageFont.load_default(size=size) if font_path is None else ImageFont.truetype(str(font_path), size)
     left, top, right, bottom = font.getbbox(text)
     pad_x, pad_y = int(rng.integers(2, 12)), int(rng.integers(2, 8))
     background = tuple(int(v) for v in rng.integers(190, 256, size=3))
@@ -260,8 +283,12 @@ SAMPLE_RATE = 16_000
 _FRAME, _CONTEXT = 512, 64  # silero-vad at 16 kHz: 512 new samples + 64 of context
 
 _VOWELS = {  # first three formants (Hz) of a few English vowels
-    "a": (730, 1090, 2440), "e": (530, 1840, 2480), "i": (270, 2290, 3010),
-    "o": (570, 840, 2410), "u": (300, 870, 2240), "ae": (660, 1720, 2410),
+    "a": (730, 1090, 2440),
+    "e": (530, 1840, 2480),
+    "i": (270, 2290, 3010),
+    "o": (570, 840, 2410),
+    "u": (300, 870, 2240),
+    "ae": (660, 1720, 2410),
 }
 
 
@@ -289,20 +316,22 @@ def _syllable(rng: np.random.Generator, pitch: float) -> np.ndarray:
     length = int(SAMPLE_RATE * rng.uniform(0.08, 0.25))
     time = np.arange(length) / SAMPLE_RATE
     # A falling or rising intonation with vibrato-like jitter.
-    f0 = pitch * (1 + rng.uniform(-0.15, 0.1) * time / time[-1]) * (
-        1 + 0.01 * np.sin(2 * math.pi * rng.uniform(4, 7) * time))
+    f0 = (
+        pitch
+        * (1 + rng.uniform(-0.15, 0.1) * time / time[-1])
+        * (1 + 0.01 * np.sin(2 * math.pi * rng.uniform(4, 7) * time))
+    )
     phase = 2 * math.pi * np.cumsum(f0) / SAMPLE_RATE
     harmonics = np.arange(1, int(4000 / pitch) + 1)
     source = (np.sin(np.outer(phase, harmonics)) / harmonics**1.2).sum(axis=1)
     source += 0.02 * rng.standard_normal(length)  # breathiness
     voiced = source
-    for formant, bandwidth in zip(_VOWELS[str(rng.choice(list(_VOWELS)))], (80, 100, 140),
-                                  strict=True):
+    for formant, bandwidth in zip(_VOWELS[str(rng.choice(list(_VOWELS)))], (80, 100, 140), strict=True):
         voiced = _resonate(voiced, formant * rng.uniform(0.92, 1.08), bandwidth)
     attack = max(2, int(0.02 * SAMPLE_RATE))
     envelope = np.ones(length)
     envelope[:attack] = np.linspace(0, 1, attack)
-    envelope[-2 * attack:] = np.linspace(1, 0, 2 * attack)
+    envelope[-2 * attack :] = np.linspace(1, 0, 2 * attack)
     voiced = voiced / (np.abs(voiced).max() + 1e-9) * envelope
     parts.append(voiced)
     return np.concatenate(parts)
@@ -389,13 +418,13 @@ def vad_inputs(model_key: str, n: int, seed: int = 0, frames_per_sample: int = 1
         hidden = np.zeros((1, 1, 128), np.float32)
         cell = np.zeros((1, 1, 128), np.float32)
         for index in range(n):
-            block = frames[index * per_sample:(index + 1) * per_sample]
+            block = frames[index * per_sample : (index + 1) * per_sample]
             feeds.append({"input": block, "h": hidden, "c": cell})
             _, hidden, cell = session.run(["speech_probs", "hn", "cn"], feeds[-1])
         return feeds
     state = np.zeros((2, 1, 128), np.float32)
     for index in range(n):
-        feed = {"input": frames[index:index + 1], "state": state}
+        feed = {"input": frames[index : index + 1], "state": state}
         if "sr" in names:
             feed["sr"] = np.array(SAMPLE_RATE, dtype=np.int64)
         feeds.append(feed)
@@ -410,11 +439,11 @@ def encoder_inputs(n: int, offset: int = 0, length: int = 64) -> list[Feed]:
     """Return ``n`` tokenized sentences, each padded to ``length`` tokens (batch 1)."""
     from benchmarks.encoder import SENTENCES, encode_sentences
 
-    chosen = SENTENCES[offset:offset + n]
+    chosen = SENTENCES[offset : offset + n]
     if len(chosen) < n:
         raise ValueError(f"only {len(SENTENCES)} sentences, asked for {offset} + {n}")
     batch = encode_sentences(chosen, max_len=length, pad_to=length)
-    return [{name: array[i:i + 1] for name, array in batch.items()} for i in range(n)]
+    return [{name: array[i : i + 1] for name, array in batch.items()} for i in range(n)]
 
 
 # --------------------------------------------------------------------------- running, metrics
@@ -442,8 +471,13 @@ def _output(outputs: Outputs, preferred: Sequence[str] = ()) -> np.ndarray:
 
 
 def _task(key: str) -> str:
-    for prefix, task in (("ppocr_det", "det"), ("ppocr_cls", "cls"), ("silero_vad", "vad"),
-                         ("encoder", "encoder"), ("digits", "cls")):
+    for prefix, task in (
+        ("ppocr_det", "det"),
+        ("ppocr_cls", "cls"),
+        ("silero_vad", "vad"),
+        ("encoder", "encoder"),
+        ("digits", "cls"),
+    ):
         if key.startswith(prefix):
             return task
     raise ValueError(f"no task metric for model {key!r}")
@@ -465,8 +499,9 @@ def _embeddings(outputs: Sequence[Outputs], inputs: Sequence[Feed] | None) -> np
     return np.stack(vectors)
 
 
-def task_metrics(key: str, ref_outputs: Sequence[Outputs], cand_outputs: Sequence[Outputs],
-                 inputs: Sequence[Feed] | None = None) -> dict[str, float]:
+def task_metrics(
+    key: str, ref_outputs: Sequence[Outputs], cand_outputs: Sequence[Outputs], inputs: Sequence[Feed] | None = None
+) -> dict[str, float]:
     """Compare a candidate's outputs with the reference's on the model's task.
 
     ``ref_outputs`` and ``cand_outputs`` hold one entry per sample: a mapping from output
@@ -508,9 +543,9 @@ def task_metrics(key: str, ref_outputs: Sequence[Outputs], cand_outputs: Sequenc
     }
 
 
-def task_agreement(key: str, ref_outputs: Sequence[Outputs], cand_outputs: Sequence[Outputs],
-                   inputs: Sequence[Feed] | None = None) -> float:
+def task_agreement(
+    key: str, ref_outputs: Sequence[Outputs], cand_outputs: Sequence[Outputs], inputs: Sequence[Feed] | None = None
+) -> float:
     """Return the task agreement of a candidate with the reference (see :func:`task_metrics`)."""
     metrics = task_metrics(key, ref_outputs, cand_outputs, inputs)
     return next(iter(metrics.values()))
-

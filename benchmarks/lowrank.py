@@ -59,7 +59,7 @@ def model_and_inputs(key: str, held_out: int) -> tuple[onnx.ModelProto, list, li
         from benchmarks.encoder import SENTENCES, encode_sentences, encoder_model_path
 
         path = encoder_model_path()
-        unpadded = [encode_sentences([s]) for s in SENTENCES[:CALIBRATION + held_out]]
+        unpadded = [encode_sentences([s]) for s in SENTENCES[: CALIBRATION + held_out]]
         calib, held = unpadded[:CALIBRATION], unpadded[CALIBRATION:]
     else:
         from benchmarks.models import fetch
@@ -106,13 +106,17 @@ def _saved(plan: SplitPlan, ranks: list[int]) -> int:
 def _changes(plan: SplitPlan, ranks: list[int]) -> dict[str, int]:
     """Return the rank of each split layer and the head width of each narrowed pair."""
     changed = {layer.key: r for layer, r in zip(plan.layers, ranks, strict=False) if r}
-    changed |= {f"{p.query.matmul} / {p.key.matmul} head width": w
-                for p, w in zip(plan.pairs, ranks[len(plan.layers):], strict=False) if w}
+    changed |= {
+        f"{p.query.matmul} / {p.key.matmul} head width": w
+        for p, w in zip(plan.pairs, ranks[len(plan.layers) :], strict=False)
+        if w
+    }
     return changed
 
 
-def _best(evaluate: Callable[[float], tuple[float, list[int]]], low: float, high: float,
-          steps: int) -> tuple[float, list[int]]:
+def _best(
+    evaluate: Callable[[float], tuple[float, list[int]]], low: float, high: float, steps: int
+) -> tuple[float, list[int]]:
     """Bisect a monotone knob for the largest value whose agreement is ≥ TARGET."""
     best: tuple[float, list[int]] = (1.0, [])
     agreement, ranks = evaluate(high)
@@ -134,14 +138,23 @@ def run_one(key: str, held_out: int = 64, steps: int = 8) -> list[dict]:
 
     model, calib, held = model_and_inputs(key, held_out)
     reference = run_model(model, held)
-    plain = plan_lowrank(model, Context(), whiten=False, min_params=16384, include_conv1x1=False,
-                         min_saving=0.1, samples=None)
+    plain = plan_lowrank(
+        model, Context(), whiten=False, min_params=16384, include_conv1x1=False, min_saving=0.1, samples=None
+    )
     if not plain.layers:
         return [{"model": key, "method": "-", "note": "no MatMul/Gemm layer large enough to pay"}]
     plans = {}
     for heads in (True, False):
-        plan = plan_lowrank(model, Context(), whiten=True, min_params=16384, include_conv1x1=False,
-                            min_saving=0.1, samples=calib, heads=heads)
+        plan = plan_lowrank(
+            model,
+            Context(),
+            whiten=True,
+            min_params=16384,
+            include_conv1x1=False,
+            min_saving=0.1,
+            samples=calib,
+            heads=heads,
+        )
         plan.measure_sensitivity(model, calib[:4])
         plans[heads] = plan
     total = sum(w.size for w in plain.weights)
@@ -161,28 +174,40 @@ def run_one(key: str, held_out: int = 64, steps: int = 8) -> list[dict]:
         def evaluate(knob: float) -> tuple[float, list[int]]:
             ranks = allocate_ranks(plan.candidates(), math.exp(knob))
             return agreement(plan, ranks), ranks
+
         return evaluate
 
     results = {
         "plain SVD, uniform rank fraction": (plain, _best(eval_plain, 0.0, 0.99, steps)),
-        "ours (whitened splits + joint QKᵀ heads, as the pass)":
-            (plans[True], _best(eval_ours(plans[True]), math.log(1e-3), math.log(3.0), steps)),
-        "ours, heads=False (whitened splits only)":
-            (plans[False], _best(eval_ours(plans[False]), math.log(1e-3), math.log(3.0), steps)),
+        "ours (whitened splits + joint QKᵀ heads, as the pass)": (
+            plans[True],
+            _best(eval_ours(plans[True]), math.log(1e-3), math.log(3.0), steps),
+        ),
+        "ours, heads=False (whitened splits only)": (
+            plans[False],
+            _best(eval_ours(plans[False]), math.log(1e-3), math.log(3.0), steps),
+        ),
     }
     rows: list[dict] = []
     outputs: list[onnx.ModelProto] = []
     for method, (plan, (agree, ranks)) in results.items():
         split = apply_ranks(model, plan, ranks) if any(ranks) else model
         saved = _saved(plan, ranks) if ranks else 0
-        widths = ranks[len(plan.layers):]
-        rows.append({
-            "model": key, "method": method, "agreement": round(agree, 4),
-            "layers_split": sum(1 for r in ranks[:len(plan.layers)] if r),
-            "head_pairs_narrowed": sum(1 for w in widths if w), "layers": len(plain.layers),
-            "params_saved": saved, "matmul_params": total, "saved_pct": round(100 * saved / total, 2),
-            "ranks": _changes(plan, ranks),
-        })
+        widths = ranks[len(plan.layers) :]
+        rows.append(
+            {
+                "model": key,
+                "method": method,
+                "agreement": round(agree, 4),
+                "layers_split": sum(1 for r in ranks[: len(plan.layers)] if r),
+                "head_pairs_narrowed": sum(1 for w in widths if w),
+                "layers": len(plain.layers),
+                "params_saved": saved,
+                "matmul_params": total,
+                "saved_pct": round(100 * saved / total, 2),
+                "ranks": _changes(plan, ranks),
+            }
+        )
         outputs.append(split)
     calibration = Dataset(list(calib))
     pass_held = list(calibration.split()[1])
@@ -190,20 +215,25 @@ def run_one(key: str, held_out: int = 64, steps: int = 8) -> list[dict]:
     def task_budget(ref: list, cand: list) -> bool:
         return task_agreement(key, ref, cand, pass_held) >= TARGET
 
-    for method, budget in (("ours (pass, task budget)", task_budget),
-                           ("ours-default (pass, harness budget)", None)):
+    for method, budget in (("ours (pass, task budget)", task_budget), ("ours-default (pass, harness budget)", None)):
         started = time.perf_counter()
         result = SplitLowRank(budget=budget)(model, Context(calibration=calibration))
         saved = int(result.stats.get("params_saved", 0))
-        rows.append({
-            "model": key, "method": method,
-            "agreement": round(task_agreement(key, reference, run_model(result.model, held), held), 4),
-            "layers_split": int(result.stats.get("layers_split", 0)),
-            "head_pairs_narrowed": int(result.stats.get("head_pairs_narrowed", 0)), "layers": len(plain.layers),
-            "params_saved": saved, "matmul_params": total, "saved_pct": round(100 * saved / total, 2),
-            "pass_seconds": round(time.perf_counter() - started, 1),
-            "notes": [n for n in result.notes if n.startswith("heads ") or "rank" in n],
-        })
+        rows.append(
+            {
+                "model": key,
+                "method": method,
+                "agreement": round(task_agreement(key, reference, run_model(result.model, held), held), 4),
+                "layers_split": int(result.stats.get("layers_split", 0)),
+                "head_pairs_narrowed": int(result.stats.get("head_pairs_narrowed", 0)),
+                "layers": len(plain.layers),
+                "params_saved": saved,
+                "matmul_params": total,
+                "saved_pct": round(100 * saved / total, 2),
+                "pass_seconds": round(time.perf_counter() - started, 1),
+                "notes": [n for n in result.notes if n.startswith("heads ") or "rank" in n],
+            }
+        )
         outputs.append(result.model)
     before, *after = latencies([model, *outputs], timed)
     for row, ms in zip(rows, after, strict=True):
@@ -217,8 +247,18 @@ def run(models: tuple[str, ...] = ("encoder", "ppocr_cls"), held_out: int = 64, 
 
 
 def _table(rows: list[dict]) -> str:
-    columns = ["model", "method", "agreement", "layers_split", "head_pairs_narrowed", "params_saved", "saved_pct",
-               "latency_ms_before", "latency_ms_after", "note"]
+    columns = [
+        "model",
+        "method",
+        "agreement",
+        "layers_split",
+        "head_pairs_narrowed",
+        "params_saved",
+        "saved_pct",
+        "latency_ms_before",
+        "latency_ms_after",
+        "note",
+    ]
     shown = [c for c in columns if any(c in r for r in rows)]
     lines = [" | ".join(shown), " | ".join("---" for _ in shown)]
     lines += [" | ".join(str(r.get(c, "")) for c in shown) for r in rows]

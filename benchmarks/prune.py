@@ -40,8 +40,9 @@ __all__ = ["run"]
 TARGET = 0.99
 MODELS = ("ppocr_cls", "ppocr_det", "encoder")
 #: The methods run (``PRUNE_METHODS``: a ";"-separated subset; also "ours (sequential)", slow).
-METHODS = os.environ.get("PRUNE_METHODS", "uniform per-layer L1;ours (one-shot);ours (one-shot, cv damping);"
-                         "pass, default budget, margin 0.5").split(";")
+METHODS = os.environ.get(
+    "PRUNE_METHODS", "uniform per-layer L1;ours (one-shot);ours (one-shot, cv damping);pass, default budget, margin 0.5"
+).split(";")
 HELD_OUT = {"ppocr_det": 24, "ppocr_cls": 64, "encoder": 64}
 
 
@@ -82,7 +83,7 @@ def unpadded_encoder_inputs(n: int, offset: int = 0) -> list[dict]:
     """Return ``n`` sentences tokenized one at a time, unpadded (batch 1, their own length)."""
     from benchmarks.encoder import SENTENCES, encode_sentences
 
-    return [encode_sentences([sentence]) for sentence in SENTENCES[offset:offset + n]]
+    return [encode_sentences([sentence]) for sentence in SENTENCES[offset : offset + n]]
 
 
 def run_one(key: str, steps: int = 7) -> list[dict]:
@@ -101,8 +102,9 @@ def run_one(key: str, steps: int = 7) -> list[dict]:
     prepare = time.perf_counter() - started
     tuned, tuned_curves = ours, curves
     if "ours (one-shot, cv damping)" in METHODS:
-        tuned = build_plan(model, scoring="activation", repair=True, exclude=(), min_size=4096, samples=calib,
-                           folds=FOLDS)
+        tuned = build_plan(
+            model, scoring="activation", repair=True, exclude=(), min_size=4096, samples=calib, folds=FOLDS
+        )
         tuned.choose_damping()
         tuned.measure_sensitivity(model, calib[:4])
         tuned_curves = tuned.curves()
@@ -117,8 +119,7 @@ def run_one(key: str, steps: int = 7) -> list[dict]:
     methods = {
         "uniform per-layer L1": (uniform, lambda s: _matrices(uniform, uniform.counts_for(s, "layer"))),
         "ours (one-shot)": (ours, lambda s: _matrices(ours, ours.counts_for(s, "global", curves))),
-        "ours (one-shot, cv damping)": (tuned, lambda s: _matrices(tuned, tuned.counts_for(s, "global",
-                                                                                        tuned_curves))),
+        "ours (one-shot, cv damping)": (tuned, lambda s: _matrices(tuned, tuned.counts_for(s, "global", tuned_curves))),
         "ours (sequential)": (ours, sequential),
     }
     base_latency = latency_ms(model, held[0])
@@ -132,27 +133,41 @@ def run_one(key: str, steps: int = 7) -> list[dict]:
         pruned = plan.apply(model, matrices)
         dense_bytes = serialized_size(pruned)
         store_sparse(pruned)
-        rows.append({
-            "model": key, "method": method, "sparsity": round(sparsity, 4), "agreement": round(agree, 4),
-            "layers": len(plan.units), "prunable_weights": plan.total,
-            "bytes_dense": dense_bytes, "bytes_sparse_storage": serialized_size(pruned),
-            "latency_ms_before": round(base_latency, 2),
-            "latency_ms_after": round(latency_ms(pruned, held[0]), 2),
-            "search_seconds": round(time.perf_counter() - started, 1),
-            "per_layer_sparsity": {u.key: round(float(np.mean(u.matrix == 0 if m is None else m == 0)), 3)
-                                   for u, m in zip(plan.units, matrices, strict=True)},
-        })
+        rows.append(
+            {
+                "model": key,
+                "method": method,
+                "sparsity": round(sparsity, 4),
+                "agreement": round(agree, 4),
+                "layers": len(plan.units),
+                "prunable_weights": plan.total,
+                "bytes_dense": dense_bytes,
+                "bytes_sparse_storage": serialized_size(pruned),
+                "latency_ms_before": round(base_latency, 2),
+                "latency_ms_after": round(latency_ms(pruned, held[0]), 2),
+                "search_seconds": round(time.perf_counter() - started, 1),
+                "per_layer_sparsity": {
+                    u.key: round(float(np.mean(u.matrix == 0 if m is None else m == 0)), 3)
+                    for u, m in zip(plan.units, matrices, strict=True)
+                },
+            }
+        )
     for margin in (1.0, 0.5):
         method = f"pass, default budget, margin {margin}"
         if method not in METHODS:
             continue
         started = time.perf_counter()
         result = PruneMagnitude(min_size=4096, margin=margin)(model, Context(calibration=Dataset(calib)))
-        rows.append({
-            "model": key, "method": method, "sparsity": round(float(result.stats["sparsity"]), 4),
-            "agreement": round(task_agreement(key, reference, run_model(result.model, held), held), 4),
-            "search_seconds": round(time.perf_counter() - started, 1), "per_layer_sparsity": {},
-        })
+        rows.append(
+            {
+                "model": key,
+                "method": method,
+                "sparsity": round(float(result.stats["sparsity"]), 4),
+                "agreement": round(task_agreement(key, reference, run_model(result.model, held), held), 4),
+                "search_seconds": round(time.perf_counter() - started, 1),
+                "per_layer_sparsity": {},
+            }
+        )
     for row in rows[1:]:
         row["ratio_vs_uniform"] = round(row["sparsity"] / max(rows[0]["sparsity"], 1e-9), 2)
     rows[-1]["prepare_seconds"] = round(prepare, 1)
@@ -166,8 +181,18 @@ def run(models: tuple[str, ...] = MODELS, steps: int = 7) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     """Render the rows as a Markdown table (per-layer sparsity left out)."""
-    columns = ["model", "method", "sparsity", "agreement", "ratio_vs_uniform", "search_seconds", "bytes_dense",
-               "bytes_sparse_storage", "latency_ms_before", "latency_ms_after"]
+    columns = [
+        "model",
+        "method",
+        "sparsity",
+        "agreement",
+        "ratio_vs_uniform",
+        "search_seconds",
+        "bytes_dense",
+        "bytes_sparse_storage",
+        "latency_ms_before",
+        "latency_ms_after",
+    ]
     lines = [" | ".join(columns), " | ".join("---" for _ in columns)]
     lines += [" | ".join(str(r.get(c, "")) for c in columns) for r in rows]
     return "\n".join(lines)

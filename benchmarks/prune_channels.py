@@ -44,11 +44,12 @@ TARGET = 0.98
 SEARCH, HELD_OUT = 16, 24
 
 
-def interleaved_latency(a: onnx.ModelProto, b: onnx.ModelProto, sample: dict, repeats: int = 40
-                        ) -> tuple[float, float]:
+def interleaved_latency(a: onnx.ModelProto, b: onnx.ModelProto, sample: dict, repeats: int = 40) -> tuple[float, float]:
     """Return the median latencies (ms) of ``a`` and ``b``, one run of each in turn, 1 thread."""
-    with Session(a, optimization="default", threads=1) as first, Session(b, optimization="default",
-                                                                           threads=1) as second:
+    with (
+        Session(a, optimization="default", threads=1) as first,
+        Session(b, optimization="default", threads=1) as second,
+    ):
         for _ in range(3):
             first.run(sample)
             second.run(sample)
@@ -86,21 +87,34 @@ def _uniform_counts(plan: ChannelPlan, share: float) -> list[int]:
     return [int(g.allowed[g.allowed <= share * g.group.channels].max()) for g in plan.groups]
 
 
-def _row(method: str, plan: ChannelPlan, counts: Sequence[int], model: onnx.ModelProto,
-         agreement: Callable[[onnx.ModelProto, str], float], held: list, seconds: float) -> dict:
+def _row(
+    method: str,
+    plan: ChannelPlan,
+    counts: Sequence[int],
+    model: onnx.ModelProto,
+    agreement: Callable[[onnx.ModelProto, str], float],
+    held: list,
+    seconds: float,
+) -> dict:
     pruned = plan.apply(model, counts)
     before, after = interleaved_latency(model, pruned, held[0])
     stats, lines = channel_report(plan, counts)
     params = _params(model), _params(pruned)
     return {
-        "model": "ppocr_det", "method": method, "macs_removed": stats["macs_removed"],
+        "model": "ppocr_det",
+        "method": method,
+        "macs_removed": stats["macs_removed"],
         "search_agreement": round(agreement(pruned, "search"), 4),
         "calibration_agreement": round(agreement(pruned, "calibration"), 4),
         "agreement": round(agreement(pruned, "held"), 4),
-        "latency_ms_before": round(before, 2), "latency_ms_after": round(after, 2),
-        "speedup": round(before / after, 3), "params_before": params[0], "params_after": params[1],
+        "latency_ms_before": round(before, 2),
+        "latency_ms_after": round(after, 2),
+        "speedup": round(before / after, 3),
+        "params_before": params[0],
+        "params_after": params[1],
         "size_ratio": round(params[1] / params[0], 4),
-        "search_seconds": round(seconds, 1), "per_group": lines,
+        "search_seconds": round(seconds, 1),
+        "per_group": lines,
     }
 
 
@@ -112,8 +126,11 @@ def run(key: str = "ppocr_det", multiple: int = 8, steps: int = 7) -> list[dict]
 
     model = normalize(onnx.load(str(fetch(key)))).model
     every = inputs.ppocr_det_inputs(CALIBRATION + SEARCH + HELD_OUT)
-    sets = {"calibration": every[:CALIBRATION], "search": every[CALIBRATION:CALIBRATION + SEARCH],
-            "held": every[CALIBRATION + SEARCH:]}
+    sets = {
+        "calibration": every[:CALIBRATION],
+        "search": every[CALIBRATION : CALIBRATION + SEARCH],
+        "held": every[CALIBRATION + SEARCH :],
+    }
     references = {name: run_model(model, feeds) for name, feeds in sets.items()}
     started = time.perf_counter()
     ours = build_channel_plan(model, sets["calibration"], multiple=multiple)
@@ -128,6 +145,7 @@ def run(key: str = "ppocr_det", multiple: int = 8, steps: int = 7) -> list[dict]
             # as the pass judges its budget: on unseen samples and on the ones it fitted on
             candidate = plan.apply(model, counts_at(x))
             return agreement(candidate, "search") >= TARGET and agreement(candidate, "calibration") >= TARGET
+
         return counts_at(search_largest(passes, 0.0, 0.5 if plan.refit else 0.75, steps))
 
     rows = []

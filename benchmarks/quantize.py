@@ -58,16 +58,35 @@ def _run(path: Path, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.nd
 SCOPED_TARGETS = {"encoder": "cosine>=0.995@sentence_embedding"}
 
 
-def quantize_ours(model: Path, feeds: list[dict[str, np.ndarray]], out: Path,
-                  extra: tuple[str, ...] = ()) -> dict[str, Any]:
+def quantize_ours(
+    model: Path, feeds: list[dict[str, np.ndarray]], out: Path, extra: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Run ``onnxopt optimize M -o Q --pipeline int8 --calib data.npz [extra]`` and return its report."""
     with tempfile.TemporaryDirectory() as tmp:
         calib = Path(tmp) / "calib.npz"
         np.savez(calib, **{name: np.stack([f[name] for f in feeds]) for name in feeds[0]})
         report = Path(tmp) / "report.json"
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "onnxopt", "optimize", str(model), "-o", str(out), "--pipeline", "int8",
-                        "--calib", str(calib), "--report", str(report), "--quiet", *extra], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "onnxopt",
+                "optimize",
+                str(model),
+                "-o",
+                str(out),
+                "--pipeline",
+                "int8",
+                "--calib",
+                str(calib),
+                "--report",
+                str(report),
+                "--quiet",
+                *extra,
+            ],
+            check=True,
+        )
         seconds = time.perf_counter() - started
         data = json.loads(report.read_text())
     stats = next((p["stats"] for p in data["passes"] if p["pass"] == "quantize_int8"), {})
@@ -81,8 +100,9 @@ def quantize_ours(model: Path, feeds: list[dict[str, np.ndarray]], out: Path,
 ONNXRUNTIME_OP_TYPES = {"encoder": ["MatMul"]}
 
 
-def quantize_onnxruntime(model: Path, feeds: list[dict[str, np.ndarray]], out: Path,
-                         op_types: list[str] | None = None) -> dict[str, Any]:
+def quantize_onnxruntime(
+    model: Path, feeds: list[dict[str, np.ndarray]], out: Path, op_types: list[str] | None = None
+) -> dict[str, Any]:
     """Run onnxruntime's documented static QDQ flow; record a pre-processing failure."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -109,9 +129,16 @@ def quantize_onnxruntime(model: Path, feeds: list[dict[str, np.ndarray]], out: P
             result["pre_process"] = f"failed: {type(exc).__name__}: {first[:160]}"
             source = model
         try:
-            quantize_static(str(source), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            op_types_to_quantize=op_types)
+            quantize_static(
+                str(source),
+                str(out),
+                Reader(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                op_types_to_quantize=op_types,
+            )
         finally:
             os.chdir(previous)
     result["seconds"] = time.perf_counter() - started
@@ -139,7 +166,9 @@ def run(keys: list[str] | None = None, threads: int = 1) -> list[dict[str, Any]]
             variants: dict[str, tuple[Path, list[str] | None]] = {"onnxruntime": (theirs, None)}
             if key in ONNXRUNTIME_OP_TYPES:
                 variants[f"onnxruntime, op types {'+'.join(ONNXRUNTIME_OP_TYPES[key])}"] = (
-                    Path(tmp) / "ort_ops.onnx", ONNXRUNTIME_OP_TYPES[key])
+                    Path(tmp) / "ort_ops.onnx",
+                    ONNXRUNTIME_OP_TYPES[key],
+                )
             for label, (path, op_types) in variants.items():
                 try:
                     info[label] = quantize_onnxruntime(model, calib, path, op_types)
@@ -148,12 +177,14 @@ def run(keys: list[str] | None = None, threads: int = 1) -> list[dict[str, Any]]
             paths = {"float": model, "onnxopt": ours}
             paths.update({label: scoped for label in info if label.startswith("onnxopt --target")})
             paths.update({label: path for label, (path, _) in variants.items() if path.exists()})
-            latency = dict(zip(paths, interleaved_latency(list(paths.values()), held[0], threads=threads, rounds=20),
-                                  strict=True))
+            latency = dict(
+                zip(paths, interleaved_latency(list(paths.values()), held[0], threads=threads, rounds=20), strict=True)
+            )
             for method, path in paths.items():
                 outputs = reference if method == "float" else _run(path, held)
                 row = {
-                    "model": key, "method": method,
+                    "model": key,
+                    "method": method,
                     "agreement": real_inputs.task_agreement(key, reference, outputs, held),
                     "size_ratio": path.stat().st_size / model.stat().st_size,
                     "latency_ms": latency[method] * 1e3,
@@ -198,13 +229,17 @@ def main() -> None:
         if "agreement" not in r:
             print(f"{r['model']:10s} {r['method']:12s} {r.get('error', '')}")
             continue
-        print(f"{r['model']:10s} {r['method'][:12]:12s} {r['agreement']:7.4f} {r['size_ratio']:6.3f} "
-              f"{r['latency_ms']:8.2f}ms {r['latency_ratio']:6.2f} {r.get('seconds', 0):7.1f}"
-              + (f"  pre_process {r['pre_process']}" if "pre_process" in r else ""))
+        print(
+            f"{r['model']:10s} {r['method'][:12]:12s} {r['agreement']:7.4f} {r['size_ratio']:6.3f} "
+            f"{r['latency_ms']:8.2f}ms {r['latency_ratio']:6.2f} {r.get('seconds', 0):7.1f}"
+            + (f"  pre_process {r['pre_process']}" if "pre_process" in r else "")
+        )
     if "encoder" in args.models and not args.no_memory:
         small, large = calibration_memory(32), calibration_memory(256)
-        print(f"encoder quantization peak RSS: 32 samples {small / 2**20:.0f} MiB, 256 samples "
-              f"{large / 2**20:.0f} MiB ({large / small:.3f}x)")
+        print(
+            f"encoder quantization peak RSS: 32 samples {small / 2**20:.0f} MiB, 256 samples "
+            f"{large / 2**20:.0f} MiB ({large / small:.3f}x)"
+        )
 
 
 if __name__ == "__main__":

@@ -41,9 +41,21 @@ class Preset:
 def _fuse(quick: bool) -> list[dict[str, Any]]:
     from benchmarks import fuse
 
-    models = ["digits"] if quick else ["ppocr_det", "ppocr_cls", "silero_vad", "silero_vad_op15",
-                                       "silero_vad_sequence", "silero_vad_half", "silero_vad_op18",
-                                       "silero_vad_openvino", "encoder"]
+    models = (
+        ["digits"]
+        if quick
+        else [
+            "ppocr_det",
+            "ppocr_cls",
+            "silero_vad",
+            "silero_vad_op15",
+            "silero_vad_sequence",
+            "silero_vad_half",
+            "silero_vad_op18",
+            "silero_vad_openvino",
+            "encoder",
+        ]
+    )
     return fuse.run(models)
 
 
@@ -53,9 +65,15 @@ def _int8(quick: bool) -> list[dict[str, Any]]:
     rows = quantize.run(["digits"] if quick else ["ppocr_det", "ppocr_cls", "encoder"], threads=1)
     if not quick:  # calibration memory must not grow with the number of samples
         peaks = {n: quantize.calibration_memory(n) for n in (32, 256)}
-        rows.append({"model": "encoder", "method": "onnxopt peak RSS, 32 vs 256 calibration samples",
-                     "peak_mib_32": peaks[32] / 2**20, "peak_mib_256": peaks[256] / 2**20,
-                     "ratio": peaks[256] / peaks[32]})
+        rows.append(
+            {
+                "model": "encoder",
+                "method": "onnxopt peak RSS, 32 vs 256 calibration samples",
+                "peak_mib_32": peaks[32] / 2**20,
+                "peak_mib_256": peaks[256] / 2**20,
+                "ratio": peaks[256] / peaks[32],
+            }
+        )
     return rows
 
 
@@ -95,8 +113,9 @@ PRESETS: dict[str, Preset] = {
         Preset("fuse", "Exact clean-up and fusion", "onnxslim", _fuse),
         Preset("int8", "Static int8 quantization", "onnxruntime.quantization.quantize_static", _int8),
         Preset("prune", "Pruning", "uniform per-layer L1 magnitude pruning", _prune),
-        Preset("prune_channels", "Structured channel pruning", "uniform L1 filter pruning without re-fit",
-               _prune_channels),
+        Preset(
+            "prune_channels", "Structured channel pruning", "uniform L1 filter pruning without re-fit", _prune_channels
+        ),
         Preset("lowrank", "Low-rank splitting", "plain truncated SVD at a uniform rank fraction", _lowrank),
         Preset("harness", "Equivalence check", "polygraphy run --onnxrt", _harness),
     ]
@@ -160,16 +179,25 @@ def write_chart(preset: Preset, rows: list[dict[str, Any]], path: Path) -> bool:
     for number, (label, ratio, agreement, size) in enumerate(points, start=1):
         ours = any(word in label for word in ("onnxopt", "ours", "pass"))
         # numbered markers with the labels in a legend: inline labels of nearby points overlapped
-        ax.scatter(ratio, agreement, s=40 + 400 * size, alpha=0.6, color="tab:blue" if ours else "tab:orange",
-                   label=f"{number}. {label[:70]}")
+        ax.scatter(
+            ratio,
+            agreement,
+            s=40 + 400 * size,
+            alpha=0.6,
+            color="tab:blue" if ours else "tab:orange",
+            label=f"{number}. {label[:70]}",
+        )
         ax.annotate(str(number), (ratio, agreement), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=6.5, markerscale=0.4, frameon=False)
     ax.axvline(1.0, color="grey", lw=0.8, ls="--")
     ax.axhline(0.99, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("latency ratio to the float model (lower is faster)")
     ax.set_ylabel("task agreement with the float model")
-    ax.set_title(f"{preset.title}: onnxopt (blue) vs {preset.competitor} (orange)\n"
-                 "marker area ~ file size ratio; the float model is at (1, 1)", fontsize=9)
+    ax.set_title(
+        f"{preset.title}: onnxopt (blue) vs {preset.competitor} (orange)\n"
+        "marker area ~ file size ratio; the float model is at (1, 1)",
+        fontsize=9,
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -197,8 +225,12 @@ def write_results(runs: dict[str, dict[str, Any]], target: Path) -> Path:
     ]
     for name, saved in runs.items():
         preset, rows = PRESETS[name], saved["rows"]
-        lines += [f"## {preset.title} (`{name}`) vs {preset.competitor}", "",
-                  f"`{saved['command']}` on {saved['date']}, {saved['seconds']:.0f} s.", ""]
+        lines += [
+            f"## {preset.title} (`{name}`) vs {preset.competitor}",
+            "",
+            f"`{saved['command']}` on {saved['date']}, {saved['seconds']:.0f} s.",
+            "",
+        ]
         chart = target.parent / "charts" / f"{name}.png"
         if write_chart(preset, rows, chart):
             lines += [f"![{name}](charts/{name}.png)", ""]
@@ -220,17 +252,30 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True)
     raw = args.out / "results"
     raw.mkdir(parents=True, exist_ok=True)
-    command = "python -m benchmarks" + (" --quick" if args.quick else "") + (
-        f" --only {args.only}" if args.only != ",".join(PRESETS) else "")
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console) as progress:
+    command = (
+        "python -m benchmarks"
+        + (" --quick" if args.quick else "")
+        + (f" --only {args.only}" if args.only != ",".join(PRESETS) else "")
+    )
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
         task = progress.add_task("benchmarks", total=len(chosen))
         for name in chosen:
             progress.update(task, description=f"benchmark: {name}")
             started = time.perf_counter()
             rows = PRESETS[name].run(args.quick)
-            saved = {"preset": name, "command": command, "date": datetime.date.today().isoformat(),
-                     "seconds": time.perf_counter() - started, "rows": rows}
+            saved = {
+                "preset": name,
+                "command": command,
+                "date": datetime.date.today().isoformat(),
+                "seconds": time.perf_counter() - started,
+                "rows": rows,
+            }
             (raw / f"{name}.json").write_text(json.dumps(saved, indent=1, default=str))
             progress.advance(task)
     # Presets not run this time keep their last saved rows, each labelled with its own command and date.

@@ -29,8 +29,7 @@ def _session(path: Path) -> ort.InferenceSession:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+", type=Path)
-    parser.add_argument("--rounds", type=int, default=5,
-                        help="passes over the eval set when timing (default 5)")
+    parser.add_argument("--rounds", type=int, default=5, help="passes over the eval set when timing (default 5)")
     args = parser.parse_args(argv)
 
     data = np.load(HERE / "digits_eval.npz")

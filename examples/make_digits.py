@@ -45,12 +45,15 @@ class DigitNet(nn.Module):
         super().__init__()
 
         def block(cin: int, cout: int) -> list[nn.Module]:
-            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
-                    nn.ReLU()]
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 
         self.features = nn.Sequential(
-            *block(1, 16), *block(16, 32), nn.MaxPool2d(2),
-            *block(32, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            *block(1, 16),
+            *block(16, 32),
+            nn.MaxPool2d(2),
+            *block(32, 64),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.classifier = nn.Linear(64, 10)
 
@@ -67,8 +70,11 @@ def load_data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     images = images.repeat(SIDE // 8, axis=1).repeat(SIDE // 8, axis=2)
     images = (images - 0.5) / 0.5
     x_train, x_test, y_train, y_test = train_test_split(
-        images[:, None], digits.target.astype(np.int64), test_size=0.25,
-        random_state=SEED, stratify=digits.target,
+        images[:, None],
+        digits.target.astype(np.int64),
+        test_size=0.25,
+        random_state=SEED,
+        stratify=digits.target,
     )
     return x_train, x_test, y_train, y_test
 
@@ -86,7 +92,7 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int = 15) -> N
     for _ in range(epochs):
         order = torch.randperm(len(x), generator=generator)
         for start in range(0, len(x), batch):
-            index = order[start:start + batch]
+            index = order[start : start + batch]
             optimizer.zero_grad()
             loss = loss_fn(model(inputs[index]), targets[index])
             loss.backward()
@@ -109,10 +115,16 @@ def main() -> None:
 
     path = HERE / "digits.onnx"
     torch.onnx.export(
-        model, (torch.from_numpy(x_test[:1]),), str(path), dynamo=False, opset_version=13,
-        input_names=[INPUT_NAME], output_names=["logits"],
+        model,
+        (torch.from_numpy(x_test[:1]),),
+        str(path),
+        dynamo=False,
+        opset_version=13,
+        input_names=[INPUT_NAME],
+        output_names=["logits"],
         dynamic_axes={INPUT_NAME: {0: "batch"}, "logits": {0: "batch"}},
-        training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False,
+        training=torch.onnx.TrainingMode.PRESERVE,
+        do_constant_folding=False,
     )
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto, full_check=True)
@@ -124,8 +136,10 @@ def main() -> None:
     np.savez(HERE / "digits_calib.npz", allow_pickle=False, **{INPUT_NAME: calibration[:, None]})
     np.savez(HERE / "digits_eval.npz", allow_pickle=False, **{INPUT_NAME: x_test[:, None]})
     np.save(HERE / "digits_eval_labels.npy", y_test)
-    print(f"wrote digits_calib.npz {calibration[:, None].shape}, "
-          f"digits_eval.npz {x_test[:, None].shape}, digits_eval_labels.npy")
+    print(
+        f"wrote digits_calib.npz {calibration[:, None].shape}, "
+        f"digits_eval.npz {x_test[:, None].shape}, digits_eval_labels.npy"
+    )
 
 
 if __name__ == "__main__":

@@ -117,8 +117,9 @@ def affine_qparams(low: float, high: float, dtype: np.dtype | type) -> QuantPara
     return QuantParams(np.array(scale, dtype=np.float32), np.array(zero_point, dtype=np.dtype(dtype)))
 
 
-def symmetric_qparams(absmax: float | np.ndarray, dtype: np.dtype | type = np.int8, *,
-                      axis: int | None = None) -> QuantParams:
+def symmetric_qparams(
+    absmax: float | np.ndarray, dtype: np.dtype | type = np.int8, *, axis: int | None = None
+) -> QuantParams:
     """Return symmetric parameters (zero point 0 for signed, mid-range for unsigned).
 
     ``scale = absmax / qmax`` on the narrow signed grid (127 for int8); an all-zero channel
@@ -457,8 +458,9 @@ def _kl_divergence(reference: np.ndarray, candidate: np.ndarray) -> float:
     return float(np.sum(p[mask] * np.log(p[mask] / q_safe[mask])))
 
 
-def entropy_range(hist: TensorHistogram, dtype: np.dtype | type = np.uint8, *, bins: int = 2048,
-                  stride: int = 16) -> tuple[float, float]:
+def entropy_range(
+    hist: TensorHistogram, dtype: np.dtype | type = np.uint8, *, bins: int = 2048, stride: int = 16
+) -> tuple[float, float]:
     """Return the range whose quantization loses the least information (KL divergence).
 
     The classic TensorRT search on the magnitude histogram: for each threshold ``t``, the
@@ -496,8 +498,9 @@ def entropy_range(hist: TensorHistogram, dtype: np.dtype | type = np.uint8, *, b
     return max(hist.min, -threshold), min(hist.max, threshold)
 
 
-def choose_range(observer: Observer, method: str, dtype: np.dtype | type, *,
-                 percentile: float = 99.999) -> tuple[float, float]:
+def choose_range(
+    observer: Observer, method: str, dtype: np.dtype | type, *, percentile: float = 99.999
+) -> tuple[float, float]:
     """Return the calibrated (low, high) of a tensor from its observer under ``method``."""
     while isinstance(observer, SaturatedObserver):
         observer = observer.inner

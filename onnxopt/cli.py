@@ -141,8 +141,12 @@ def optimize(
     sparsity: Annotated[float | None, typer.Option(help="Target sparsity for pruning passes.")] = None,
     rank: Annotated[int | None, typer.Option(help="Rank for low-rank splitting.")] = None,
     energy: Annotated[float | None, typer.Option(help="Fraction of singular-value energy to keep.")] = None,
-    target: Annotated[str | None, typer.Option(
-        help="Accuracy target of a lossy pass, e.g. 'cosine>=0.999'; '...@out1|out2' judges those outputs.")] = None,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            help="Accuracy target of a lossy pass, e.g. 'cosine>=0.999'; '...@out1|out2' judges those outputs."
+        ),
+    ] = None,
     shape: ShapeOpt = [],  # noqa: B006
     int_range: IntRangeOpt = [],  # noqa: B006
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table, no progress bars.")] = False,

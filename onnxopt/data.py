@@ -144,18 +144,14 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         raise CalibrationDataError(f"{path} is not a readable .npz file ({exc})") from exc
 
 
-def _unstack(
-    arrays: dict[str, np.ndarray], specs: dict[str, InputSpec] | None, source: Path
-) -> list[Sample]:
+def _unstack(arrays: dict[str, np.ndarray], specs: dict[str, InputSpec] | None, source: Path) -> list[Sample]:
     if not arrays:
         raise CalibrationDataError(f"{source} holds no arrays")
     per_input: dict[str, list[np.ndarray]] = {}
     for name, array in arrays.items():
         spec = specs.get(name) if specs else None
         if array.ndim == 0:
-            raise CalibrationDataError(
-                f"{source}: array {name!r} is a scalar; stack samples on a new first axis"
-            )
+            raise CalibrationDataError(f"{source}: array {name!r} is a scalar; stack samples on a new first axis")
         if spec is not None and array.ndim == len(spec.shape) and spec.shape and spec.shape[0] == 1:
             per_input[name] = [array[i : i + 1] for i in range(array.shape[0])]
         else:

@@ -118,8 +118,12 @@ def nested_ops(graph: onnx.GraphProto, op_types: Iterable[str]) -> int:
     """
     wanted = set(op_types)
     return sum(
-        1 for node in graph.node for sub in subgraphs(node) for g in iter_graphs(sub)
-        for inner in g.node if inner.op_type in wanted and is_default_domain(inner)
+        1
+        for node in graph.node
+        for sub in subgraphs(node)
+        for g in iter_graphs(sub)
+        for inner in g.node
+        if inner.op_type in wanted and is_default_domain(inner)
     )
 
 
@@ -139,8 +143,13 @@ def control_tensors(graph: onnx.GraphProto, index: GraphIndex | None = None) -> 
     """
     index = index or GraphIndex(graph)
     deciding = {"If": 1, "Loop": 2}  # If: cond; Loop: trip count M and cond
-    pending = [name for node in graph.node if is_default_domain(node) and node.op_type in deciding
-               for name in node.input[:deciding[node.op_type]] if name]
+    pending = [
+        name
+        for node in graph.node
+        if is_default_domain(node) and node.op_type in deciding
+        for name in node.input[: deciding[node.op_type]]
+        if name
+    ]
     found: set[str] = set()
     while pending:
         name = pending.pop()

@@ -95,9 +95,7 @@ def _parse(data: bytes, label: str) -> onnx.ModelProto:
 def _check_structure(model: onnx.ModelProto, label: str) -> None:
     """Catch files that parse as protobuf but are not (whole) ONNX models."""
     if model.ir_version <= 0 or not model.HasField("graph"):
-        raise ModelLoadError(
-            f"{label} is not an ONNX model (no IR version or graph); pass a .onnx file"
-        )
+        raise ModelLoadError(f"{label} is not an ONNX model (no IR version or graph); pass a .onnx file")
     if not model.graph.output:
         raise ModelLoadError(f"{label} has a graph without outputs: the file looks truncated")
     defined = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
@@ -287,8 +285,11 @@ def _write_with_external_data(model: onnx.ModelProto, model_path: Path, data_nam
 
 def _typed_field_bytes(tensor: onnx.TensorProto) -> int:
     return 8 * max(
-        len(tensor.float_data), len(tensor.int32_data), len(tensor.int64_data),
-        len(tensor.double_data), len(tensor.uint64_data),
+        len(tensor.float_data),
+        len(tensor.int32_data),
+        len(tensor.int64_data),
+        len(tensor.double_data),
+        len(tensor.uint64_data),
     )
 
 

@@ -159,11 +159,7 @@ def available_presets() -> dict[str, str]:
 def pass_parameters(cls: type[Pass]) -> dict[str, Any]:
     """Return a pass class's keyword-only parameters and their defaults."""
     signature = inspect.signature(cls.__init__)
-    return {
-        p.name: p.default
-        for p in signature.parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
-    }
+    return {p.name: p.default for p in signature.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def create_pass(name: str, **params: Any) -> Pass:
@@ -176,8 +172,7 @@ def create_pass(name: str, **params: Any) -> Pass:
     unknown = [k for k in params if k not in valid]
     if unknown:
         raise RecipeError(
-            f"pass {name!r} has no parameter {unknown[0]!r}; valid parameters: "
-            f"{', '.join(valid) or '(none)'}"
+            f"pass {name!r} has no parameter {unknown[0]!r}; valid parameters: {', '.join(valid) or '(none)'}"
         )
     try:
         return cls(**params)
@@ -203,8 +198,12 @@ class PipelineSpec:
 
     @classmethod
     def single(
-        cls, passes: list[tuple[str, dict[str, Any]]], *, fixed_point: bool = False,
-        max_rounds: int = 10, name: str = "custom",
+        cls,
+        passes: list[tuple[str, dict[str, Any]]],
+        *,
+        fixed_point: bool = False,
+        max_rounds: int = 10,
+        name: str = "custom",
     ) -> PipelineSpec:
         """Return a one-stage pipeline."""
         return cls([Stage(passes, fixed_point, max_rounds)], name=name)
@@ -295,7 +294,7 @@ def load_recipe(recipe: str | Path) -> PipelineSpec:
         raw = dict(raw)
         entries = raw.pop("pass", None)
         if not isinstance(entries, list) or not entries:
-            raise RecipeError(f"{path}: stage {s_index + 1} has no [[pass]] tables; each needs name = \"<pass>\"")
+            raise RecipeError(f'{path}: stage {s_index + 1} has no [[pass]] tables; each needs name = "<pass>"')
         unknown = set(raw) - {"fixed_point", "max_rounds"}
         if unknown:
             raise RecipeError(f"{path}: unknown setting {sorted(unknown)[0]!r}; valid: fixed_point, max_rounds")
@@ -380,9 +379,7 @@ class Instrument(Protocol):
     def before_pipeline(self, model: onnx.ModelProto, ctx: Context) -> None:
         """Prepare for a run on ``model`` (as normalized, before the first pass)."""
 
-    def after_pass(
-        self, pass_: PassProtocol, record: PassRecord, model: onnx.ModelProto, ctx: Context
-    ) -> None:
+    def after_pass(self, pass_: PassProtocol, record: PassRecord, model: onnx.ModelProto, ctx: Context) -> None:
         """Inspect the model after ``pass_``; raise to stop the pipeline."""
 
 
@@ -458,9 +455,7 @@ class PassManager:
             return PassResult(snapshot, False, notes=[note])
 
     @classmethod
-    def from_stages(
-        cls, stages: Sequence[tuple[Sequence[PassProtocol], bool, int]], **options: Any
-    ) -> PassManager:
+    def from_stages(cls, stages: Sequence[tuple[Sequence[PassProtocol], bool, int]], **options: Any) -> PassManager:
         """Build a manager from (passes, fixed_point, max_rounds) stages."""
         manager = cls([], **options)
         manager.stages = [(list(p), bool(fp), int(mr)) for p, fp, mr in stages]
@@ -510,8 +505,14 @@ class PassManager:
                     working = result.model
                     after = model_stats(working) if result.changed else current
                     record = PassRecord(
-                        name=pass_.name, round=rounds, seconds=seconds, changed=result.changed,
-                        before=current, after=after, stats=dict(result.stats), notes=list(result.notes),
+                        name=pass_.name,
+                        round=rounds,
+                        seconds=seconds,
+                        changed=result.changed,
+                        before=current,
+                        after=after,
+                        stats=dict(result.stats),
+                        notes=list(result.notes),
                     )
                     records.append(record)
                     log.info("pass %s round %d: changed=%s in %.3fs", pass_.name, rounds, result.changed, seconds)
@@ -526,15 +527,24 @@ class PassManager:
             if fixed_point and not stage_converged:
                 converged = False
                 names = ", ".join(p.name for p in passes)
-                notes.append(f"stopped at the round limit ({max_rounds}) while passes still changed the model "
-                             f"({names})")
+                notes.append(
+                    f"stopped at the round limit ({max_rounds}) while passes still changed the model ({names})"
+                )
         if self.normalize and not had_shapes:
             dropped = drop_shape_annotations(working)
             if dropped:
-                notes.append(f"dropped the {dropped} shape annotations (value_info) that normalization added for the "
-                             "passes: the input had none, and onnxruntime fuses differently with them (MiniLM: "
-                             "SkipLayerNormalization, 5 % slower on one thread)")
+                notes.append(
+                    f"dropped the {dropped} shape annotations (value_info) that normalization added for the "
+                    "passes: the input had none, and onnxruntime fuses differently with them (MiniLM: "
+                    "SkipLayerNormalization, 5 % slower on one thread)"
+                )
         return PipelineResult(
-            model=working, records=records, rounds=total_rounds,
-            converged=converged, initial=initial, final=current, notes=notes, source=source,
+            model=working,
+            records=records,
+            rounds=total_rounds,
+            converged=converged,
+            initial=initial,
+            final=current,
+            notes=notes,
+            source=source,
         )

@@ -63,17 +63,17 @@ class Session:
                 self._tmp = tempfile.TemporaryDirectory(prefix="onnxopt-session-")
                 path = Path(self._tmp.name) / "model.onnx"
                 save_model(model, path, external_data=True)
-                self.session = ort.InferenceSession(
-                    str(path), options, providers=["CPUExecutionProvider"]
-                )
+                self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             else:
                 self.session = ort.InferenceSession(
                     model.SerializeToString(), options, providers=["CPUExecutionProvider"]
                 )
-        except (ort.capi.onnxruntime_pybind11_state.Fail,
-                ort.capi.onnxruntime_pybind11_state.InvalidGraph,
-                ort.capi.onnxruntime_pybind11_state.InvalidArgument,
-                ort.capi.onnxruntime_pybind11_state.NotImplemented) as exc:
+        except (
+            ort.capi.onnxruntime_pybind11_state.Fail,
+            ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+            ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+            ort.capi.onnxruntime_pybind11_state.NotImplemented,
+        ) as exc:
             first = str(exc).strip().splitlines()[0][:300]
             raise UnsupportedModelError(f"onnxruntime cannot load the {label}: {first}") from exc
         self.label = label
@@ -86,9 +86,11 @@ class Session:
         run_options.log_severity_level = _LOG_SEVERITY
         try:
             values = self.session.run(names, sample, run_options)
-        except (ort.capi.onnxruntime_pybind11_state.Fail,
-                ort.capi.onnxruntime_pybind11_state.InvalidArgument,
-                ort.capi.onnxruntime_pybind11_state.RuntimeException) as exc:
+        except (
+            ort.capi.onnxruntime_pybind11_state.Fail,
+            ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+            ort.capi.onnxruntime_pybind11_state.RuntimeException,
+        ) as exc:
             first = str(exc).strip().splitlines()[0][:300]
             raise UnsupportedModelError(f"onnxruntime failed to run the {self.label}: {first}") from exc
         return dict(zip(names, values, strict=True))

@@ -46,8 +46,11 @@ _LOSSY_PRESETS = [
     ("int8", "quantize_int8", "fuse, then static int8 QDQ quantization with calibration and accuracy-aware fallback"),
     ("prune", "prune_magnitude", "fuse, then magnitude pruning of weights under an error budget"),
     ("lowrank", "split_lowrank", "fuse, then SVD splitting of MatMul/Gemm weights under an error budget"),
-    ("prune_channels", "prune_channels",
-     "fuse, then structured pruning: whole channels removed, readers re-fitted, under an error budget"),
+    (
+        "prune_channels",
+        "prune_channels",
+        "fuse, then structured pruning: whole channels removed, readers re-fitted, under an error budget",
+    ),
 ]
 
 

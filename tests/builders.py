@@ -51,15 +51,28 @@ def parse_model(text: str) -> onnx.ModelProto:
     return onnx.parser.parse_model(text)
 
 
-def run_check(reference: onnx.ModelProto, candidate: onnx.ModelProto, *, profile: str = "exact",
-              data: Dataset | None = None, iterations: int = 3, **synth: object) -> Report:
+def run_check(
+    reference: onnx.ModelProto,
+    candidate: onnx.ModelProto,
+    *,
+    profile: str = "exact",
+    data: Dataset | None = None,
+    iterations: int = 3,
+    **synth: object,
+) -> Report:
     """Run the harness on two in-memory models."""
     data = data or synthesize_inputs(reference, iterations=iterations, **synth)  # type: ignore[arg-type]
     return check(reference, candidate, data, profile=profile)
 
 
-def assert_equivalent(reference: onnx.ModelProto, candidate: onnx.ModelProto, *, profile: str = "exact",
-                      data: Dataset | None = None, **synth: object) -> Report:
+def assert_equivalent(
+    reference: onnx.ModelProto,
+    candidate: onnx.ModelProto,
+    *,
+    profile: str = "exact",
+    data: Dataset | None = None,
+    **synth: object,
+) -> Report:
     """Assert the harness judges ``candidate`` equivalent to ``reference``."""
     # onnx's shape inference cannot read sparse initializers: check the structure only then.
     onnx.checker.check_model(candidate, full_check=not any(g.sparse_initializer for g in [candidate.graph]))

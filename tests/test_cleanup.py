@@ -29,7 +29,9 @@ def if_model(then_nodes, else_nodes, then_out, else_out, cond_init=None, initial
 def test_fold_constants_folds_constant_subgraph():
     model = make_model(
         [helper.make_node("Add", ["a", "b"], ["c"]), helper.make_node("Mul", ["x", "c"], ["y"])],
-        [vi("x", [2, 3])], [vi("y", [2, 3])], [init("a", np.ones(3)), init("b", np.arange(3))],
+        [vi("x", [2, 3])],
+        [vi("y", [2, 3])],
+        [init("a", np.ones(3)), init("b", np.arange(3))],
     )
     result = run("fold_constants", model)
     assert result.stats == {"folded": 1}
@@ -41,7 +43,9 @@ def test_fold_constants_respects_size_cap():
     shape = init("shape", [1000, 1000], np.int64)
     model = make_model(
         [helper.make_node("ConstantOfShape", ["shape"], ["big"]), helper.make_node("Add", ["x", "big"], ["y"])],
-        [vi("x", [1000, 1000])], [vi("y", [1000, 1000])], [shape],
+        [vi("x", [1000, 1000])],
+        [vi("y", [1000, 1000])],
+        [shape],
     )
     result = run("fold_constants", model)
     assert "ConstantOfShape" in ops(result.model)
@@ -64,8 +68,13 @@ def test_fold_constants_never_folds_qdq_or_random(op):
 
 def test_fold_constants_leaves_unknown_domain_alone():
     node = helper.make_node("Twice", ["a"], ["b"], domain="com.example")
-    model = make_model([node, helper.make_node("Add", ["x", "b"], ["y"])], [vi("x", [3])], [vi("y", [3])],
-                       [init("a", [1.0, 2.0, 3.0])], extra_opsets={"com.example": 1})
+    model = make_model(
+        [node, helper.make_node("Add", ["x", "b"], ["y"])],
+        [vi("x", [3])],
+        [vi("y", [3])],
+        [init("a", [1.0, 2.0, 3.0])],
+        extra_opsets={"com.example": 1},
+    )
     result = run("fold_constants", model)
     assert ops(result.model) == ["Twice", "Add"]
     assert any("unknown domain" in note for note in result.notes)
@@ -127,8 +136,12 @@ def test_simplify_shapes_reshape_copies_own_dynamic_dims():
         helper.make_node("Concat", ["n1", "minus_one"], ["target"], axis=0),
         helper.make_node("Reshape", ["x", "target"], ["y"]),
     ]
-    model = make_model(nodes, [vi("x", ["N", 3, 4])], [vi("y", ["N", 12])],
-                       [init("zero", 0, np.int64), init("axes", [0], np.int64), init("minus_one", [-1], np.int64)])
+    model = make_model(
+        nodes,
+        [vi("x", ["N", 3, 4])],
+        [vi("y", ["N", 12])],
+        [init("zero", 0, np.int64), init("axes", [0], np.int64), init("minus_one", [-1], np.int64)],
+    )
     result = run("simplify_shapes", model)
     assert result.stats == {"reshape_targets_resolved": 1}
     cleaned = run("eliminate_dead_code", result.model).model
@@ -140,8 +153,11 @@ def test_simplify_shapes_reshape_copies_own_dynamic_dims():
 
 
 def test_remove_identities_keeps_graph_output_name():
-    model = make_model([helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Identity", ["r"], ["y"])],
-                       [vi("x", [2, 3])], [vi("y", [2, 3])])
+    model = make_model(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Identity", ["r"], ["y"])],
+        [vi("x", [2, 3])],
+        [vi("y", [2, 3])],
+    )
     result = run("remove_identities", model)
     assert ops(result.model) == ["Relu"]
     assert result.model.graph.node[0].output[0] == "y"
@@ -163,15 +179,18 @@ def test_remove_identities_keeps_body_identity_of_outer_value():
     assert_equivalent(model, result.model)
 
 
-@pytest.mark.parametrize(("node", "inits"), [
-    (helper.make_node("Dropout", ["r"], ["z"]), []),
-    (helper.make_node("Cast", ["r"], ["z"], to=TensorProto.FLOAT), []),
-    (helper.make_node("Reshape", ["r", "shape"], ["z"]), [init("shape", [2, -1], np.int64)]),
-    (helper.make_node("Transpose", ["r"], ["z"], perm=[0, 1]), []),
-    (helper.make_node("Pad", ["r", "pads"], ["z"]), [init("pads", [0, 0, 0, 0], np.int64)]),
-    (helper.make_node("Slice", ["r", "st", "en"], ["z"]), [init("st", [0], np.int64), init("en", [99], np.int64)]),
-    (helper.make_node("Expand", ["r", "shape"], ["z"]), [init("shape", [1, 1], np.int64)]),
-])
+@pytest.mark.parametrize(
+    ("node", "inits"),
+    [
+        (helper.make_node("Dropout", ["r"], ["z"]), []),
+        (helper.make_node("Cast", ["r"], ["z"], to=TensorProto.FLOAT), []),
+        (helper.make_node("Reshape", ["r", "shape"], ["z"]), [init("shape", [2, -1], np.int64)]),
+        (helper.make_node("Transpose", ["r"], ["z"], perm=[0, 1]), []),
+        (helper.make_node("Pad", ["r", "pads"], ["z"]), [init("pads", [0, 0, 0, 0], np.int64)]),
+        (helper.make_node("Slice", ["r", "st", "en"], ["z"]), [init("st", [0], np.int64), init("en", [99], np.int64)]),
+        (helper.make_node("Expand", ["r", "shape"], ["z"]), [init("shape", [1, 1], np.int64)]),
+    ],
+)
 def test_remove_identities_removes_noops(node, inits):
     nodes = [helper.make_node("Relu", ["x"], ["r"]), node, helper.make_node("Neg", ["z"], ["y"])]
     model = make_model(nodes, [vi("x", [2, 3])], [vi("y", [2, 3])], inits)
@@ -182,8 +201,12 @@ def test_remove_identities_removes_noops(node, inits):
 
 def test_remove_identities_keeps_dropout_with_used_mask_and_dynamic_reshape():
     nodes = [helper.make_node("Dropout", ["x"], ["d", "mask"]), helper.make_node("Reshape", ["d", "shape"], ["y"])]
-    model = make_model(nodes, [vi("x", ["N", 3])], [vi("y", None), vi("mask", None, TensorProto.BOOL)],
-                       [init("shape", [-1, 3], np.int64)])
+    model = make_model(
+        nodes,
+        [vi("x", ["N", 3])],
+        [vi("y", None), vi("mask", None, TensorProto.BOOL)],
+        [init("shape", [-1, 3], np.int64)],
+    )
     result = run("remove_identities", model)
     assert ops(result.model) == ["Dropout", "Reshape"]
 
@@ -195,8 +218,7 @@ def test_remove_identities_merges_transposes_and_slices():
         helper.make_node("Slice", ["t2", "s0", "e0", "a0"], ["s1"]),
         helper.make_node("Slice", ["s1", "s0", "e0", "a1"], ["y"]),
     ]
-    inits = [init("s0", [1], np.int64), init("e0", [3], np.int64), init("a0", [0], np.int64),
-             init("a1", [2], np.int64)]
+    inits = [init("s0", [1], np.int64), init("e0", [3], np.int64), init("a0", [0], np.int64), init("a1", [2], np.int64)]
     model = make_model(nodes, [vi("x", [4, 5, 6])], [vi("y", [2, 5, 2])], inits)
     result = run("remove_identities", model)
     cleaned = run("eliminate_dead_code", result.model).model
@@ -208,8 +230,11 @@ def test_remove_identities_merges_transposes_and_slices():
 
 
 def test_deduplicate_merges_initializers_and_nodes():
-    nodes = [helper.make_node("Add", ["x", "a"], ["p"]), helper.make_node("Add", ["x", "b"], ["q"]),
-             helper.make_node("Mul", ["p", "q"], ["y"])]
+    nodes = [
+        helper.make_node("Add", ["x", "a"], ["p"]),
+        helper.make_node("Add", ["x", "b"], ["q"]),
+        helper.make_node("Mul", ["p", "q"], ["y"]),
+    ]
     model = make_model(nodes, [vi("x", [3])], [vi("y", [3])], [init("a", [1.0, 2, 3]), init("b", [1.0, 2, 3])])
     result = run("deduplicate", model)
     assert result.stats == {"initializers_merged": 1, "nodes_merged": 1}
@@ -218,9 +243,12 @@ def test_deduplicate_merges_initializers_and_nodes():
 
 
 def test_deduplicate_never_merges_random_or_graph_outputs():
-    nodes = [helper.make_node("RandomUniformLike", ["x"], ["r1"], seed=1.0),
-             helper.make_node("RandomUniformLike", ["x"], ["r2"], seed=1.0),
-             helper.make_node("Relu", ["x"], ["y1"]), helper.make_node("Relu", ["x"], ["y2"])]
+    nodes = [
+        helper.make_node("RandomUniformLike", ["x"], ["r1"], seed=1.0),
+        helper.make_node("RandomUniformLike", ["x"], ["r2"], seed=1.0),
+        helper.make_node("Relu", ["x"], ["y1"]),
+        helper.make_node("Relu", ["x"], ["y2"]),
+    ]
     model = make_model(nodes, [vi("x", [3])], [vi(n, [3]) for n in ("r1", "r2", "y1", "y2")])
     result = run("deduplicate", model)
     assert not result.changed
@@ -231,8 +259,12 @@ def test_deduplicate_never_merges_random_or_graph_outputs():
 
 def test_eliminate_dead_code_keeps_inputs_and_defaults():
     nodes = [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Neg", ["x"], ["unused"])]
-    model = make_model(nodes, [vi("x", [3]), vi("extra", [3]), vi("opt", [3])], [vi("y", [3])],
-                       [init("opt", [1.0, 2, 3]), init("dead", [4.0])])
+    model = make_model(
+        nodes,
+        [vi("x", [3]), vi("extra", [3]), vi("opt", [3])],
+        [vi("y", [3])],
+        [init("opt", [1.0, 2, 3]), init("dead", [4.0])],
+    )
     result = run("eliminate_dead_code", model)
     assert ops(result.model) == ["Relu"]
     assert [i.name for i in result.model.graph.input] == ["x", "extra", "opt"]
@@ -242,9 +274,13 @@ def test_eliminate_dead_code_keeps_inputs_and_defaults():
 
 def test_eliminate_dead_code_keeps_loop_body_inputs():
     body = helper.make_graph(
-        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["acc", "one"], ["acc2"]),
-         helper.make_node("Neg", ["acc"], ["dead"])],
-        "body", [vi("i", [], TensorProto.INT64), vi("cond_in", [], TensorProto.BOOL), vi("acc", [1])],
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Add", ["acc", "one"], ["acc2"]),
+            helper.make_node("Neg", ["acc"], ["dead"]),
+        ],
+        "body",
+        [vi("i", [], TensorProto.INT64), vi("cond_in", [], TensorProto.BOOL), vi("acc", [1])],
         [vi("cond_out", [], TensorProto.BOOL), vi("acc2", [1])],
     )
     loop = helper.make_node("Loop", ["n", "", "x"], ["y"], body=body)

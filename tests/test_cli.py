@@ -155,11 +155,16 @@ def test_inspect_and_passes(capsys, model_path):
 
 
 def test_python_dash_m_and_console_script_agree(model_path):
-    result = subprocess.run([sys.executable, "-m", "onnxopt", "inspect", str(model_path), "--json"],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "onnxopt", "inspect", str(model_path), "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0 and json.loads(result.stdout)["params"] == 32
-    missing = subprocess.run([sys.executable, "-m", "onnxopt", "inspect", "/no/such.onnx"],
-                             capture_output=True, text=True, check=False)
+    missing = subprocess.run(
+        [sys.executable, "-m", "onnxopt", "inspect", "/no/such.onnx"], capture_output=True, text=True, check=False
+    )
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
 
@@ -167,8 +172,9 @@ def test_python_dash_m_and_console_script_agree(model_path):
 def test_optimize_fuse_with_verify_writes_model_and_report(tmp_path, capsys, model_path):
     out = tmp_path / "fused.onnx"
     report = tmp_path / "report.json"
-    code, stdout, _ = _run(["optimize", model_path, "-o", out, "--pipeline", "fuse", "--verify", "--report", report],
-                           capsys)
+    code, stdout, _ = _run(
+        ["optimize", model_path, "-o", out, "--pipeline", "fuse", "--verify", "--report", report], capsys
+    )
     assert code == 0 and out.exists()
     data = json.loads(report.read_text())
     assert data["source"]["nodes"] == 2 and data["final"]["nodes"] == 1  # the Identity is gone

@@ -13,8 +13,14 @@ from onnxopt.pipeline import load_recipe
 
 pytestmark = pytest.mark.real
 
-SILERO = ["silero_vad", "silero_vad_op15", "silero_vad_sequence", "silero_vad_half", "silero_vad_op18",
-          "silero_vad_openvino"]
+SILERO = [
+    "silero_vad",
+    "silero_vad_op15",
+    "silero_vad_sequence",
+    "silero_vad_half",
+    "silero_vad_op18",
+    "silero_vad_openvino",
+]
 
 
 def _real_inputs(key: str) -> Dataset:

@@ -18,16 +18,19 @@ def rand(*shape):
     return RNG.standard_normal(shape).astype(np.float32)
 
 
-
-
 def bn_inits(channels, prefix="bn"):
-    return [init(f"{prefix}_g", RNG.uniform(0.5, 2, channels)), init(f"{prefix}_b", rand(channels)),
-            init(f"{prefix}_m", rand(channels)), init(f"{prefix}_v", RNG.uniform(0.5, 2, channels))]
+    return [
+        init(f"{prefix}_g", RNG.uniform(0.5, 2, channels)),
+        init(f"{prefix}_b", rand(channels)),
+        init(f"{prefix}_m", rand(channels)),
+        init(f"{prefix}_v", RNG.uniform(0.5, 2, channels)),
+    ]
 
 
 def bn(x, y, prefix="bn"):
-    return helper.make_node("BatchNormalization", [x, f"{prefix}_g", f"{prefix}_b", f"{prefix}_m", f"{prefix}_v"],
-                            [y], epsilon=1e-3)
+    return helper.make_node(
+        "BatchNormalization", [x, f"{prefix}_g", f"{prefix}_b", f"{prefix}_m", f"{prefix}_v"], [y], epsilon=1e-3
+    )
 
 
 # --------------------------------------------------------------------------- math
@@ -46,8 +49,9 @@ def test_scale_output_channels_for_grouped_conv_transpose():
     scaled = scale_output_channels(weight, scale, "conv_transpose", group=2)
     for g in range(2):
         for j in range(3):
-            np.testing.assert_allclose(scaled[2 * g:2 * g + 2, j], weight[2 * g:2 * g + 2, j] * scale[3 * g + j],
-                                       rtol=1e-6)
+            np.testing.assert_allclose(
+                scaled[2 * g : 2 * g + 2, j], weight[2 * g : 2 * g + 2, j] * scale[3 * g + j], rtol=1e-6
+            )
 
 
 def test_scale_output_channels_layouts():
@@ -58,8 +62,18 @@ def test_scale_output_channels_layouts():
     np.testing.assert_allclose(shift_bias(None, s, s, 4, np.dtype(np.float32)), s)
 
 
-@pytest.mark.parametrize(("shape", "ok"), [((), True), ((4, 1, 1), True), ((1, 4, 1, 1), True), ((1, 1, 1), True),
-                                           ((4, 2, 1), False), ((2, 4, 1, 1), False), ((1, 1, 1, 1, 4), False)])
+@pytest.mark.parametrize(
+    ("shape", "ok"),
+    [
+        ((), True),
+        ((4, 1, 1), True),
+        ((1, 4, 1, 1), True),
+        ((1, 1, 1), True),
+        ((4, 2, 1), False),
+        ((2, 4, 1, 1), False),
+        ((1, 1, 1, 1, 4), False),
+    ],
+)
 def test_channel_vector(shape, ok):
     value = np.ones(shape, np.float32)
     assert (channel_vector(value, 4, 4) is not None) == ok
@@ -103,8 +117,12 @@ def test_fold_batchnorm_not_when_conv_output_is_shared(kwargs):
 
 def test_fold_batchnorm_clones_shared_weight():
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), bn("c", "y"), helper.make_node("Conv", ["x", "w"], ["z"])]
-    model = make_model(nodes, [vi("x", [1, 4, 5, 5])], [vi("y", [1, 6, 5, 5]), vi("z", [1, 6, 5, 5])],
-                       [init("w", rand(6, 4, 1, 1)), *bn_inits(6)])
+    model = make_model(
+        nodes,
+        [vi("x", [1, 4, 5, 5])],
+        [vi("y", [1, 6, 5, 5]), vi("z", [1, 6, 5, 5])],
+        [init("w", rand(6, 4, 1, 1)), *bn_inits(6)],
+    )
     result = run("fold_batchnorm", model)
     assert ops(result.model) == ["Conv", "Conv"]
     assert result.model.graph.node[1].input[1] == "w"
@@ -115,8 +133,9 @@ def test_fold_batchnorm_clones_shared_weight():
 def test_fold_batchnorm_into_gemm(trans_b):
     weight = rand(5, 3) if trans_b else rand(3, 5)
     nodes = [helper.make_node("Gemm", ["x", "w", "c"], ["g"], transB=trans_b, alpha=0.5, beta=2.0), bn("g", "y")]
-    model = make_model(nodes, [vi("x", [2, 3])], [vi("y", [2, 5])],
-                       [init("w", weight), init("c", rand(5)), *bn_inits(5)])
+    model = make_model(
+        nodes, [vi("x", [2, 3])], [vi("y", [2, 5])], [init("w", weight), init("c", rand(5)), *bn_inits(5)]
+    )
     result = run("fold_batchnorm", model)
     assert ops(result.model) == ["Gemm"]
     assert_equivalent(model, result.model)
@@ -137,8 +156,12 @@ def test_fold_batchnorm_inside_if_body_with_outer_weights():
     then_graph = helper.make_graph(body_nodes, "then", [], [vi("t", [1, 6, 5, 5])])
     else_graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["e"])], "else", [], [vi("e", [1, 6, 5, 5])])
     node = helper.make_node("If", ["cond"], ["y"], then_branch=then_graph, else_branch=else_graph)
-    model = make_model([node], [vi("x", [1, 4, 5, 5]), vi("cond", [1], onnx.TensorProto.BOOL)],
-                       [vi("y", [1, 6, 5, 5])], [init("w", rand(6, 4, 1, 1)), *bn_inits(6)])
+    model = make_model(
+        [node],
+        [vi("x", [1, 4, 5, 5]), vi("cond", [1], onnx.TensorProto.BOOL)],
+        [vi("y", [1, 6, 5, 5])],
+        [init("w", rand(6, 4, 1, 1)), *bn_inits(6)],
+    )
     result = run("fold_batchnorm", model)
     assert "BatchNormalization" not in ops(result.model)
     assert_equivalent(model, result.model)
@@ -146,8 +169,13 @@ def test_fold_batchnorm_inside_if_body_with_outer_weights():
 
 def test_fold_batchnorm_leaves_unknown_domain_alone():
     nodes = [helper.make_node("MyConv", ["x", "w"], ["c"], domain="com.example"), bn("c", "y")]
-    model = make_model(nodes, [vi("x", [1, 4, 5, 5])], [vi("y", None)], [init("w", rand(6, 4, 1, 1)), *bn_inits(6)],
-                       extra_opsets={"com.example": 1})
+    model = make_model(
+        nodes,
+        [vi("x", [1, 4, 5, 5])],
+        [vi("y", None)],
+        [init("w", rand(6, 4, 1, 1)), *bn_inits(6)],
+        extra_opsets={"com.example": 1},
+    )
     result = run("fold_batchnorm", model)
     assert ops(result.model) == ["MyConv", "BatchNormalization"]
 
@@ -157,10 +185,16 @@ def test_fold_batchnorm_leaves_unknown_domain_alone():
 
 @pytest.mark.parametrize(("op", "shape"), [("Mul", (6, 1, 1)), ("Add", (1, 6, 1, 1)), ("Sub", ()), ("Mul", ())])
 def test_fold_conv_affine(op, shape):
-    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
-             helper.make_node(op, ["c", "k"], ["y"])]
-    model = make_model(nodes, [vi("x", [1, 4, 5, 5])], [vi("y", [1, 6, 5, 5])],
-                       [init("w", rand(6, 4, 3, 3)), init("b", rand(6)), init("k", rand(*shape))])
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node(op, ["c", "k"], ["y"]),
+    ]
+    model = make_model(
+        nodes,
+        [vi("x", [1, 4, 5, 5])],
+        [vi("y", [1, 6, 5, 5])],
+        [init("w", rand(6, 4, 3, 3)), init("b", rand(6)), init("k", rand(*shape))],
+    )
     result = run("fold_conv_affine", model)
     assert ops(result.model) == ["Conv"]
     assert result.model.graph.node[0].output[0] == "y"
@@ -171,20 +205,27 @@ def test_fold_conv_affine(op, shape):
 def test_fold_conv_affine_not_for_spatial_constant_or_reversed_sub(inputs, shape):
     op = "Mul" if shape == (6, 5, 1) else "Sub"
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node(op, inputs, ["y"])]
-    model = make_model(nodes, [vi("x", [1, 4, 5, 5])], [vi("y", None)], [init("w", rand(6, 4, 3, 3)),
-                                                                        init("k", rand(*shape))])
+    model = make_model(
+        nodes, [vi("x", [1, 4, 5, 5])], [vi("y", None)], [init("w", rand(6, 4, 3, 3)), init("k", rand(*shape))]
+    )
     assert not run("fold_conv_affine", model).changed
 
 
 # --------------------------------------------------------------------------- fuse_matmul_add
 
 
-@pytest.mark.parametrize(("x_shape", "bias_shape", "fires"), [
-    (["N", 3], (5,), True), ([2, 3], (1, 5), True), ([2, 2, 3], (5,), False), ([2, 3], (2, 5), False)])
+@pytest.mark.parametrize(
+    ("x_shape", "bias_shape", "fires"),
+    [(["N", 3], (5,), True), ([2, 3], (1, 5), True), ([2, 2, 3], (5,), False), ([2, 3], (2, 5), False)],
+)
 def test_fuse_matmul_add(x_shape, bias_shape, fires):
     nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["bias", "m"], ["y"])]
-    model = make_model(nodes, [vi("x", x_shape)], [vi("y", [*x_shape[:-1], 5])],
-                       [init("w", rand(3, 5)), init("bias", rand(*bias_shape))])
+    model = make_model(
+        nodes,
+        [vi("x", x_shape)],
+        [vi("y", [*x_shape[:-1], 5])],
+        [init("w", rand(3, 5)), init("bias", rand(*bias_shape))],
+    )
     result = run("fuse_matmul_add", model)
     assert (ops(result.model) == ["Gemm"]) == fires
     if fires:
@@ -232,8 +273,11 @@ def test_fuse_layernorm_not_below_opset_17_or_with_dynamic_hidden_dim():
 
 
 def gelu_model(arrangement, opset=20):
-    nodes = [helper.make_node("Div", ["x", "sqrt2"], ["s"]), helper.make_node("Erf", ["s"], ["e"]),
-             helper.make_node("Add", ["e", "one"], ["a"])]
+    nodes = [
+        helper.make_node("Div", ["x", "sqrt2"], ["s"]),
+        helper.make_node("Erf", ["s"], ["e"]),
+        helper.make_node("Add", ["e", "one"], ["a"]),
+    ]
     if arrangement == "x_first":
         nodes += [helper.make_node("Mul", ["x", "a"], ["p"]), helper.make_node("Mul", ["p", "half"], ["y"])]
     elif arrangement == "half_first":
@@ -253,12 +297,23 @@ def test_fuse_gelu_erf(arrangement):
 
 
 def test_fuse_gelu_tanh():
-    nodes = [helper.make_node("Pow", ["x", "three"], ["c"]), helper.make_node("Mul", ["c", "k"], ["ck"]),
-             helper.make_node("Add", ["x", "ck"], ["inner"]), helper.make_node("Mul", ["inner", "r"], ["u"]),
-             helper.make_node("Tanh", ["u"], ["t"]), helper.make_node("Add", ["t", "one"], ["a"]),
-             helper.make_node("Mul", ["x", "a"], ["p"]), helper.make_node("Mul", ["p", "half"], ["y"])]
-    inits = [init("three", 3.0), init("k", 0.044715), init("r", np.sqrt(2 / np.pi)), init("one", 1.0),
-             init("half", 0.5)]
+    nodes = [
+        helper.make_node("Pow", ["x", "three"], ["c"]),
+        helper.make_node("Mul", ["c", "k"], ["ck"]),
+        helper.make_node("Add", ["x", "ck"], ["inner"]),
+        helper.make_node("Mul", ["inner", "r"], ["u"]),
+        helper.make_node("Tanh", ["u"], ["t"]),
+        helper.make_node("Add", ["t", "one"], ["a"]),
+        helper.make_node("Mul", ["x", "a"], ["p"]),
+        helper.make_node("Mul", ["p", "half"], ["y"]),
+    ]
+    inits = [
+        init("three", 3.0),
+        init("k", 0.044715),
+        init("r", np.sqrt(2 / np.pi)),
+        init("one", 1.0),
+        init("half", 0.5),
+    ]
     model = make_model(nodes, [vi("x", [2, 8])], [vi("y", [2, 8])], inits, opset=20)
     result = run("fuse_gelu", model)
     assert ops(result.model) == ["Gelu"]
@@ -275,20 +330,30 @@ def test_fuse_gelu_not_below_opset_20_or_when_intermediate_is_shared():
 
 @pytest.mark.parametrize("op", ["Add", "Mul"])
 def test_fold_conv_affine_conv_transpose(op):
-    nodes = [helper.make_node("ConvTranspose", ["x", "w"], ["c"], strides=[2, 2], group=2),
-             helper.make_node(op, ["c", "k"], ["y"])]
-    model = make_model(nodes, [vi("x", [1, 4, 3, 3])], [vi("y", [1, 6, 6, 6])],
-                       [init("w", rand(4, 3, 2, 2)), init("k", rand(6, 1, 1))])
+    nodes = [
+        helper.make_node("ConvTranspose", ["x", "w"], ["c"], strides=[2, 2], group=2),
+        helper.make_node(op, ["c", "k"], ["y"]),
+    ]
+    model = make_model(
+        nodes, [vi("x", [1, 4, 3, 3])], [vi("y", [1, 6, 6, 6])], [init("w", rand(4, 3, 2, 2)), init("k", rand(6, 1, 1))]
+    )
     result = run("fold_conv_affine", model)
     assert ops(result.model) == ["ConvTranspose"]
     assert_equivalent(model, result.model)
 
 
 def test_conv_transpose_add_batchnorm_chain_folds_in_the_fuse_stage():
-    nodes = [helper.make_node("ConvTranspose", ["x", "w"], ["c"], strides=[2, 2]),
-             helper.make_node("Add", ["c", "k"], ["a"]), bn("a", "y")]
-    model = make_model(nodes, [vi("x", [1, 4, 3, 3])], [vi("y", [1, 3, 6, 6])],
-                       [init("w", rand(4, 3, 2, 2)), init("k", rand(3, 1, 1)), *bn_inits(3)])
+    nodes = [
+        helper.make_node("ConvTranspose", ["x", "w"], ["c"], strides=[2, 2]),
+        helper.make_node("Add", ["c", "k"], ["a"]),
+        bn("a", "y"),
+    ]
+    model = make_model(
+        nodes,
+        [vi("x", [1, 4, 3, 3])],
+        [vi("y", [1, 3, 6, 6])],
+        [init("w", rand(4, 3, 2, 2)), init("k", rand(3, 1, 1)), *bn_inits(3)],
+    )
     once = run("fold_conv_affine", model)
     twice = run("fold_batchnorm", once.model)
     assert ops(twice.model) == ["ConvTranspose"]
@@ -297,8 +362,9 @@ def test_conv_transpose_add_batchnorm_chain_folds_in_the_fuse_stage():
 
 def test_fold_conv_affine_not_for_conv_transpose_input_channel_constant():
     nodes = [helper.make_node("ConvTranspose", ["x", "w"], ["c"]), helper.make_node("Mul", ["c", "k"], ["y"])]
-    model = make_model(nodes, [vi("x", [1, 4, 3, 3])], [vi("y", None)], [init("w", rand(4, 3, 2, 2)),
-                                                                        init("k", rand(4, 1, 1))])
+    model = make_model(
+        nodes, [vi("x", [1, 4, 3, 3])], [vi("y", None)], [init("w", rand(4, 3, 2, 2)), init("k", rand(4, 1, 1))]
+    )
     assert not run("fold_conv_affine", model).changed
 
 
@@ -307,8 +373,7 @@ def test_fold_conv_affine_not_for_conv_transpose_input_channel_constant():
 
 def hardswish_nodes(form: str, *, add=3.0, high=6.0, divisor=6.0, other_x=False):
     """Paddle's hard-swish/hard-sigmoid decompositions around Clip(x + 3, 0, 6)."""
-    nodes = [helper.make_node("Add", ["x", "three"], ["a"]),
-             helper.make_node("Clip", ["a", "zero", "six"], ["c"])]
+    nodes = [helper.make_node("Add", ["x", "three"], ["a"]), helper.make_node("Clip", ["a", "zero", "six"], ["c"])]
     x = "z" if other_x else "x"
     if form == "product_first":
         nodes += [helper.make_node("Mul", [x, "c"], ["p"]), helper.make_node("Div", ["p", "div"], ["y"])]
@@ -316,14 +381,25 @@ def hardswish_nodes(form: str, *, add=3.0, high=6.0, divisor=6.0, other_x=False)
         nodes += [helper.make_node("Mul", ["c", "sixth"], ["g"]), helper.make_node("Mul", ["g", x], ["y"])]
     else:  # hard sigmoid only
         nodes += [helper.make_node("Div", ["c", "div"], ["y"])]
-    inits = [init("three", np.array(add)), init("zero", np.array(0.0)), init("six", np.array(high)),
-             init("div", np.array(divisor)), init("sixth", np.array(1 / divisor))]
+    inits = [
+        init("three", np.array(add)),
+        init("zero", np.array(0.0)),
+        init("six", np.array(high)),
+        init("div", np.array(divisor)),
+        init("sixth", np.array(1 / divisor)),
+    ]
     return nodes, inits
 
 
-@pytest.mark.parametrize(("form", "opset", "expected"), [
-    ("product_first", 14, ["HardSwish"]), ("gate_first", 17, ["HardSwish"]),
-    ("sigmoid", 12, ["HardSigmoid"]), ("product_first", 12, ["HardSwish"])])
+@pytest.mark.parametrize(
+    ("form", "opset", "expected"),
+    [
+        ("product_first", 14, ["HardSwish"]),
+        ("gate_first", 17, ["HardSwish"]),
+        ("sigmoid", 12, ["HardSigmoid"]),
+        ("product_first", 12, ["HardSwish"]),
+    ],
+)
 def test_fuse_hardswish(form, opset, expected):
     nodes, inits = hardswish_nodes(form)
     model = make_model(nodes, [vi("x", [2, 3, 4, 4])], [vi("y", [2, 3, 4, 4])], inits, opset=opset)

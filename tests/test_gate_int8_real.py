@@ -28,8 +28,9 @@ class _Reader(quantization.CalibrationDataReader):
 
 
 def _quantize(path, out, calib, **options):
-    quantization.quantize_static(str(path), str(out), _Reader(calib), quant_format=quantization.QuantFormat.QDQ,
-                                 **options)
+    quantization.quantize_static(
+        str(path), str(out), _Reader(calib), quant_format=quantization.QuantFormat.QDQ, **options
+    )
     return onnx.load(str(out))
 
 

@@ -108,8 +108,7 @@ def _two_layer(scale: float = 1.0) -> onnx.ModelProto:
         helper.make_node("Relu", ["h"], ["r"]),
         helper.make_node("MatMul", ["r", "w2"], ["logits"]),
     ]
-    return make_model(nodes, [vi("x", ["batch", 16])], [vi("logits", ["batch", 10])],
-                      [init("w1", w1), init("w2", w2)])
+    return make_model(nodes, [vi("x", ["batch", 16])], [vi("logits", ["batch", 10])], [init("w1", w1), init("w2", w2)])
 
 
 def test_check_reports_per_level_and_fails_a_changed_model():
@@ -131,12 +130,24 @@ def test_missing_output_is_a_failure():
 
 def test_synthesized_inputs_respect_dtypes_ranges_and_symbols():
     model = make_model(
-        [helper.make_node("Identity", ["ids"], ["o1"]), helper.make_node("Identity", ["mask"], ["o2"]),
-         helper.make_node("Identity", ["flag"], ["o3"]), helper.make_node("Identity", ["f"], ["o4"])],
-        [vi("ids", ["b", "seq"], TensorProto.INT64), vi("mask", ["b", "seq"], TensorProto.INT64),
-         vi("flag", [], TensorProto.BOOL), vi("f", [None, 3, None, None])],
-        [vi("o1", None, TensorProto.INT64), vi("o2", None, TensorProto.INT64), vi("o3", None, TensorProto.BOOL),
-         vi("o4", None)],
+        [
+            helper.make_node("Identity", ["ids"], ["o1"]),
+            helper.make_node("Identity", ["mask"], ["o2"]),
+            helper.make_node("Identity", ["flag"], ["o3"]),
+            helper.make_node("Identity", ["f"], ["o4"]),
+        ],
+        [
+            vi("ids", ["b", "seq"], TensorProto.INT64),
+            vi("mask", ["b", "seq"], TensorProto.INT64),
+            vi("flag", [], TensorProto.BOOL),
+            vi("f", [None, 3, None, None]),
+        ],
+        [
+            vi("o1", None, TensorProto.INT64),
+            vi("o2", None, TensorProto.INT64),
+            vi("o3", None, TensorProto.BOOL),
+            vi("o4", None),
+        ],
     )
     data = synthesize_inputs(model, iterations=2, shapes={"ids": [2, 7]}, int_ranges={"ids": (5, 9)})
     sample = data[0]
@@ -209,8 +220,7 @@ def test_tolerance_replace_keeps_the_rest():
 def test_stacked_npz_with_a_scalar_input_roundtrips(tmp_path):
     from onnxopt.data import load_dataset, save_dataset
 
-    model = make_model([helper.make_node("Mul", ["x", "k"], ["y"])],
-                       [vi("x", [1, 4]), vi("k", [])], [vi("y", [1, 4])])
+    model = make_model([helper.make_node("Mul", ["x", "k"], ["y"])], [vi("x", [1, 4]), vi("k", [])], [vi("y", [1, 4])])
     data = synthesize_inputs(model, iterations=3)
     path = save_dataset(data, tmp_path / "d.npz")
     loaded = load_dataset(path, model)

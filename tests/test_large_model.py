@@ -26,7 +26,9 @@ def test_model_over_2gb_roundtrips_with_external_data(tmp_path):
         helper.make_node("Add", ["a2", "b"], ["y"]),
     ]
     graph = helper.make_graph(
-        nodes, "big", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+        nodes,
+        "big",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", width])],
         [numpy_helper.from_array(t, f"table{i}") for i, t in enumerate(tables)],
     )

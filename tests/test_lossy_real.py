@@ -16,8 +16,14 @@ from onnxopt.pipeline import Context, load_recipe
 
 pytestmark = pytest.mark.real
 
-SILERO = ["silero_vad", "silero_vad_op15", "silero_vad_sequence", "silero_vad_half", "silero_vad_op18",
-          "silero_vad_openvino"]
+SILERO = [
+    "silero_vad",
+    "silero_vad_op15",
+    "silero_vad_sequence",
+    "silero_vad_half",
+    "silero_vad_op18",
+    "silero_vad_openvino",
+]
 
 
 @pytest.mark.parametrize("key", SILERO)

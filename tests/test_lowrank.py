@@ -206,8 +206,9 @@ def test_conv1x1_split():
     rng = np.random.default_rng(6)
     w = _low_rank(rng, 64, 96, 6).T.reshape(96, 64, 1, 1)
     node = helper.make_node("Conv", ["x", "W", "b"], ["y"], kernel_shape=[1, 1], strides=[2, 2])
-    model = make_model([node], [vi("x", [1, 64, 8, 8])], [vi("y", [1, 96, 4, 4])],
-                       [init("W", w), init("b", rng.standard_normal(96))])
+    model = make_model(
+        [node], [vi("x", [1, 64, 8, 8])], [vi("y", [1, 96, 4, 4])], [init("W", w), init("b", rng.standard_normal(96))]
+    )
     assert not SplitLowRank(rank=6, min_params=0)(model, Context()).changed
     result = SplitLowRank(rank=6, min_params=0, include_conv1x1=True)(model, Context())
     assert [n.op_type for n in result.model.graph.node] == ["Conv", "Conv"]
@@ -220,8 +221,11 @@ def _mlp(seed: int = 7) -> onnx.ModelProto:
     u, _, vt = np.linalg.svd(rng.standard_normal((128, 128)))
     w1 = (u * np.exp(-np.arange(128) / 12.0)) @ vt
     w2 = rng.standard_normal((128, 16)) / 8
-    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
-             helper.make_node("MatMul", ["r", "W2"], ["y"])]
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "W2"], ["y"]),
+    ]
     return make_model(nodes, [vi("x", [4, 128])], [vi("y", [4, 16])], [init("W1", w1), init("W2", w2)])
 
 

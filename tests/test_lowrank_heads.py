@@ -19,7 +19,7 @@ def _scores(tq: np.ndarray, tk: np.ndarray, x: np.ndarray, y: np.ndarray, heads:
     q = np.hstack([x, np.ones((len(x), 1))]) @ tq
     k = np.hstack([y, np.ones((len(y), 1))]) @ tk
     width = q.shape[1] // heads
-    return np.stack([q[:, h * width:(h + 1) * width] @ k[:, h * width:(h + 1) * width].T for h in range(heads)])
+    return np.stack([q[:, h * width : (h + 1) * width] @ k[:, h * width : (h + 1) * width].T for h in range(heads)])
 
 
 def _augmented_gram(x: np.ndarray) -> np.ndarray:
@@ -53,27 +53,44 @@ def test_reported_error_is_the_score_error_and_beats_dropping_columns(rank):
     assert measured <= np.sum((naive - reference) ** 2) / np.sum(reference**2)
 
 
-def _attention_model(rng: np.random.Generator, *, true_rank: int = D, concat: bool = False,
-                     shared_weight: bool = False) -> onnx.ModelProto:
+def _attention_model(
+    rng: np.random.Generator, *, true_rank: int = D, concat: bool = False, shared_weight: bool = False
+) -> onnx.ModelProto:
     """Return ``scores = MatMul(T(Reshape(x·Wq + bq)), T(Reshape(x·Wk + bk)))`` for 2 heads of width 4."""
     basis = rng.standard_normal((K, true_rank))
     wq = np.hstack([basis @ rng.standard_normal((true_rank, D)) for _ in range(HEADS)])
     wk = np.hstack([basis @ rng.standard_normal((true_rank, D)) for _ in range(HEADS)])
-    inits = [init("wq", wq), init("bq", np.zeros(HEADS * D)), init("wk", wk), init("bk", np.zeros(HEADS * D)),
-             init("shape", [0, 0, HEADS, D], np.int64)]
-    nodes = [helper.make_node("MatMul", ["x", "wq"], ["mq"]), helper.make_node("Add", ["mq", "bq"], ["aq"]),
-             helper.make_node("MatMul", ["x", "wq" if shared_weight else "wk"], ["mk"]),
-             helper.make_node("Add", ["bk", "mk"], ["ak"])]
+    inits = [
+        init("wq", wq),
+        init("bq", np.zeros(HEADS * D)),
+        init("wk", wk),
+        init("bk", np.zeros(HEADS * D)),
+        init("shape", [0, 0, HEADS, D], np.int64),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["mq"]),
+        helper.make_node("Add", ["mq", "bq"], ["aq"]),
+        helper.make_node("MatMul", ["x", "wq" if shared_weight else "wk"], ["mk"]),
+        helper.make_node("Add", ["bk", "mk"], ["ak"]),
+    ]
     if concat:
-        inits += [init("s0", [1], np.int64), init("s1", [-1], np.int64),
-                  init("sh", [HEADS], np.int64), init("sd", [D], np.int64)]
-        nodes += [helper.make_node("Concat", ["s0", "s1", "sh", "sd"], ["cq"], axis=0),
-                  helper.make_node("Concat", ["s0", "s1", "sh", "sd"], ["ck"], axis=0)]
-    nodes += [helper.make_node("Reshape", ["aq", "cq" if concat else "shape"], ["rq"]),
-              helper.make_node("Reshape", ["ak", "ck" if concat else "shape"], ["rk"]),
-              helper.make_node("Transpose", ["rq"], ["tq"], perm=[0, 2, 1, 3]),
-              helper.make_node("Transpose", ["rk"], ["tk"], perm=[0, 2, 3, 1]),
-              helper.make_node("MatMul", ["tq", "tk"], ["scores"])]
+        inits += [
+            init("s0", [1], np.int64),
+            init("s1", [-1], np.int64),
+            init("sh", [HEADS], np.int64),
+            init("sd", [D], np.int64),
+        ]
+        nodes += [
+            helper.make_node("Concat", ["s0", "s1", "sh", "sd"], ["cq"], axis=0),
+            helper.make_node("Concat", ["s0", "s1", "sh", "sd"], ["ck"], axis=0),
+        ]
+    nodes += [
+        helper.make_node("Reshape", ["aq", "cq" if concat else "shape"], ["rq"]),
+        helper.make_node("Reshape", ["ak", "ck" if concat else "shape"], ["rk"]),
+        helper.make_node("Transpose", ["rq"], ["tq"], perm=[0, 2, 1, 3]),
+        helper.make_node("Transpose", ["rk"], ["tk"], perm=[0, 2, 3, 1]),
+        helper.make_node("MatMul", ["tq", "tk"], ["scores"]),
+    ]
     return make_model(nodes, [vi("x", [1, "S", K])], [vi("scores", [1, HEADS, "S", "S"])], inits)
 
 
@@ -113,7 +130,8 @@ def test_shape_read_at_the_head_axis_is_not_matched():
     model = _attention_model(np.random.default_rng(5))
     graph = model.graph
     graph.initializer.append(init("axis2", np.array(2), np.int64))
-    graph.node.extend([helper.make_node("Shape", ["aq"], ["shape_q"]),
-                       helper.make_node("Gather", ["shape_q", "axis2"], ["width"])])
+    graph.node.extend(
+        [helper.make_node("Shape", ["aq"], ["shape_q"]), helper.make_node("Gather", ["shape_q", "axis2"], ["width"])]
+    )
     graph.output.append(vi("width", [], onnx.TensorProto.INT64))
     assert find_head_pairs(model) == []

@@ -31,22 +31,32 @@ def _attention(seed: int = 0, *, form_rank: int = 2, noise: float = 1e-3) -> onn
         wk.append(rng.standard_normal((K, form_rank)) @ rng.standard_normal((form_rank, D)) / np.sqrt(K))
     wq_all = np.hstack(wq) + noise * rng.standard_normal((K, HEADS * D))
     wk_all = np.hstack(wk) + noise * rng.standard_normal((K, HEADS * D))
-    inits = [init("wq", wq_all), init("bq", 0.1 * rng.standard_normal(HEADS * D)),
-             init("wk", wk_all), init("bk", 0.1 * rng.standard_normal(HEADS * D)),
-             init("wv", rng.standard_normal((K, K)) / np.sqrt(K)), init("bv", np.zeros(K)),
-             init("wo", rng.standard_normal((K, K)) / np.sqrt(K)),
-             init("heads", [0, 0, HEADS, D], np.int64), init("merged", [0, 0, K], np.int64),
-             init("scale", np.array(np.sqrt(D), dtype=np.float32))]
+    inits = [
+        init("wq", wq_all),
+        init("bq", 0.1 * rng.standard_normal(HEADS * D)),
+        init("wk", wk_all),
+        init("bk", 0.1 * rng.standard_normal(HEADS * D)),
+        init("wv", rng.standard_normal((K, K)) / np.sqrt(K)),
+        init("bv", np.zeros(K)),
+        init("wo", rng.standard_normal((K, K)) / np.sqrt(K)),
+        init("heads", [0, 0, HEADS, D], np.int64),
+        init("merged", [0, 0, K], np.int64),
+        init("scale", np.array(np.sqrt(D), dtype=np.float32)),
+    ]
     nodes = [
-        helper.make_node("MatMul", ["x", "wq"], ["mq"]), helper.make_node("Add", ["mq", "bq"], ["aq"]),
+        helper.make_node("MatMul", ["x", "wq"], ["mq"]),
+        helper.make_node("Add", ["mq", "bq"], ["aq"]),
         helper.make_node("Reshape", ["aq", "heads"], ["rq"]),
         helper.make_node("Transpose", ["rq"], ["tq"], perm=[0, 2, 1, 3]),
-        helper.make_node("MatMul", ["x", "wk"], ["mk"]), helper.make_node("Add", ["mk", "bk"], ["ak"]),
+        helper.make_node("MatMul", ["x", "wk"], ["mk"]),
+        helper.make_node("Add", ["mk", "bk"], ["ak"]),
         helper.make_node("Reshape", ["ak", "heads"], ["rk"]),
         helper.make_node("Transpose", ["rk"], ["tk"], perm=[0, 2, 3, 1]),
-        helper.make_node("MatMul", ["tq", "tk"], ["scores"]), helper.make_node("Div", ["scores", "scale"], ["scaled"]),
+        helper.make_node("MatMul", ["tq", "tk"], ["scores"]),
+        helper.make_node("Div", ["scores", "scale"], ["scaled"]),
         helper.make_node("Softmax", ["scaled"], ["probs"], axis=-1),
-        helper.make_node("MatMul", ["x", "wv"], ["mv"]), helper.make_node("Add", ["mv", "bv"], ["av"]),
+        helper.make_node("MatMul", ["x", "wv"], ["mv"]),
+        helper.make_node("Add", ["mv", "bv"], ["av"]),
         helper.make_node("Reshape", ["av", "heads"], ["rv"]),
         helper.make_node("Transpose", ["rv"], ["tv"], perm=[0, 2, 1, 3]),
         helper.make_node("MatMul", ["probs", "tv"], ["context"]),
@@ -59,8 +69,9 @@ def _attention(seed: int = 0, *, form_rank: int = 2, noise: float = 1e-3) -> onn
 
 def _data(seed: int, count: int = 16) -> Dataset:
     rng = np.random.default_rng(seed)
-    return Dataset([{"x": rng.standard_normal((1, int(rng.integers(4, 12)), K)).astype(np.float32)}
-                    for _ in range(count)])
+    return Dataset(
+        [{"x": rng.standard_normal((1, int(rng.integers(4, 12)), K)).astype(np.float32)} for _ in range(count)]
+    )
 
 
 def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -94,11 +105,13 @@ def test_held_out_error_curve_is_the_score_error_on_new_inputs():
     curve = head_error_curve(tq, tk, g_fit, g_fit, HEADS, g_new, g_new, ridge=0.0)
     for rank in (2, 5):
         nq, nk, _ = joint_qk(tq, tk, g_fit, g_fit, HEADS, rank, ridge=0.0)
-        before = [(new @ tq)[:, h * D:(h + 1) * D] @ (new @ tk)[:, h * D:(h + 1) * D].T for h in range(HEADS)]
-        after = [(new @ nq)[:, h * rank:(h + 1) * rank] @ (new @ nk)[:, h * rank:(h + 1) * rank].T
-                 for h in range(HEADS)]
+        before = [(new @ tq)[:, h * D : (h + 1) * D] @ (new @ tk)[:, h * D : (h + 1) * D].T for h in range(HEADS)]
+        after = [
+            (new @ nq)[:, h * rank : (h + 1) * rank] @ (new @ nk)[:, h * rank : (h + 1) * rank].T for h in range(HEADS)
+        ]
         measured = sum(np.sum((a - b) ** 2) for a, b in zip(after, before, strict=True)) / sum(
-            np.sum(b**2) for b in before)
+            np.sum(b**2) for b in before
+        )
         assert measured == pytest.approx(curve[rank], rel=1e-5)
 
 
@@ -107,8 +120,10 @@ def test_allocation_mixes_splits_and_head_widths_monotonely():
     split_error = 1 - np.concatenate([[0], np.cumsum(np.sort(rng.random(32))[::-1])]) / 16
     width_error = np.linspace(1, 0, D + 1) ** 3
     candidates = [RankCandidate(np.clip(split_error, 0, 1), 32, 64, 19), WidthCandidate(width_error, 64, 64 * D, 7)]
-    params = [sum(c.params(r) for c, r in zip(candidates, allocate_ranks(candidates, price), strict=True))
-              for price in (1e-4, 1e-2, 1e-1, 1.0, 10.0)]
+    params = [
+        sum(c.params(r) for c, r in zip(candidates, allocate_ranks(candidates, price), strict=True))
+        for price in (1e-4, 1e-2, 1e-1, 1.0, 10.0)
+    ]
     assert params == sorted(params, reverse=True)
     assert params[0] == 32 * 64 + 64 * D and params[-1] < params[0]
 
@@ -145,10 +160,26 @@ def test_pass_keeps_full_head_width_when_every_narrowing_breaks_the_budget():
 def test_heads_off_leaves_query_and_key_to_the_split_path():
     model = _attention()
     data = _data(1)
-    off = plan_lowrank(model, Context(), whiten=True, min_params=0, include_conv1x1=False, min_saving=0.1,
-                       samples=list(data), heads=False)
-    on = plan_lowrank(model, Context(), whiten=True, min_params=0, include_conv1x1=False, min_saving=0.1,
-                      samples=list(data), heads=True)
+    off = plan_lowrank(
+        model,
+        Context(),
+        whiten=True,
+        min_params=0,
+        include_conv1x1=False,
+        min_saving=0.1,
+        samples=list(data),
+        heads=False,
+    )
+    on = plan_lowrank(
+        model,
+        Context(),
+        whiten=True,
+        min_params=0,
+        include_conv1x1=False,
+        min_saving=0.1,
+        samples=list(data),
+        heads=True,
+    )
     assert {"mq", "mk"} <= {layer.key for layer in off.layers} and not off.pairs
     assert not {"mq", "mk"} & {layer.key for layer in on.layers} and len(on.pairs) == 1
     result = SplitLowRank(min_params=0, heads=False)(model, Context(calibration=data))
@@ -169,8 +200,16 @@ def test_explicit_rank_uses_the_split_path_and_says_so():
 def test_apply_ranks_combines_splits_and_head_widths():
     model = _attention(form_rank=2, noise=0.0)
     data = _data(5)
-    plan = plan_lowrank(model, Context(), whiten=True, min_params=0, include_conv1x1=False, min_saving=0.1,
-                        samples=list(data), heads=True)
+    plan = plan_lowrank(
+        model,
+        Context(),
+        whiten=True,
+        min_params=0,
+        include_conv1x1=False,
+        min_saving=0.1,
+        samples=list(data),
+        heads=True,
+    )
     ranks = [0] * len(plan.layers) + [2]
     narrowed = apply_ranks(model, plan, ranks)
     assert _weights(narrowed)["wq"].shape == (K, HEADS * 2)
@@ -204,8 +243,7 @@ def test_cli_recipe_narrows_heads_by_default(tmp_path, capsys, heads):
     data = tmp_path / "calib.npz"
     np.savez(data, x=rng.standard_normal((16, 8, K)).astype(np.float32))
     recipe = tmp_path / "recipe.toml"
-    recipe.write_text("[[pass]]\nname = \"split_lowrank\"\nmin_params = 0\n"
-                      + ("" if heads else "heads = false\n"))
+    recipe.write_text('[[pass]]\nname = "split_lowrank"\nmin_params = 0\n' + ("" if heads else "heads = false\n"))
     out = tmp_path / "out.onnx"
     code = main([str(a) for a in ["optimize", source, "-o", out, "--pipeline", recipe, "--calib", data]])
     capsys.readouterr()

@@ -26,9 +26,7 @@ def _linear(n: int = 64) -> onnx.ModelProto:
 def _if_model() -> onnx.ModelProto:
     """A model whose If branches read an outer tensor and hold a Constant weight."""
     then_c = helper.make_node("Constant", [], ["k"], value=helper.make_tensor("k", TensorProto.FLOAT, [2], [2, 3]))
-    then_g = helper.make_graph(
-        [then_c, helper.make_node("Mul", ["h", "k"], ["t"])], "then", [], [vi("t", [2])]
-    )
+    then_g = helper.make_graph([then_c, helper.make_node("Mul", ["h", "k"], ["t"])], "then", [], [vi("t", [2])])
     else_g = helper.make_graph([helper.make_node("Neg", ["h"], ["e"])], "else", [], [vi("e", [2])])
     nodes = [
         helper.make_node("Relu", ["x"], ["h"]),
@@ -142,7 +140,9 @@ def test_normalize_survives_failed_shape_inference():
     # A custom-domain op: shape inference knows nothing of it, normalization still works.
     model = make_model(
         [helper.make_node("Mystery", ["x"], ["y"], domain="custom.ops"), helper.make_node("Relu", ["y"], ["z"])],
-        [vi("x", ["n", 4])], [vi("z", ["n", 4])], extra_opsets={"custom.ops": 1},
+        [vi("x", ["n", 4])],
+        [vi("z", ["n", 4])],
+        extra_opsets={"custom.ops": 1},
     )
     result = normalize(model)
     assert result.model.graph.node[0].domain == "custom.ops"
@@ -181,8 +181,16 @@ def test_model_stats_counts_subgraphs_and_constant_weights():
 @pytest.mark.real
 @pytest.mark.parametrize(
     "key",
-    ["ppocr_det", "ppocr_cls", "silero_vad", "silero_vad_op15", "silero_vad_sequence", "silero_vad_half",
-     "silero_vad_op18", "silero_vad_openvino"],
+    [
+        "ppocr_det",
+        "ppocr_cls",
+        "silero_vad",
+        "silero_vad_op15",
+        "silero_vad_sequence",
+        "silero_vad_half",
+        "silero_vad_op18",
+        "silero_vad_openvino",
+    ],
 )
 def test_real_models_roundtrip_identically(real_model, tmp_path, key):
     path = real_model(key)
@@ -208,9 +216,12 @@ def test_body_returning_an_outer_value_counts_as_a_use():
     body = helper.make_graph([], "then", [], [vi("h", [2])])
     other = helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "else", [], [vi("e", [2])])
     model = make_model(
-        [helper.make_node("Relu", ["x"], ["h"]),
-         helper.make_node("If", ["c"], ["y"], then_branch=body, else_branch=other)],
-        [vi("x", [2]), vi("c", [], TensorProto.BOOL)], [vi("y", [2])],
+        [
+            helper.make_node("Relu", ["x"], ["h"]),
+            helper.make_node("If", ["c"], ["y"], then_branch=body, else_branch=other),
+        ],
+        [vi("x", [2]), vi("c", [], TensorProto.BOOL)],
+        [vi("y", [2])],
     )
     assert outer_references(body) == {"h"}
     assert remove_unused(model.graph) == 0
@@ -228,12 +239,22 @@ def test_initializer_that_is_an_input_default_survives_remove_unused():
 @pytest.mark.parametrize(
     ("key", "opset", "inputs", "if_nodes", "constant_nodes"),
     [
-        ("ppocr_det", 12, ["x: float32[p2o.DynamicDimension.0, 3, p2o.DynamicDimension.1, p2o.DynamicDimension.2]"],
-         0, 342),
+        (
+            "ppocr_det",
+            12,
+            ["x: float32[p2o.DynamicDimension.0, 3, p2o.DynamicDimension.1, p2o.DynamicDimension.2]"],
+            0,
+            342,
+        ),
         ("ppocr_cls", 11, ["x: float32[?, 3, ?, ?]"], 0, 308),
         ("silero_vad", 16, ["input: float32[?, ?]", "state: float32[2, ?, 128]", "sr: int64[]"], 25, 341),
-        ("silero_vad_op18", 18, ["input: float32[batch, sequence]", "sr: int64[]", "state: float32[2, batch, 128]"],
-         None, 0),
+        (
+            "silero_vad_op18",
+            18,
+            ["input: float32[batch, sequence]", "sr: int64[]", "state: float32[2, batch, 128]"],
+            None,
+            0,
+        ),
     ],
 )
 def test_inspect_describes_real_models(real_model, key, opset, inputs, if_nodes, constant_nodes):
@@ -257,12 +278,18 @@ def test_sparse_initializers_are_seen_by_graph_helpers():
     dense[1, 2], dense[3, 0] = 5.0, -1.0
     sparse = helper.make_sparse_tensor(
         onnx.numpy_helper.from_array(np.array([5.0, -1.0], np.float32), "w"),
-        onnx.numpy_helper.from_array(np.array([6, 12], np.int64), "w_idx"), [4, 4])
+        onnx.numpy_helper.from_array(np.array([6, 12], np.int64), "w_idx"),
+        [4, 4],
+    )
     model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [vi("x", [1, 4])], [vi("y", [1, 4])])
     model.graph.sparse_initializer.append(sparse)
-    model.graph.sparse_initializer.append(helper.make_sparse_tensor(
-        onnx.numpy_helper.from_array(np.array([1.0], np.float32), "unused"),
-        onnx.numpy_helper.from_array(np.array([0], np.int64), "unused_idx"), [2]))
+    model.graph.sparse_initializer.append(
+        helper.make_sparse_tensor(
+            onnx.numpy_helper.from_array(np.array([1.0], np.float32), "unused"),
+            onnx.numpy_helper.from_array(np.array([0], np.int64), "unused_idx"),
+            [2],
+        )
+    )
     index = GraphIndex(model.graph)
     assert index.is_constant("w") and np.array_equal(index.constant("w"), dense)
     assert NameGenerator(model).fresh("w") != "w"
@@ -279,7 +306,8 @@ def test_lossy_passes_say_they_left_subgraph_layers_alone():
     other = helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "else", [], [vi("e", [1, 64])])
     model = make_model(
         [helper.make_node("If", ["c"], ["y"], then_branch=body, else_branch=other)],
-        [vi("x", [1, 64]), vi("c", [], TensorProto.BOOL)], [vi("y", [1, 64])],
+        [vi("x", [1, 64]), vi("c", [], TensorProto.BOOL)],
+        [vi("y", [1, 64])],
         [init("w", rng.standard_normal((64, 64)))],
     )
     assert nested_ops(model.graph, ["MatMul"]) == 1 and nested_ops(model.graph, ["Conv"]) == 0
@@ -291,17 +319,24 @@ def test_lossy_passes_say_they_left_subgraph_layers_alone():
 def test_control_tensors_follow_values_into_an_if_condition_but_not_through_shape():
     then = helper.make_graph([helper.make_node("Identity", ["x"], ["a"])], "then", [], [vi("a", [2, 4])])
     other = helper.make_graph([helper.make_node("Neg", ["x"], ["b"])], "else", [], [vi("b", [2, 4])])
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),
-             helper.make_node("Shape", ["h"], ["shape"]),
-             helper.make_node("Gather", ["shape", "zero"], ["rows"], axis=0),
-             helper.make_node("Greater", ["rows", "one"], ["by_shape"]),
-             helper.make_node("If", ["by_shape"], ["y1"], then_branch=then, else_branch=other),
-             helper.make_node("MatMul", ["x", "w2"], ["k"]),
-             helper.make_node("ReduceSum", ["k"], ["total"], keepdims=0),
-             helper.make_node("Greater", ["total", "zero_f"], ["by_value"]),
-             helper.make_node("If", ["by_value"], ["y2"], then_branch=then, else_branch=other)]
-    inits = [init("w", np.eye(4)), init("w2", np.eye(4)), init("zero", np.array(0), np.int64),
-             init("one", np.array(1), np.int64), init("zero_f", np.array(0.0))]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"]),
+        helper.make_node("Shape", ["h"], ["shape"]),
+        helper.make_node("Gather", ["shape", "zero"], ["rows"], axis=0),
+        helper.make_node("Greater", ["rows", "one"], ["by_shape"]),
+        helper.make_node("If", ["by_shape"], ["y1"], then_branch=then, else_branch=other),
+        helper.make_node("MatMul", ["x", "w2"], ["k"]),
+        helper.make_node("ReduceSum", ["k"], ["total"], keepdims=0),
+        helper.make_node("Greater", ["total", "zero_f"], ["by_value"]),
+        helper.make_node("If", ["by_value"], ["y2"], then_branch=then, else_branch=other),
+    ]
+    inits = [
+        init("w", np.eye(4)),
+        init("w2", np.eye(4)),
+        init("zero", np.array(0), np.int64),
+        init("one", np.array(1), np.int64),
+        init("zero_f", np.array(0.0)),
+    ]
     model = make_model(nodes, [vi("x", [2, 4])], [vi("y1", [2, 4]), vi("y2", [2, 4])], inits)
     found = control_tensors(model.graph)
     assert {"by_shape", "rows", "shape"} <= found and "h" not in found  # a shape does not depend on values

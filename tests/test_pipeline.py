@@ -85,8 +85,9 @@ class _Crash(Pass):
 
 def _model() -> onnx.ModelProto:
     w = np.random.default_rng(1).standard_normal((8, 8)).astype(np.float32)
-    return make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [vi("x", [2, 8])], [vi("y", [2, 8])],
-                      [init("w", w)])
+    return make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], [vi("x", [2, 8])], [vi("y", [2, 8])], [init("w", w)]
+    )
 
 
 def test_manager_never_modifies_its_input_and_records_stats():
@@ -125,8 +126,9 @@ def test_verify_hook_names_the_pass_that_broke_equivalence():
 
 
 def test_verify_passes_exact_rewrites_and_records_checks():
-    result = PassManager([create_pass("test_append_identity")], verify=Verifier(),
-                         instruments=[CheckerInstrument()]).run(_model())
+    result = PassManager(
+        [create_pass("test_append_identity")], verify=Verifier(), instruments=[CheckerInstrument()]
+    ).run(_model())
     checks = result.records[0].checks
     assert checks["verify"]["passed"] and checks["onnx_checker"] == "ok"
 
@@ -140,14 +142,17 @@ def test_unknown_pass_and_parameter_list_valid_choices():
 
 def test_recipe_file_flat_and_staged(tmp_path):
     flat = tmp_path / "flat.toml"
-    flat.write_text('[pipeline]\nfixed_point = true\nmax_rounds = 2\n\n[[pass]]\nname = "test_append_identity"\n'
-                    'times = 2\n')
+    flat.write_text(
+        '[pipeline]\nfixed_point = true\nmax_rounds = 2\n\n[[pass]]\nname = "test_append_identity"\ntimes = 2\n'
+    )
     spec = load_recipe(flat)
     assert spec.stages[0].fixed_point and spec.stages[0].max_rounds == 2
     assert spec.build().run(_model()).final.nodes == 5
     staged = tmp_path / "staged.toml"
-    staged.write_text('[[stage]]\n[[stage.pass]]\nname = "test_nothing"\n\n[[stage]]\nfixed_point = true\n'
-                      'max_rounds = 2\n[[stage.pass]]\nname = "test_append_identity"\n')
+    staged.write_text(
+        '[[stage]]\n[[stage.pass]]\nname = "test_nothing"\n\n[[stage]]\nfixed_point = true\n'
+        'max_rounds = 2\n[[stage.pass]]\nname = "test_append_identity"\n'
+    )
     result = load_recipe(staged).build().run(_model())
     assert [r.name for r in result.records] == ["test_nothing", "test_append_identity", "test_append_identity"]
 
@@ -213,8 +218,11 @@ def test_passes_have_one_module_name_and_a_second_registration_under_a_name_fail
 
 
 def test_shape_annotations_added_for_the_passes_are_not_written_when_the_input_had_none():
-    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Neg", ["a"], ["b"]),
-             helper.make_node("Abs", ["b"], ["y"])]
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"]),
+        helper.make_node("Neg", ["a"], ["b"]),
+        helper.make_node("Abs", ["b"], ["y"]),
+    ]
     bare = make_model(nodes, [vi("x", [2, 3])], [vi("y", [2, 3])])
     assert not bare.graph.value_info
     result = PassManager([]).run(bare)

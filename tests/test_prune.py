@@ -29,8 +29,7 @@ from tests.builders import assert_equivalent, init, make_model, vi
 
 
 @settings(max_examples=50, deadline=None)
-@given(values=st.lists(st.sampled_from([0.0, 0.5, 1.0, -1.0, 2.0]), min_size=1, max_size=200),
-       fraction=st.floats(0, 1))
+@given(values=st.lists(st.sampled_from([0.0, 0.5, 1.0, -1.0, 2.0]), min_size=1, max_size=200), fraction=st.floats(0, 1))
 def test_lowest_mask_is_exact_with_ties(values, fraction):
     scores = np.abs(np.array(values))
     count = round(fraction * len(values))
@@ -41,8 +40,12 @@ def test_lowest_mask_is_exact_with_ties(values, fraction):
 
 
 @settings(max_examples=30, deadline=None)
-@given(rows=st.integers(1, 8), groups=st.integers(1, 8), nm=st.sampled_from(["1:2", "2:4", "4:8", "3:4"]),
-       seed=st.integers(0, 99))
+@given(
+    rows=st.integers(1, 8),
+    groups=st.integers(1, 8),
+    nm=st.sampled_from(["1:2", "2:4", "4:8", "3:4"]),
+    seed=st.integers(0, 99),
+)
 def test_nm_mask_pattern(rows, groups, nm, seed):
     n, m = parse_nm(nm)
     scores = np.random.default_rng(seed).integers(0, 3, size=(rows, groups * m)).astype(float)
@@ -160,8 +163,11 @@ def _mlp(w1: np.ndarray | None = None, *, constant: bool = False, seed: int = 0)
     rng = np.random.default_rng(seed)
     w1 = _heavy_tailed(rng, (64, 96)) if w1 is None else w1
     w2 = rng.standard_normal((96, 10)).astype(np.float32) / 8
-    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
-             helper.make_node("Gemm", ["r", "W2"], ["y"])]
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Gemm", ["r", "W2"], ["y"]),
+    ]
     inits = [init("W1", w1), init("W2", w2)]
     if constant:
         nodes.insert(0, helper.make_node("Constant", [], ["W1"], value=numpy_helper.from_array(w1, "W1")))
@@ -196,8 +202,11 @@ def test_constant_node_weights_are_pruned():
 def test_shared_weight_is_pruned_once_and_stays_shared():
     rng = np.random.default_rng(2)
     w = rng.standard_normal((32, 32)).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Tanh", ["h"], ["t"]),
-             helper.make_node("MatMul", ["t", "W"], ["y"])]
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["h"]),
+        helper.make_node("Tanh", ["h"], ["t"]),
+        helper.make_node("MatMul", ["t", "W"], ["y"]),
+    ]
     model = make_model(nodes, [vi("x", [4, 32])], [vi("y", [4, 32])], [init("W", w)])
     data = synthesize_inputs(model, iterations=12)
     loose = {"min_cosine": 0.5, "min_sqnr_db": 0.0, "min_top1": 0.0}
@@ -233,10 +242,13 @@ def test_nm_pattern_in_the_model():
 
 def test_conv_with_groups_and_calibration_repair():
     rng = np.random.default_rng(4)
-    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1], group=2),
-             helper.make_node("Relu", ["c"], ["y"])]
-    model = make_model(nodes, [vi("x", [1, 8, 12, 12])], [vi("y", [1, 16, 12, 12])],
-                       [init("W", _heavy_tailed(rng, (16, 4, 3, 3)))])
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1], group=2),
+        helper.make_node("Relu", ["c"], ["y"]),
+    ]
+    model = make_model(
+        nodes, [vi("x", [1, 8, 12, 12])], [vi("y", [1, 16, 12, 12])], [init("W", _heavy_tailed(rng, (16, 4, 3, 3)))]
+    )
     data = synthesize_inputs(model, iterations=12)
     result = PruneMagnitude(sparsity=0.4, scope="layer", min_size=0)(model, Context(calibration=data))
     assert (_weights(result.model)["W"] == 0).sum() == round(0.4 * 576)
@@ -264,8 +276,10 @@ def test_sparse_storage_round_trip():
     assert len(sparse.model.SerializeToString()) < len(dense.SerializeToString())
     onnx.checker.check_model(sparse.model)
     x = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
-    outs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-            for m in (dense, sparse.model)]
+    outs = [
+        ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        for m in (dense, sparse.model)
+    ]
     np.testing.assert_array_equal(outs[0], outs[1])
 
 
@@ -274,8 +288,10 @@ def test_prune_then_quantize_in_one_pipeline(tmp_path):
     from onnxopt.pipeline import load_recipe
 
     recipe = tmp_path / "prune_int8.toml"
-    recipe.write_text('[[pass]]\nname = "prune_magnitude"\nsparsity = 0.5\nscope = "layer"\nmin_size = 0\n\n'
-                      '[[pass]]\nname = "quantize_int8"\ncheck_latency = false\n')
+    recipe.write_text(
+        '[[pass]]\nname = "prune_magnitude"\nsparsity = 0.5\nscope = "layer"\nmin_size = 0\n\n'
+        '[[pass]]\nname = "quantize_int8"\ncheck_latency = false\n'
+    )
     model = _mlp(seed=6)
     data = synthesize_inputs(model, iterations=16, seed=4)
     manager = load_recipe(recipe).build(verify=Verifier(Dataset(list(data)[12:])), isolate_failures=False)

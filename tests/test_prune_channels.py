@@ -46,17 +46,28 @@ def _block_model(*, dead: int = 8, output_tap: bool = False, concat: bool = Fals
     w2 = w1.copy() if shared else rng.standard_normal((16, 4, 3, 3)).astype(np.float32)
     w2[:dead] = 0
     nodes, inits = [], []
-    for node, tensor in [_conv("W1", "x", "a", w1, pads=[1, 1, 1, 1]),
-                         _conv("W1" if shared else "W2", "x", "b", w1 if shared else w2),
-                         _conv("Wd", "r", "d", rng.standard_normal((16, 1, 3, 3)).astype(np.float32), group=16),
-                         _conv("W3", "s", "y", rng.standard_normal((8, 16, 1, 1)).astype(np.float32))]:
+    for node, tensor in [
+        _conv("W1", "x", "a", w1, pads=[1, 1, 1, 1]),
+        _conv("W1" if shared else "W2", "x", "b", w1 if shared else w2),
+        _conv("Wd", "r", "d", rng.standard_normal((16, 1, 3, 3)).astype(np.float32), group=16),
+        _conv("W3", "s", "y", rng.standard_normal((8, 16, 1, 1)).astype(np.float32)),
+    ]:
         nodes.append(node)
         if tensor.name not in [t.name for t in inits]:
             inits.append(tensor)
-    bn = [init(n, v) for n, v in [("g", rng.uniform(0.5, 1.5, 16)), ("beta", rng.standard_normal(16)),
-                                  ("mu", rng.standard_normal(16)), ("var", rng.uniform(0.5, 1.5, 16))]]
-    nodes[1:1] = [helper.make_node("BatchNormalization", ["a", "g", "beta", "mu", "var"], ["n"]),
-                  helper.make_node("Relu", ["n"], ["r"])]
+    bn = [
+        init(n, v)
+        for n, v in [
+            ("g", rng.uniform(0.5, 1.5, 16)),
+            ("beta", rng.standard_normal(16)),
+            ("mu", rng.standard_normal(16)),
+            ("var", rng.uniform(0.5, 1.5, 16)),
+        ]
+    ]
+    nodes[1:1] = [
+        helper.make_node("BatchNormalization", ["a", "g", "beta", "mu", "var"], ["n"]),
+        helper.make_node("Relu", ["n"], ["r"]),
+    ]
     nodes.insert(-1, helper.make_node("Add", ["d", "b"], ["s"]))
     outputs = [vi("y", [1, 8, 8, 8])]
     if output_tap:
@@ -127,9 +138,11 @@ def _fpn_model(*, concat_reader: str = "Conv", nested: bool = False):
     wb[5:] = 0
     ba, bb = (rng.standard_normal(8).astype(np.float32) for _ in range(2))
     scales = init("scales", [1, 1, 2, 2])
-    nodes = [helper.make_node("Conv", ["x", "WA", "BA"], ["a"], pads=[1, 1, 1, 1]),
-             helper.make_node("Conv", ["x", "WB", "BB"], ["b"], pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["b"], ["br"])]
+    nodes = [
+        helper.make_node("Conv", ["x", "WA", "BA"], ["a"], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["x", "WB", "BB"], ["b"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["b"], ["br"]),
+    ]
     nodes += [helper.make_node("Resize", [t, "", "scales"], [f"{t}_up"], mode="nearest") for t in ("a", "br", "x")]
     nodes.append(helper.make_node("Concat", ["a_up", "x_up", "br_up"], ["c"], axis=1))
     inits = [init("WA", wa), init("BA", ba), init("WB", wb), init("BB", bb), scales]
@@ -141,9 +154,11 @@ def _fpn_model(*, concat_reader: str = "Conv", nested: bool = False):
     outputs = [vi("y", [1, 6 if concat_reader == "Conv" else 20, 20, 20])]
     if nested:
         branch = helper.make_graph([helper.make_node("Identity", ["a"], ["t"])], "then", [], [vi("t", None)])
-        nodes += [helper.make_node("ReduceSum", ["x"], ["sx"], keepdims=0),
-                  helper.make_node("Greater", ["sx", "zero"], ["cond"]),
-                  helper.make_node("If", ["cond"], ["z"], then_branch=branch, else_branch=branch)]
+        nodes += [
+            helper.make_node("ReduceSum", ["x"], ["sx"], keepdims=0),
+            helper.make_node("Greater", ["sx", "zero"], ["cond"]),
+            helper.make_node("If", ["cond"], ["z"], then_branch=branch, else_branch=branch),
+        ]
         inits.append(init("zero", np.zeros((), np.float32)))
         outputs.append(vi("z", None))
     return make_model(nodes, [vi("x", [1, 4, 10, 10])], outputs, inits)
@@ -170,10 +185,13 @@ def test_concat_consumer_reads_each_group_at_its_offset():
     assert_equivalent(model, pruned, profile="fp16", data=Dataset(list(data)[12:]))
 
 
-@pytest.mark.parametrize(("reader", "nested", "reason"), [
-    ("Relu", False, "concatenated into 'c', which is read by Relu"),
-    ("Conv", True, "read by a graph nested in If"),
-])
+@pytest.mark.parametrize(
+    ("reader", "nested", "reason"),
+    [
+        ("Relu", False, "concatenated into 'c', which is read by Relu"),
+        ("Conv", True, "read by a graph nested in If"),
+    ],
+)
 def test_concat_or_nested_readers_block(reader, nested, reason):
     model = _fpn_model(concat_reader=reader, nested=nested)
     groups = {g.key: g for g in find_channel_groups(model.graph, describe_types(model))}
@@ -195,8 +213,11 @@ def test_independent_gram_only_moves_means():
     rng = np.random.default_rng(4)
     x = rng.standard_normal((5, 6)) + np.arange(6)  # 5 rows for 6 features: XᵀX is singular
     gram, mean = x.T @ x / 5, x.mean(0)
-    system = ConsumerSystem(np.concatenate([rng.standard_normal((3, 6)), np.zeros((3, 1))], 1),
-                            augmented_gram(independent_gram(gram, mean), mean), 1)
+    system = ConsumerSystem(
+        np.concatenate([rng.standard_normal((3, 6)), np.zeros((3, 1))], 1),
+        augmented_gram(independent_gram(gram, mean), mean),
+        1,
+    )
     keep = np.array([0, 2, 3, 4, 5])
     fitted = refit(system, keep, damp=1e-12)
     # kept weights unchanged; the bias takes the removed feature's mean contribution
@@ -204,12 +225,15 @@ def test_independent_gram_only_moves_means():
     np.testing.assert_allclose(fitted[:, -1], system.weight[:, 1] * mean[1], atol=1e-9)
 
 
-@pytest.mark.parametrize(("scales", "attrs", "blocked"), [
-    ([2, 2], {"axes": [2, 3]}, None),
-    ([2, 2], {"axes": [-1, -2]}, None),
-    ([2, 2], {"axes": [1, 2]}, "resizes the channel axis"),
-    ([1, 1, 2, 2], {"coordinate_transformation_mode": "tf_crop_and_resize"}, "crops"),
-])
+@pytest.mark.parametrize(
+    ("scales", "attrs", "blocked"),
+    [
+        ([2, 2], {"axes": [2, 3]}, None),
+        ([2, 2], {"axes": [-1, -2]}, None),
+        ([2, 2], {"axes": [1, 2]}, "resizes the channel axis"),
+        ([1, 1, 2, 2], {"coordinate_transformation_mode": "tf_crop_and_resize"}, "crops"),
+    ],
+)
 def test_resize_axes_and_crop(scales, attrs, blocked):
     model = _fpn_model()
     del model.opset_import[:]

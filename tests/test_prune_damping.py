@@ -63,8 +63,12 @@ def test_cross_validation_on_a_subset_of_output_rows_is_close():
 def _model(width: int = 48):
     rng = np.random.default_rng(7)
     nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["y"])]
-    return make_model(nodes, [vi("x", [2, width])], [vi("y", [2, 32])],
-                      [init("W1", rng.standard_normal((width, 32)).astype(np.float32))])
+    return make_model(
+        nodes,
+        [vi("x", [2, width])],
+        [vi("y", [2, 32])],
+        [init("W1", rng.standard_normal((width, 32)).astype(np.float32))],
+    )
 
 
 def test_fold_statistics_add_up_to_the_whole():

@@ -143,8 +143,10 @@ def test_per_channel_axis_per_op(op, attrs, w_shape, axis):
 
 def test_shared_weight_quantized_once():
     w = RNG.normal(size=(4, 4)).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="m1"),
-             helper.make_node("MatMul", ["h", "w"], ["y"], name="m2")]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="m1"),
+        helper.make_node("MatMul", ["h", "w"], ["y"], name="m2"),
+    ]
     model = make_model(nodes, [vi("x", [2, 4])], [vi("y", [2, 4])], [init("w", w)])
     data = _data([2, 4])
     result = _quantize(model, data)
@@ -168,8 +170,9 @@ def _concat_model():
         helper.make_node("Concat", ["s", "boxes"], ["cat"], name="concat", axis=1),
         helper.make_node("Conv", ["cat", "w3"], ["y"], name="head"),
     ]
-    return make_model(nodes, [vi("x", [1, 3, 4, 4])], [vi("y", [1, 2, 4, 4])],
-                      [init("w1", w1), init("w2", w2), init("w3", w3)])
+    return make_model(
+        nodes, [vi("x", [1, 3, 4, 4])], [vi("y", [1, 2, 4, 4])], [init("w1", w1), init("w2", w2), init("w3", w3)]
+    )
 
 
 def test_concat_of_mismatched_ranges_left_float():
@@ -237,8 +240,9 @@ def test_shape_logic_tensor_is_not_quantized():
         helper.make_node("Cast", ["positive"], ["y"], name="cast", to=onnx.TensorProto.FLOAT),
         helper.make_node("MatMul", ["h", "w"], ["z"], name="mm2"),
     ]
-    model = make_model(nodes, [vi("x", [2, 4])], [vi("y", [2, 4]), vi("z", [2, 4])],
-                       [init("w", w), init("zero", np.zeros(1))])
+    model = make_model(
+        nodes, [vi("x", [2, 4])], [vi("y", [2, 4]), vi("z", [2, 4])], [init("w", w), init("zero", np.zeros(1))]
+    )
     data = _data([2, 4])
     result = _quantize(model, data)
     assert any("feeds integer logic" in note for note in result.notes)
@@ -248,8 +252,9 @@ def test_shape_logic_tensor_is_not_quantized():
 def test_embedding_table_stored_as_int8_rows():
     table = RNG.normal(size=(100, 64)).astype(np.float32)
     nodes = [helper.make_node("Gather", ["table", "ids"], ["y"], name="embed", axis=0)]
-    model = make_model(nodes, [vi("ids", [1, 5], onnx.TensorProto.INT64)], [vi("y", [1, 5, 64])],
-                       [init("table", table)])
+    model = make_model(
+        nodes, [vi("ids", [1, 5], onnx.TensorProto.INT64)], [vi("y", [1, 5, 64])], [init("table", table)]
+    )
     data = Dataset([{"ids": np.array([[i, 2 * i, 3, 4, 99]], np.int64)} for i in range(6)])
     result = _quantize(model, data)
     q = result.model
@@ -330,17 +335,20 @@ def test_latency_check_reports_both_timings():
 def _matmul_chain():
     w1 = RNG.normal(size=(16, 32)).astype(np.float32)
     w2 = RNG.normal(size=(32, 8)).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
-             helper.make_node("Relu", ["h"], ["r"], name="relu"),
-             helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2"),
+    ]
     return make_model(nodes, [vi("x", [2, 4, 16])], [vi("y", [2, 4, 8])], [init("w1", w1), init("w2", w2)])
 
 
 def test_matmul_kept_float_by_fallback_stores_an_int8_weight():
     model = _matmul_chain()
     data = _data([2, 4, 16])
-    result = _quantize(model, data, exclude=[], weight_only=True, op_types=["MatMul", "Relu"],
-                       target=_fails_first(2), max_fallback=8)
+    result = _quantize(
+        model, data, exclude=[], weight_only=True, op_types=["MatMul", "Relu"], target=_fails_first(2), max_fallback=8
+    )
     q = result.model
     assert result.stats["weight_only_nodes"] >= 1
     mm = {n.name: n for n in q.graph.node}
@@ -351,9 +359,11 @@ def test_matmul_kept_float_by_fallback_stores_an_int8_weight():
 
 def _residual_model():
     """x -> Tanh -> t; y = MatMul(t, w) + t: the residual Add computes in float."""
-    nodes = [helper.make_node("Tanh", ["x"], ["t"], name="tanh"),
-             helper.make_node("MatMul", ["t", "w"], ["m"], name="mm"),
-             helper.make_node("Add", ["m", "t"], ["y"], name="residual")]
+    nodes = [
+        helper.make_node("Tanh", ["x"], ["t"], name="tanh"),
+        helper.make_node("MatMul", ["t", "w"], ["m"], name="mm"),
+        helper.make_node("Add", ["m", "t"], ["y"], name="residual"),
+    ]
     inits = [init("w", RNG.normal(size=(16, 16)) * 0.2)]
     return make_model(nodes, [vi("x", [2, 4, 16])], [vi("y", [2, 4, 16])], inits)
 
@@ -377,10 +387,12 @@ def test_float_reader_of_a_float_tensor_reads_the_exact_value():
 def test_float_reader_of_an_integer_kernel_output_reads_its_dequantized_value():
     # After an int8 Conv the float value does not exist (QLinearConv writes integers):
     # a float reader takes the DequantizeLinear output, which keeps the tensor's name.
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
-             helper.make_node("Conv", ["c", "w2"], ["d"], name="conv2"),
-             helper.make_node("Tanh", ["c"], ["e"], name="tanh"),
-             helper.make_node("Add", ["d", "e"], ["y"], name="add")]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+        helper.make_node("Conv", ["c", "w2"], ["d"], name="conv2"),
+        helper.make_node("Tanh", ["c"], ["e"], name="tanh"),
+        helper.make_node("Add", ["d", "e"], ["y"], name="add"),
+    ]
     inits = [init("w", RNG.normal(size=(4, 3, 1, 1))), init("w2", RNG.normal(size=(4, 4, 1, 1)))]
     model = make_model(nodes, [vi("x", [1, 3, 4, 4])], [vi("y", [1, 4, 4, 4])], inits)
     data = _data([1, 3, 4, 4])
@@ -392,9 +404,11 @@ def test_float_reader_of_an_integer_kernel_output_reads_its_dequantized_value():
 
 
 def _wide_conv_model():
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c"], ["r"], name="relu"),
-             helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1]),
+    ]
     inits = [init("w", RNG.normal(size=(16, 8, 3, 3))), init("w2", RNG.normal(size=(8, 16, 3, 3)))]
     return make_model(nodes, [vi("x", [1, 8, 6, 6])], [vi("y", [1, 8, 6, 6])], inits)
 
@@ -423,22 +437,38 @@ def test_conv_returned_to_float_by_the_fallback_keeps_an_int8_weight():
 def test_depthwise_groups_large_kernels_first():
     from onnxopt.passes.quantize.fallback import depthwise_groups
 
-    nodes = [helper.make_node("Conv", ["x", "dw5"], ["a"], name="dw5", group=4, pads=[2, 2, 2, 2]),
-             helper.make_node("Conv", ["a", "dw3"], ["b"], name="dw3", group=4, pads=[1, 1, 1, 1]),
-             helper.make_node("Conv", ["b", "pw"], ["y"], name="pw")]
-    model = make_model(nodes, [vi("x", [1, 4, 8, 8])], [vi("y", [1, 4, 8, 8])],
-                       [init("dw5", RNG.normal(size=(4, 1, 5, 5))), init("dw3", RNG.normal(size=(4, 1, 3, 3))),
-                        init("pw", RNG.normal(size=(4, 4, 1, 1)))])
+    nodes = [
+        helper.make_node("Conv", ["x", "dw5"], ["a"], name="dw5", group=4, pads=[2, 2, 2, 2]),
+        helper.make_node("Conv", ["a", "dw3"], ["b"], name="dw3", group=4, pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["b", "pw"], ["y"], name="pw"),
+    ]
+    model = make_model(
+        nodes,
+        [vi("x", [1, 4, 8, 8])],
+        [vi("y", [1, 4, 8, 8])],
+        [
+            init("dw5", RNG.normal(size=(4, 1, 5, 5))),
+            init("dw3", RNG.normal(size=(4, 1, 3, 3))),
+            init("pw", RNG.normal(size=(4, 4, 1, 1))),
+        ],
+    )
     groups = depthwise_groups(model, {n.name: n for n in model.graph.node})
     assert groups == {"depthwise convs above 3x3": ["dw5"], "depthwise convs": ["dw5", "dw3"]}
     only_small = depthwise_groups(model, {n.name: n for n in model.graph.node if n.name != "dw5"})
     assert only_small == {"depthwise convs": ["dw3"]}
 
 
-
-@pytest.mark.parametrize(("readers", "expected"), [
-    (["HardSwish"], (-3.0, None)), (["Relu"], (0.0, None)), (["HardSigmoid"], (-3.0, 3.0)),
-    (["HardSwish", "Relu"], (-3.0, None)), (["HardSwish", "Sigmoid"], None), (["Identity"], None)])
+@pytest.mark.parametrize(
+    ("readers", "expected"),
+    [
+        (["HardSwish"], (-3.0, None)),
+        (["Relu"], (0.0, None)),
+        (["HardSigmoid"], (-3.0, 3.0)),
+        (["HardSwish", "Relu"], (-3.0, None)),
+        (["HardSwish", "Sigmoid"], None),
+        (["Identity"], None),
+    ],
+)
 def test_saturation_bounds_from_readers(readers, expected):
     from onnxopt.passes.quantize.saturation import saturation_bounds
 
@@ -446,8 +476,13 @@ def test_saturation_bounds_from_readers(readers, expected):
     for i, op in enumerate(readers):
         attrs = {"alpha": 1 / 6, "beta": 0.5} if op == "HardSigmoid" else {}
         nodes.append(helper.make_node(op, ["c"], [f"y{i}"], name=f"r{i}", **attrs))
-    model = make_model(nodes, [vi("x", [1, 3, 4, 4])], [vi(f"y{i}", None) for i in range(len(readers))],
-                       [init("w", RNG.normal(size=(4, 3, 1, 1)))], opset=17)
+    model = make_model(
+        nodes,
+        [vi("x", [1, 3, 4, 4])],
+        [vi(f"y{i}", None) for i in range(len(readers))],
+        [init("w", RNG.normal(size=(4, 3, 1, 1)))],
+        opset=17,
+    )
     found = saturation_bounds(model, ["c"]).get("c")
     if expected is None:
         assert found is None
@@ -460,11 +495,16 @@ def test_saturation_bounds_from_readers(readers, expected):
 def test_saturation_bounds_not_for_graph_outputs_and_clip_constants():
     from onnxopt.passes.quantize.saturation import saturation_bounds
 
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
-             helper.make_node("Clip", ["c", "lo", "hi"], ["y"], name="clip")]
-    model = make_model(nodes, [vi("x", [1, 3, 4, 4])], [vi("y", None)],
-                       [init("w", RNG.normal(size=(4, 3, 1, 1))), init("lo", np.array(-1.0)),
-                        init("hi", np.array(2.0))])
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+        helper.make_node("Clip", ["c", "lo", "hi"], ["y"], name="clip"),
+    ]
+    model = make_model(
+        nodes,
+        [vi("x", [1, 3, 4, 4])],
+        [vi("y", None)],
+        [init("w", RNG.normal(size=(4, 3, 1, 1))), init("lo", np.array(-1.0)), init("hi", np.array(2.0))],
+    )
     assert saturation_bounds(model, ["c"]) == {"c": (-1.0, 2.0)}
     model.graph.output.append(vi("c", None))
     assert saturation_bounds(model, ["c"]) == {}
@@ -473,9 +513,11 @@ def test_saturation_bounds_not_for_graph_outputs_and_clip_constants():
 def test_hardswish_input_range_is_clamped_and_still_equivalent():
     w = RNG.normal(size=(4, 3, 1, 1)).astype(np.float32) * 4
     w2 = RNG.normal(size=(2, 4, 1, 1)).astype(np.float32)
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
-             helper.make_node("HardSwish", ["c"], ["h"], name="hswish"),
-             helper.make_node("Conv", ["h", "w2"], ["y"], name="conv2")]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+        helper.make_node("HardSwish", ["c"], ["h"], name="hswish"),
+        helper.make_node("Conv", ["h", "w2"], ["y"], name="conv2"),
+    ]
     model = make_model(nodes, [vi("x", [1, 3, 8, 8])], [vi("y", [1, 2, 8, 8])], [init("w", w), init("w2", w2)])
     data = _data([1, 3, 8, 8])
     on = _quantize(model, data)

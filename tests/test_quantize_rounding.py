@@ -64,9 +64,11 @@ def _correlated_matmul():
     w1 = rng.normal(size=(24, 16)).astype(np.float32)
     w1[0] *= 20  # one large input row per output column: a coarse grid, so weight rounding dominates the error
     w2 = rng.normal(size=(16, 8)).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
-             helper.make_node("Relu", ["h"], ["r"], name="relu"),
-             helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2"),
+    ]
     model = make_model(nodes, [vi("x", [1, 64, 24])], [vi("y", [1, 64, 8])], [init("w1", w1), init("w2", w2)])
     data = Dataset([{"x": _correlated_rows(64, 24, seed=10 + i).astype(np.float32)[None]} for i in range(16)])
     return model, data
@@ -96,12 +98,17 @@ def test_pass_stores_gptq_integers_on_the_nearest_rounding_scale_and_is_closer()
 
 def _depthwise_model():
     rng = np.random.default_rng(4)
-    nodes = [helper.make_node("Conv", ["x", "pw1"], ["a"], name="pw1"),
-             helper.make_node("Relu", ["a"], ["b"], name="relu"),
-             helper.make_node("Conv", ["b", "dw"], ["c"], name="dw", group=8, pads=[1, 1, 1, 1]),
-             helper.make_node("Conv", ["c", "pw2"], ["y"], name="pw2")]
-    inits = [init("pw1", rng.normal(size=(8, 4, 1, 1))), init("dw", rng.normal(size=(8, 1, 3, 3))),
-             init("pw2", rng.normal(size=(4, 8, 1, 1)))]
+    nodes = [
+        helper.make_node("Conv", ["x", "pw1"], ["a"], name="pw1"),
+        helper.make_node("Relu", ["a"], ["b"], name="relu"),
+        helper.make_node("Conv", ["b", "dw"], ["c"], name="dw", group=8, pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["c", "pw2"], ["y"], name="pw2"),
+    ]
+    inits = [
+        init("pw1", rng.normal(size=(8, 4, 1, 1))),
+        init("dw", rng.normal(size=(8, 1, 3, 3))),
+        init("pw2", rng.normal(size=(4, 8, 1, 1))),
+    ]
     model = make_model(nodes, [vi("x", [1, 4, 8, 8])], [vi("y", [1, 4, 8, 8])], inits)
     rng = np.random.default_rng(5)
     return model, Dataset([{"x": rng.normal(size=(1, 4, 8, 8)).astype(np.float32)} for _ in range(8)])
@@ -255,8 +262,12 @@ def test_gptq_leaves_layers_with_non_finite_inputs_to_nearest_rounding():
     # "better" before and GPTQ wrote NaN-derived integers.
     rng = np.random.default_rng(4)
     nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["y"])]
-    model = make_model(nodes, [vi("x", [4, 16])], [vi("y", [4, 16])],
-                       [init("w", rng.normal(size=(16, 16))), init("w2", rng.normal(size=(16, 16)))])
+    model = make_model(
+        nodes,
+        [vi("x", [4, 16])],
+        [vi("y", [4, 16])],
+        [init("w", rng.normal(size=(16, 16))), init("w2", rng.normal(size=(16, 16)))],
+    )
     samples = [{"x": rng.normal(size=(4, 16)).astype(np.float32)} for _ in range(6)]
     finite, _ = round_weights(model, samples, per_channel=True)
     assert {key[0] for key in finite} == {"w", "w2"}

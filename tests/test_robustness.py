@@ -29,9 +29,13 @@ def _cnn(opset: int) -> onnx.ModelProto:
         helper.make_node("Add", ["mm", "fc_b"], ["y"]),
     ]
     inits = [
-        init("w", rng.standard_normal((4, 3, 3, 3))), init("g", rng.uniform(0.5, 1.5, 4)),
-        init("b", rng.standard_normal(4)), init("m", rng.standard_normal(4)), init("v", rng.uniform(0.5, 2, 4)),
-        init("shape", [1, 64], np.int64), init("fc", rng.standard_normal((64, 5))),
+        init("w", rng.standard_normal((4, 3, 3, 3))),
+        init("g", rng.uniform(0.5, 1.5, 4)),
+        init("b", rng.standard_normal(4)),
+        init("m", rng.standard_normal(4)),
+        init("v", rng.uniform(0.5, 2, 4)),
+        init("shape", [1, 64], np.int64),
+        init("fc", rng.standard_normal((64, 5))),
         init("fc_b", rng.standard_normal(5)),
     ]
     model = make_model(nodes, [vi("x", [1, 3, 4, 4])], [vi("y", [1, 5])], inits, opset=opset)
@@ -59,9 +63,13 @@ def test_custom_domain_nodes_are_left_alone():
         helper.make_node("Normalizer", ["fi"], ["n"], domain="ai.onnx.ml", norm="L2"),
         helper.make_node("Relu", ["n"], ["y"]),
     ]
-    model = make_model(nodes, [vi("x", [2, 8])], [vi("y", [2, 8])],
-                       [init("w", rng.standard_normal((8, 8))), init("w2", rng.standard_normal((8, 8)))],
-                       extra_opsets={"com.microsoft": 1, "ai.onnx.ml": 3})
+    model = make_model(
+        nodes,
+        [vi("x", [2, 8])],
+        [vi("y", [2, 8])],
+        [init("w", rng.standard_normal((8, 8))), init("w2", rng.standard_normal((8, 8)))],
+        extra_opsets={"com.microsoft": 1, "ai.onnx.ml": 3},
+    )
     result = _fuse(model)
     ops = result.final.ops
     assert ops["com.microsoft::FusedMatMul"] == 1 and ops["ai.onnx.ml::Normalizer"] == 1
@@ -72,8 +80,9 @@ def test_custom_domain_nodes_are_left_alone():
 def test_unknown_custom_op_in_default_position_is_not_folded():
     # An op from a domain nobody can evaluate, fed only by constants: folding must leave it.
     nodes = [helper.make_node("Magic", ["k"], ["m"], domain="vendor.ops"), helper.make_node("Add", ["x", "m"], ["y"])]
-    model = make_model(nodes, [vi("x", [3])], [vi("y", [3])], [init("k", [1.0, 2.0, 3.0])],
-                       extra_opsets={"vendor.ops": 1})
+    model = make_model(
+        nodes, [vi("x", [3])], [vi("y", [3])], [init("k", [1.0, 2.0, 3.0])], extra_opsets={"vendor.ops": 1}
+    )
     result = _fuse(model)
     assert result.final.ops.get("vendor.ops::Magic") == 1
 
@@ -93,9 +102,14 @@ def test_loop_body_is_optimized_and_keeps_outer_reads():
     )
     nodes = [helper.make_node("Loop", ["trip", "keep_going", "x"], ["y"], body=body)]
     model = make_model(
-        nodes, [vi("x", [1, 4])], [vi("y", [1, 4])],
-        [init("trip", np.array(3), np.int64), init("keep_going", np.array(True), np.bool_),
-         init("w_outer", rng.standard_normal((4, 4)) * 0.5)],
+        nodes,
+        [vi("x", [1, 4])],
+        [vi("y", [1, 4])],
+        [
+            init("trip", np.array(3), np.int64),
+            init("keep_going", np.array(True), np.bool_),
+            init("w_outer", rng.standard_normal((4, 4)) * 0.5),
+        ],
     )
     result = _fuse(model)
     loop = next(n for n in result.model.graph.node if n.op_type == "Loop")
@@ -130,16 +144,21 @@ def _lossy(preset: str, model: onnx.ModelProto, data):
 def _conv_matmul(opset: int) -> onnx.ModelProto:
     """Two wide convs and a MatMul: large enough for every lossy pass to act."""
     rng = np.random.default_rng(opset)
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c"], ["r"]),
-             helper.make_node("Conv", ["r", "w2"], ["c2"], pads=[1, 1, 1, 1]),
-             helper.make_node("Reshape", ["c2", "shape"], ["flat"]),
-             helper.make_node("MatMul", ["flat", "fc"], ["mm"]),
-             helper.make_node("Add", ["mm", "fc_b"], ["y"])]
-    inits = [init("w", rng.standard_normal((32, 16, 3, 3)) * 0.1),
-             init("w2", rng.standard_normal((32, 32, 3, 3)) * 0.1),
-             init("shape", [1, 32 * 16], np.int64), init("fc", rng.standard_normal((32 * 16, 64)) * 0.05),
-             init("fc_b", rng.standard_normal(64))]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Conv", ["r", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Reshape", ["c2", "shape"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "fc"], ["mm"]),
+        helper.make_node("Add", ["mm", "fc_b"], ["y"]),
+    ]
+    inits = [
+        init("w", rng.standard_normal((32, 16, 3, 3)) * 0.1),
+        init("w2", rng.standard_normal((32, 32, 3, 3)) * 0.1),
+        init("shape", [1, 32 * 16], np.int64),
+        init("fc", rng.standard_normal((32 * 16, 64)) * 0.05),
+        init("fc_b", rng.standard_normal(64)),
+    ]
     model = make_model(nodes, [vi("x", [1, 16, 4, 4])], [vi("y", [1, 64])], inits, opset=opset)
     model.ir_version = 7 if opset <= 14 else (8 if opset <= 18 else 9)
     return model
@@ -167,12 +186,18 @@ def _if_on_a_layer() -> onnx.ModelProto:
         matmul = helper.make_node("MatMul", ["x", f"w{k}"], [f"o{k}"])
         return helper.make_graph([matmul], name, [], [vi(f"o{k}", [4, 64])])
 
-    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"]),
-             helper.make_node("ReduceSum", ["h"], ["s"], keepdims=0),
-             helper.make_node("Greater", ["s", "zero"], ["cond"]),
-             helper.make_node("If", ["cond"], ["y"], then_branch=branch("then", 1), else_branch=branch("else", 2))]
-    inits = [init("w0", rng.standard_normal((64, 64))), init("w1", rng.standard_normal((64, 64))),
-             init("w2", rng.standard_normal((64, 64))), init("zero", np.array(0.0))]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w0"], ["h"]),
+        helper.make_node("ReduceSum", ["h"], ["s"], keepdims=0),
+        helper.make_node("Greater", ["s", "zero"], ["cond"]),
+        helper.make_node("If", ["cond"], ["y"], then_branch=branch("then", 1), else_branch=branch("else", 2)),
+    ]
+    inits = [
+        init("w0", rng.standard_normal((64, 64))),
+        init("w1", rng.standard_normal((64, 64))),
+        init("w2", rng.standard_normal((64, 64))),
+        init("zero", np.array(0.0)),
+    ]
     return make_model(nodes, [vi("x", [4, 64])], [vi("y", [4, 64])], inits)
 
 
@@ -191,14 +216,23 @@ def test_lossy_presets_leave_a_layer_deciding_an_if_condition_exact(preset):
 
 def test_lossy_presets_keep_custom_domain_nodes():
     rng = np.random.default_rng(0)
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),
-             helper.make_node("FusedMatMul", ["h", "w2"], ["f"], domain="com.microsoft", alpha=0.5),
-             helper.make_node("MatMul", ["f", "w3"], ["g"]),
-             helper.make_node("Normalizer", ["g"], ["y"], domain="ai.onnx.ml", norm="L2")]
-    model = make_model(nodes, [vi("x", [2, 64])], [vi("y", [2, 64])],
-                       [init("w", rng.standard_normal((64, 64))), init("w2", rng.standard_normal((64, 64))),
-                        init("w3", rng.standard_normal((64, 64)))],
-                       extra_opsets={"com.microsoft": 1, "ai.onnx.ml": 3})
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"]),
+        helper.make_node("FusedMatMul", ["h", "w2"], ["f"], domain="com.microsoft", alpha=0.5),
+        helper.make_node("MatMul", ["f", "w3"], ["g"]),
+        helper.make_node("Normalizer", ["g"], ["y"], domain="ai.onnx.ml", norm="L2"),
+    ]
+    model = make_model(
+        nodes,
+        [vi("x", [2, 64])],
+        [vi("y", [2, 64])],
+        [
+            init("w", rng.standard_normal((64, 64))),
+            init("w2", rng.standard_normal((64, 64))),
+            init("w3", rng.standard_normal((64, 64))),
+        ],
+        extra_opsets={"com.microsoft": 1, "ai.onnx.ml": 3},
+    )
     data = synthesize_inputs(model, iterations=12)
     for preset in LOSSY:
         result = _lossy(preset, model, data)

@@ -22,8 +22,9 @@ class EvaluationError(Exception):
     """Neither onnxruntime nor the reference evaluator could run the node."""
 
 
-def _tiny_model(node: onnx.NodeProto, inputs: dict[str, onnx.TensorProto],
-                opsets: list[onnx.OperatorSetIdProto], ir_version: int) -> onnx.ModelProto:
+def _tiny_model(
+    node: onnx.NodeProto, inputs: dict[str, onnx.TensorProto], opsets: list[onnx.OperatorSetIdProto], ir_version: int
+) -> onnx.ModelProto:
     outputs = [onnx.ValueInfoProto(name=o) for o in node.output if o]
     graph = helper.make_graph([node], "fold", [], outputs, list(inputs.values()))
     model = helper.make_model(graph, opset_imports=opsets)
@@ -31,8 +32,9 @@ def _tiny_model(node: onnx.NodeProto, inputs: dict[str, onnx.TensorProto],
     return model
 
 
-def evaluate_node(node: onnx.NodeProto, inputs: dict[str, onnx.TensorProto],
-                  opsets: list[onnx.OperatorSetIdProto], ir_version: int) -> list[np.ndarray]:
+def evaluate_node(
+    node: onnx.NodeProto, inputs: dict[str, onnx.TensorProto], opsets: list[onnx.OperatorSetIdProto], ir_version: int
+) -> list[np.ndarray]:
     """Return the values of ``node``'s (non-empty) outputs given its constant inputs."""
     model = _tiny_model(node, inputs, opsets, ir_version)
     options = ort.SessionOptions()
@@ -42,17 +44,22 @@ def evaluate_node(node: onnx.NodeProto, inputs: dict[str, onnx.TensorProto],
     try:
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         return [np.asarray(v) for v in session.run(None, {})]
-    except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
-            ort.capi.onnxruntime_pybind11_state.InvalidArgument, ort.capi.onnxruntime_pybind11_state.NotImplemented,
-            ort.capi.onnxruntime_pybind11_state.RuntimeException) as exc:
+    except (
+        ort.capi.onnxruntime_pybind11_state.Fail,
+        ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+        ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+        ort.capi.onnxruntime_pybind11_state.NotImplemented,
+        ort.capi.onnxruntime_pybind11_state.RuntimeException,
+    ) as exc:
         log.debug("onnxruntime cannot fold %s: %s", node.op_type, exc)
     from onnx.reference import ReferenceEvaluator
 
     try:
         values = ReferenceEvaluator(model).run(None, {})
     except Exception as exc:  # the reference evaluator raises anything from numpy
-        raise EvaluationError(f"{node.op_type}: {str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}"
-                              ) from exc
+        raise EvaluationError(
+            f"{node.op_type}: {str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}"
+        ) from exc
     return [np.asarray(v) for v in values]
 
 

@@ -14,8 +14,9 @@ from onnxopt.graph import NameGenerator, iter_graphs, toposort
 __all__ = ["definition_counts", "inline_if", "replace_with_constants"]
 
 
-def replace_with_constants(graph: onnx.GraphProto, node: onnx.NodeProto, values: list[np.ndarray],
-                           constants: dict[str, onnx.TensorProto]) -> bool:
+def replace_with_constants(
+    graph: onnx.GraphProto, node: onnx.NodeProto, values: list[np.ndarray], constants: dict[str, onnx.TensorProto]
+) -> bool:
     """Replace ``node`` by its computed output ``values``.
 
     Outputs become initializers of ``graph`` (recorded in ``constants``); an output that
@@ -53,8 +54,13 @@ def definition_counts(model: onnx.ModelProto) -> collections.Counter[str]:
     return counts
 
 
-def inline_if(graph: onnx.GraphProto, node: onnx.NodeProto, condition: bool, names: NameGenerator,
-              counts: collections.Counter[str]) -> None:
+def inline_if(
+    graph: onnx.GraphProto,
+    node: onnx.NodeProto,
+    condition: bool,
+    names: NameGenerator,
+    counts: collections.Counter[str],
+) -> None:
     """Replace an ``If`` whose condition is known by the nodes of the branch it takes.
 
     Names the branch defines that are also defined elsewhere get fresh names; each
@@ -81,8 +87,11 @@ def inline_if(graph: onnx.GraphProto, node: onnx.NodeProto, condition: bool, nam
             mapping[source] = if_output
             taken.add(source)
         else:
-            identities.append(helper.make_node("Identity", [mapping.get(source, source)], [if_output],
-                                               name=names.fresh(f"{if_output}_inlined")))
+            identities.append(
+                helper.make_node(
+                    "Identity", [mapping.get(source, source)], [if_output], name=names.fresh(f"{if_output}_inlined")
+                )
+            )
     for inner in branch.node:
         for i, out in enumerate(inner.output):
             if out in mapping:

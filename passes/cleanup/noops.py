@@ -45,8 +45,9 @@ def compose_perm(first: list[int], second: list[int]) -> list[int]:
     return [first[axis] for axis in second]
 
 
-def merge_slices(first: onnx.NodeProto, second: onnx.NodeProto, const: ConstantLookup,
-                 rank: int | None) -> list[np.ndarray] | None:
+def merge_slices(
+    first: onnx.NodeProto, second: onnx.NodeProto, const: ConstantLookup, rank: int | None
+) -> list[np.ndarray] | None:
     """Return (starts, ends, axes, steps) of one Slice doing ``second`` after ``first``, or None.
 
     Only for opset >= 10 Slices with constant bounds on disjoint axes (negative axes
@@ -69,8 +70,14 @@ def merge_slices(first: onnx.NodeProto, second: onnx.NodeProto, const: ConstantL
             if rank is None:
                 return None
             axes = axes % rank
-        parts.append((starts.reshape(-1).astype(np.int64), ends.reshape(-1).astype(np.int64), axes,
-                      steps.reshape(-1).astype(np.int64)))
+        parts.append(
+            (
+                starts.reshape(-1).astype(np.int64),
+                ends.reshape(-1).astype(np.int64),
+                axes,
+                steps.reshape(-1).astype(np.int64),
+            )
+        )
     if set(parts[0][2].tolist()) & set(parts[1][2].tolist()):
         return None
     return [np.concatenate([parts[0][i], parts[1][i]]) for i in range(4)]

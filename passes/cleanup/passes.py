@@ -170,8 +170,11 @@ class SimplifyShapes(Pass):
             for node in list(scope.graph.node):
                 if not is_default_domain(node) or not node.input or not node.output:
                     continue
-                if node.op_type == "Reshape" and node.input[1] in known and self._copy_dims(node, known, scope,
-                                                                                            names, constants):
+                if (
+                    node.op_type == "Reshape"
+                    and node.input[1] in known
+                    and self._copy_dims(node, known, scope, names, constants)
+                ):
                     stats["reshape_targets_resolved"] += 1
                     continue
                 value: np.ndarray | None
@@ -194,8 +197,13 @@ class SimplifyShapes(Pass):
         return PassResult(model, bool(stats), dict(stats), notes)
 
     @staticmethod
-    def _copy_dims(node: onnx.NodeProto, known: dict[str, ShapeValue], scope: Scope, names: NameGenerator,
-                   constants: dict[str, onnx.TensorProto]) -> bool:
+    def _copy_dims(
+        node: onnx.NodeProto,
+        known: dict[str, ShapeValue],
+        scope: Scope,
+        names: NameGenerator,
+        constants: dict[str, onnx.TensorProto],
+    ) -> bool:
         """Give a Reshape a constant target when its dynamic entries copy its input's own dims (as 0)."""
         if node_attribute(node, "allowzero", 0):
             return False
@@ -275,8 +283,9 @@ class RemoveIdentities(Pass):
         return PassResult(model, bool(stats), dict(stats), notes[:20])
 
     @staticmethod
-    def _merge_chain(node: onnx.NodeProto, producer: onnx.NodeProto | None, scope: Scope, types: TypeMap,
-                     names: NameGenerator) -> bool:
+    def _merge_chain(
+        node: onnx.NodeProto, producer: onnx.NodeProto | None, scope: Scope, types: TypeMap, names: NameGenerator
+    ) -> bool:
         if producer is None or producer.op_type != node.op_type or not is_default_domain(producer):
             return False
         if node.op_type == "Slice":

@@ -89,8 +89,9 @@ def propagate(node: onnx.NodeProto, known: dict[str, ShapeValue], constant, type
         steps = bounds[3] if len(bounds) > 3 else None
         if starts is None or ends is None or starts.size != 1:
             return None
-        if (axes is not None and int(axes.reshape(-1)[0]) not in (0, -1)) or \
-                (steps is not None and int(steps.reshape(-1)[0]) != 1):
+        if (axes is not None and int(axes.reshape(-1)[0]) not in (0, -1)) or (
+            steps is not None and int(steps.reshape(-1)[0]) != 1
+        ):
             return None
         n = len(source.elements)
         start = int(np.clip(starts.reshape(-1)[0], -n, n))
@@ -109,7 +110,7 @@ def shape_value(node: onnx.NodeProto, types: TypeMap) -> np.ndarray | None:
         return None if len(known) != len(dims) else np.array(int(np.prod(known, dtype=np.int64)), np.int64)
     start = int(node_attribute(node, "start", 0))
     end = node_attribute(node, "end")
-    selected = dims[start:] if end is None else dims[start:int(end)]
+    selected = dims[start:] if end is None else dims[start : int(end)]
     return None if any(d is None for d in selected) else np.array(selected, dtype=np.int64)
 
 

@@ -28,13 +28,10 @@ SENSITIVITY_SAMPLES = 4
 Outputs = list[dict[str, np.ndarray]]
 
 
-
 Acceptance = Callable[[Outputs, Outputs], bool]
 
 
-
 BudgetSpec = Union[float, Mapping[str, float], Acceptance, None]  # noqa: UP007  (runtime alias, py3.10)
-
 
 
 @runtime_checkable
@@ -46,9 +43,7 @@ class Judge(Protocol):
         ...
 
 
-
 Budget = Union[Tolerance, Acceptance, Judge]  # noqa: UP007  (runtime alias, py3.10)
-
 
 
 #: The default budget of the lossy passes, on held-out calibration samples: the harness's
@@ -56,7 +51,6 @@ Budget = Union[Tolerance, Acceptance, Judge]  # noqa: UP007  (runtime alias, py3
 #: model, and on top-1 agreement of score-like outputs), the profile the pipeline's
 #: verifier applies to lossy passes, so a pass never hands the verifier a failing model.
 DEFAULT_BUDGET: Tolerance = PROFILES["int8"]
-
 
 
 def budget_tolerance(budget: BudgetSpec, overrides: Mapping[str, float] | None = None) -> Tolerance | Acceptance:
@@ -81,11 +75,9 @@ def budget_tolerance(budget: BudgetSpec, overrides: Mapping[str, float] | None =
     return tolerance.replace(**extra) if extra else tolerance
 
 
-
 #: At most this many fitted samples (evenly spaced) are judged besides the held-out ones,
 #: so a large calibration set does not multiply the cost of every check.
 FITTED_SAMPLES = 32
-
 
 
 class HeldOutCheck:
@@ -98,8 +90,9 @@ class HeldOutCheck:
     budget on its 6 held-out chunks, outside the int8 profile on all 24).
     """
 
-    def __init__(self, model: onnx.ModelProto, samples: Sequence[Sample], budget: Budget,
-                 fitted: Sequence[Sample] = ()) -> None:
+    def __init__(
+        self, model: onnx.ModelProto, samples: Sequence[Sample], budget: Budget, fitted: Sequence[Sample] = ()
+    ) -> None:
         self.samples = list(samples)
         self.fitted = list(Dataset(list(fitted)).spaced(FITTED_SAMPLES))
         self.budget = budget
@@ -115,15 +108,16 @@ class HeldOutCheck:
         """Return whether ``candidate`` is within budget (or a stricter ``budget``), and a one-line summary."""
         self.evaluations += 1
         with Session(candidate, label="candidate") as session:
-            passed, summary = _judge(self.reference, [session.run(s) for s in self.samples],
-                                     self.budget if budget is None else budget)
+            passed, summary = _judge(
+                self.reference, [session.run(s) for s in self.samples], self.budget if budget is None else budget
+            )
             if passed and self.fitted:
-                fitted_passed, fitted_summary = _judge(self.fitted_reference, [session.run(s) for s in self.fitted],
-                                                       self.budget)
+                fitted_passed, fitted_summary = _judge(
+                    self.fitted_reference, [session.run(s) for s in self.fitted], self.budget
+                )
                 if not fitted_passed:
                     return False, f"held-out passed; on the calibration samples {fitted_summary}"
         return passed, summary
-
 
 
 def _judge(reference: Outputs, outputs: Outputs, budget: Budget) -> tuple[bool, str]:
@@ -138,27 +132,27 @@ def _judge(reference: Outputs, outputs: Outputs, budget: Budget) -> tuple[bool, 
     return result.passed, summary
 
 
-
 def relative_output_error(reference: Outputs, candidate: Outputs) -> float:
     """Return the mean over float outputs of ``Σ‖c − r‖² / Σ‖r‖²`` across samples."""
     errors = []
     for name, first in reference[0].items():
         if not np.issubdtype(np.asarray(first).dtype, np.floating):
             continue
-        noise = sum(float(np.sum((np.asarray(c[name], np.float64) - r[name]) ** 2))
-                    for r, c in zip(reference, candidate, strict=True))
+        noise = sum(
+            float(np.sum((np.asarray(c[name], np.float64) - r[name]) ** 2))
+            for r, c in zip(reference, candidate, strict=True)
+        )
         signal = sum(float(np.sum(np.asarray(r[name], np.float64) ** 2)) for r in reference)
         errors.append(noise / max(signal, 1e-30))
     return float(np.mean(errors)) if errors else 0.0
 
 
-
 Probe = tuple[float, Callable[[], onnx.ModelProto]]
 
 
-
-def measure_gains(model: onnx.ModelProto, samples: Sequence[Sample], probes: Sequence[Probe],
-                  progress: Progress | None = None) -> list[float]:
+def measure_gains(
+    model: onnx.ModelProto, samples: Sequence[Sample], probes: Sequence[Probe], progress: Progress | None = None
+) -> list[float]:
     """Return, per probe ``(predicted layer error, build model)``, model output error / layer error.
 
     Each probe changes one layer by a known relative output error; the ratio says how
@@ -179,7 +173,6 @@ def measure_gains(model: onnx.ModelProto, samples: Sequence[Sample], probes: Seq
     return gains
 
 
-
 def search_largest(passes: Callable[[float], bool], low: float, high: float, steps: int) -> float:
     """Return the largest ``x`` in ``[low, high]`` with ``passes(x)`` (monotone), by bisection.
 
@@ -194,7 +187,6 @@ def search_largest(passes: Callable[[float], bool], low: float, high: float, ste
         else:
             high = middle
     return low
-
 
 
 def search_smallest(passes: Callable[[int], bool], low: int, high: int) -> int:
@@ -212,13 +204,13 @@ def search_smallest(passes: Callable[[int], bool], low: int, high: int) -> int:
     return high
 
 
-
 def describe_budget(budget: Tolerance | Acceptance | Any) -> str:
     """Return a short description of a resolved budget for notes."""
     if isinstance(budget, Tolerance):
-        parts = [f"cosine ≥ {budget.min_cosine}" if budget.min_cosine is not None else "",
-                 f"SQNR ≥ {budget.min_sqnr_db} dB" if budget.min_sqnr_db is not None else "",
-                 f"top-1 ≥ {budget.min_top1}" if budget.min_top1 is not None else ""]
+        parts = [
+            f"cosine ≥ {budget.min_cosine}" if budget.min_cosine is not None else "",
+            f"SQNR ≥ {budget.min_sqnr_db} dB" if budget.min_sqnr_db is not None else "",
+            f"top-1 ≥ {budget.min_top1}" if budget.min_top1 is not None else "",
+        ]
         return "held-out " + ", ".join(p for p in parts if p)
     return "held-out task check"
-

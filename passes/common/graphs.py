@@ -31,8 +31,15 @@ __all__ = [
 ]
 
 #: Ops whose result differs between runs: never folded, never merged.
-NONDETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
-                    "Multinomial", "Bernoulli", "Dropout"}
+NONDETERMINISTIC = {
+    "RandomNormal",
+    "RandomNormalLike",
+    "RandomUniform",
+    "RandomUniformLike",
+    "Multinomial",
+    "Bernoulli",
+    "Dropout",
+}
 
 
 def opset_version(model: onnx.ModelProto, domain: str = "") -> int:
@@ -43,8 +50,9 @@ def opset_version(model: onnx.ModelProto, domain: str = "") -> int:
     return 0
 
 
-def upgrade_opset(model: onnx.ModelProto, version: int, *, needed_for: str, otherwise: str,
-                  notes: list[str]) -> onnx.ModelProto:
+def upgrade_opset(
+    model: onnx.ModelProto, version: int, *, needed_for: str, otherwise: str, notes: list[str]
+) -> onnx.ModelProto:
     """Return ``model`` converted to opset ``version`` of the default domain, saying so in ``notes``.
 
     When onnx's version converter fails, ``model`` comes back unchanged and the note says
@@ -55,8 +63,7 @@ def upgrade_opset(model: onnx.ModelProto, version: int, *, needed_for: str, othe
     try:
         upgraded = version_converter.convert_version(model, version)
     except (RuntimeError, ValueError, onnx.checker.ValidationError) as exc:
-        notes.append(f"could not upgrade opset {current} -> {version} for {needed_for} ({str(exc)[:120]}); "
-                     f"{otherwise}")
+        notes.append(f"could not upgrade opset {current} -> {version} for {needed_for} ({str(exc)[:120]}); {otherwise}")
         return model
     notes.append(f"upgraded the model from opset {current} to {version} ({needed_for} needs it)")
     return upgraded
@@ -169,8 +176,12 @@ class TypeMap:
             for info in [*graph.input, *graph.output, *graph.value_info]:
                 self._add(types, info.name, info.type, ambiguous)
             for tensor in graph.initializer:
-                self._add(types, tensor.name,
-                          onnx.helper.make_tensor_type_proto(tensor.data_type, list(tensor.dims)), ambiguous)
+                self._add(
+                    types,
+                    tensor.name,
+                    onnx.helper.make_tensor_type_proto(tensor.data_type, list(tensor.dims)),
+                    ambiguous,
+                )
         for name in ambiguous:
             types.pop(name, None)
         self._types = types
@@ -195,8 +206,7 @@ class TypeMap:
         t = self.types.get(name)
         if t is None or not t.tensor_type.HasField("shape"):
             return None
-        return [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None
-                for d in t.tensor_type.shape.dim]
+        return [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None for d in t.tensor_type.shape.dim]
 
     def rank(self, name: str) -> int | None:
         """Return the rank of ``name`` or None."""

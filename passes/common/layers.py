@@ -46,7 +46,6 @@ def is_depthwise(node: onnx.NodeProto, index: GraphIndex, channels: int | None =
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
-
 @dataclass(frozen=True)
 class Layer:
     """One weight layer of the main graph, keyed by its first output name."""
@@ -78,9 +77,18 @@ class Layer:
     @property
     def signature(self) -> tuple:
         """Return what determines the rows built from the activation (layers sharing it share stats)."""
-        return (self.activation, self.op_type == "Conv", self.trans_a, self.groups, self.kernel,
-                self.strides, self.pads, self.dilations, self.auto_pad, self.shape[1:] if self.kernel else ())
-
+        return (
+            self.activation,
+            self.op_type == "Conv",
+            self.trans_a,
+            self.groups,
+            self.kernel,
+            self.strides,
+            self.pads,
+            self.dilations,
+            self.auto_pad,
+            self.shape[1:] if self.kernel else (),
+        )
 
 
 def find_layers(graph: onnx.GraphProto, op_types: Iterable[str] = WEIGHT_OPS) -> tuple[list[Layer], list[str]]:
@@ -109,35 +117,51 @@ def find_layers(graph: onnx.GraphProto, op_types: Iterable[str] = WEIGHT_OPS) ->
             if value.ndim != 2:
                 notes.append(f"{node.output[0]}: {node.op_type} weight is {value.ndim}-D; left alone")
                 continue
-            layers.append(Layer(
-                node.output[0], node.op_type, node.input[0], weight, shape,
-                trans_a=bool(node_attribute(node, "transA", 0)), trans_b=bool(node_attribute(node, "transB", 0)),
-            ))
+            layers.append(
+                Layer(
+                    node.output[0],
+                    node.op_type,
+                    node.input[0],
+                    weight,
+                    shape,
+                    trans_a=bool(node_attribute(node, "transA", 0)),
+                    trans_b=bool(node_attribute(node, "transB", 0)),
+                )
+            )
             continue
         spatial = value.ndim - 2
         if spatial < 1:
             continue
         auto_pad = node_attribute(node, "auto_pad", b"NOTSET")
         auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
-        layers.append(Layer(
-            node.output[0], node.op_type, node.input[0], weight, shape,
-            groups=int(node_attribute(node, "group", 1)),
-            kernel=shape[2:],
-            strides=tuple(node_attribute(node, "strides", [1] * spatial)),
-            pads=tuple(node_attribute(node, "pads", [0] * 2 * spatial)),
-            dilations=tuple(node_attribute(node, "dilations", [1] * spatial)),
-            auto_pad=auto_pad,
-        ))
+        layers.append(
+            Layer(
+                node.output[0],
+                node.op_type,
+                node.input[0],
+                weight,
+                shape,
+                groups=int(node_attribute(node, "group", 1)),
+                kernel=shape[2:],
+                strides=tuple(node_attribute(node, "strides", [1] * spatial)),
+                pads=tuple(node_attribute(node, "pads", [0] * 2 * spatial)),
+                dilations=tuple(node_attribute(node, "dilations", [1] * spatial)),
+                auto_pad=auto_pad,
+            )
+        )
     if deciding:
         shown = ", ".join(deciding[:5]) + (" and more" if len(deciding) > 5 else "")
-        notes.append(f"left {len(deciding)} layer(s) alone whose outputs decide an If/Loop condition (a small error "
-                     f"there switches branches): {shown}")
+        notes.append(
+            f"left {len(deciding)} layer(s) alone whose outputs decide an If/Loop condition (a small error "
+            f"there switches branches): {shown}"
+        )
     nested = nested_ops(graph, wanted)
     if nested:
-        notes.append(f"left {nested} {'/'.join(sorted(wanted))} node(s) inside If/Loop/Scan bodies alone "
-                     "(only main-graph layers are handled)")
+        notes.append(
+            f"left {nested} {'/'.join(sorted(wanted))} node(s) inside If/Loop/Scan bodies alone "
+            "(only main-graph layers are handled)"
+        )
     return layers, notes
-
 
 
 def to_canonical(layer: Layer, weight: np.ndarray) -> np.ndarray:
@@ -153,7 +177,6 @@ def to_canonical(layer: Layer, weight: np.ndarray) -> np.ndarray:
     return weight.reshape(layer.groups, weight.shape[0] // layer.groups, -1).transpose(0, 2, 1)
 
 
-
 def from_canonical(layer: Layer, matrix: np.ndarray) -> np.ndarray:
     """Invert :func:`to_canonical`."""
     if layer.op_type == "MatMul":
@@ -165,9 +188,9 @@ def from_canonical(layer: Layer, matrix: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(matrix.transpose(0, 2, 1).reshape(layer.shape))
 
 
-
-def write_weight(graph: onnx.GraphProto, names: NameGenerator, weight: str, value: np.ndarray,
-                 readers: Sequence[onnx.NodeProto]) -> str:
+def write_weight(
+    graph: onnx.GraphProto, names: NameGenerator, weight: str, value: np.ndarray, readers: Sequence[onnx.NodeProto]
+) -> str:
     """Store ``value`` as the weight read by ``readers``; return the tensor name used.
 
     An initializer nobody else reads is replaced in place; otherwise (other readers, or a
@@ -189,13 +212,11 @@ def write_weight(graph: onnx.GraphProto, names: NameGenerator, weight: str, valu
     return new_name
 
 
-
 def _same_pads(size: int, kernel: int, stride: int, dilation: int, upper: bool) -> tuple[int, int]:
     out = -(-size // stride)
     total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
     small = total // 2
     return (small, total - small) if upper else (total - small, small)
-
 
 
 def _conv_rows(layer: Layer, x: np.ndarray, max_rows: int, rng: np.random.Generator) -> np.ndarray:
@@ -223,10 +244,10 @@ def _conv_rows(layer: Layer, x: np.ndarray, max_rows: int, rng: np.random.Genera
     oh, ow = np.divmod(rest, out_w)
     rows_h = oh[:, None] * strides[0] + np.arange(kernel[0])[None] * dilations[0]
     rows_w = ow[:, None] * strides[1] + np.arange(kernel[1])[None] * dilations[1]
-    patches = padded[b[:, None, None, None], np.arange(c)[None, :, None, None],
-                     rows_h[:, None, :, None], rows_w[:, None, None, :]]
+    patches = padded[
+        b[:, None, None, None], np.arange(c)[None, :, None, None], rows_h[:, None, :, None], rows_w[:, None, None, :]
+    ]
     return patches.reshape(len(chosen), layer.groups, -1)
-
 
 
 def layer_rows(layer: Layer, x: np.ndarray, max_rows: int, rng: np.random.Generator) -> np.ndarray:
@@ -242,4 +263,3 @@ def layer_rows(layer: Layer, x: np.ndarray, max_rows: int, rng: np.random.Genera
     if rows.shape[0] > max_rows:
         rows = rows[rng.choice(rows.shape[0], size=max_rows, replace=False)]
     return rows.reshape(rows.shape[0], layer.groups, -1)
-

@@ -54,7 +54,6 @@ class InputStats:
         return None if self.gram is None else self.gram / max(self.rows, 1)
 
 
-
 def layer_inputs(model: onnx.ModelProto, layers: Sequence[Layer]) -> tuple[dict[tuple, list[Layer]], list[str]]:
     """Group layers that read the same input the same way; return the groups and the tensors to expose.
 
@@ -65,7 +64,6 @@ def layer_inputs(model: onnx.ModelProto, layers: Sequence[Layer]) -> tuple[dict[
         by_signature.setdefault(layer.signature, []).append(layer)
     inputs = {i.name for i in model.graph.input}
     return by_signature, sorted({layer.activation for layer in layers if layer.activation not in inputs})
-
 
 
 def collect_input_stats(
@@ -101,8 +99,9 @@ def collect_input_stats(
             rows = layer_rows(layer, np.asarray(values[layer.activation], dtype=np.float32), max_rows, rng)
             acc = accumulators.get(signature)
             if acc is None:
-                acc = InputStats(0, np.zeros(rows.shape[1:], dtype=np.float64),
-                                 total=np.zeros(rows.shape[1:], dtype=np.float64))
+                acc = InputStats(
+                    0, np.zeros(rows.shape[1:], dtype=np.float64), total=np.zeros(rows.shape[1:], dtype=np.float64)
+                )
                 if gram and layer.has_gram:
                     acc.gram = np.zeros((rows.shape[1], rows.shape[2], rows.shape[2]), dtype=np.float64)
                 accumulators[signature] = acc
@@ -114,6 +113,14 @@ def collect_input_stats(
                 acc.gram += np.matmul(grouped.transpose(0, 2, 1), grouped).astype(np.float64)
 
     read = list(dict.fromkeys(group[0].activation for group in by_signature.values()))
-    stream_tensors(model, [t for t in read if t not in exposed] + exposed, samples, accumulate, progress=progress,
-                   task="collecting layer inputs", label="model with exposed layer inputs", memory_budget=memory_budget)
+    stream_tensors(
+        model,
+        [t for t in read if t not in exposed] + exposed,
+        samples,
+        accumulate,
+        progress=progress,
+        task="collecting layer inputs",
+        label="model with exposed layer inputs",
+        memory_budget=memory_budget,
+    )
     return {layer.key: accumulators[sig] for sig, group in by_signature.items() for layer in group}

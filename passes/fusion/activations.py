@@ -59,10 +59,12 @@ class FuseLayerNorm(Fusion):
         if rank is None or dims is None:
             raise NoMatch("input rank unknown")
         normalized = sorted(a % rank for a in m.reduce_axes(node))
-        if normalized != list(range(rank - len(normalized), rank)) or \
-                sorted(a % rank for a in m.reduce_axes(variance)) != normalized:
+        if (
+            normalized != list(range(rank - len(normalized), rank))
+            or sorted(a % rank for a in m.reduce_axes(variance)) != normalized
+        ):
             raise NoMatch("ReduceMean does not reduce the trailing axes")
-        trailing = dims[normalized[0]:]
+        trailing = dims[normalized[0] :]
         if any(d is None for d in trailing):
             raise NoMatch("normalized dims are not static")
         shape = tuple(int(d) for d in trailing if d is not None)
@@ -82,10 +84,19 @@ class FuseLayerNorm(Fusion):
         def rewrite() -> str:
             scale = affine.get("Mul", np.ones(shape)).astype(dtype)
             bias = affine.get("Add", np.zeros(shape)).astype(dtype)
-            inputs = [x, add_weight(graph, names, f"{last.output[0]}_scale", scale),
-                      add_weight(graph, names, f"{last.output[0]}_bias", bias)]
-            fused = helper.make_node("LayerNormalization", inputs, [last.output[0]], axis=-len(shape),
-                                     epsilon=epsilon, name=names.fresh(f"{last.output[0]}_layernorm"))
+            inputs = [
+                x,
+                add_weight(graph, names, f"{last.output[0]}_scale", scale),
+                add_weight(graph, names, f"{last.output[0]}_bias", bias),
+            ]
+            fused = helper.make_node(
+                "LayerNormalization",
+                inputs,
+                [last.output[0]],
+                axis=-len(shape),
+                epsilon=epsilon,
+                name=names.fresh(f"{last.output[0]}_layernorm"),
+            )
             for dead in chain[:-1]:
                 graph.node.remove(dead)
             last.CopyFrom(fused)
@@ -140,8 +151,9 @@ class FuseGelu(Fusion):
         graph, last = m.scope.graph, chain[-1]
 
         def rewrite() -> str:
-            fused = helper.make_node("Gelu", [x], [last.output[0]], approximate=approximate,
-                                     name=names.fresh(f"{last.output[0]}_gelu"))
+            fused = helper.make_node(
+                "Gelu", [x], [last.output[0]], approximate=approximate, name=names.fresh(f"{last.output[0]}_gelu")
+            )
             for dead in chain[:-1]:
                 graph.node.remove(dead)
             last.CopyFrom(fused)
@@ -181,8 +193,9 @@ class FuseHardSwish(Fusion):
         opset = opset_version(model)
         if not self.upgrade or opset >= _HARDSWISH_OPSET or not self._has_product(model):
             return model
-        return upgrade_opset(model, _HARDSWISH_OPSET, needed_for="HardSwish",
-                             otherwise="wrote x * HardSigmoid(x) instead", notes=notes)
+        return upgrade_opset(
+            model, _HARDSWISH_OPSET, needed_for="HardSwish", otherwise="wrote x * HardSigmoid(x) instead", notes=notes
+        )
 
     def _has_product(self, model: onnx.ModelProto) -> bool:
         types = TypeMap(model)
@@ -211,17 +224,33 @@ class FuseHardSwish(Fusion):
             last = found.chain[-1]
             output = last.output[0]
             if found.product is None:
-                fused = [helper.make_node("HardSigmoid", [found.x], [output], alpha=1.0 / 6.0, beta=0.5,
-                                          name=names.fresh(f"{output}_hardsigmoid"))]
+                fused = [
+                    helper.make_node(
+                        "HardSigmoid",
+                        [found.x],
+                        [output],
+                        alpha=1.0 / 6.0,
+                        beta=0.5,
+                        name=names.fresh(f"{output}_hardsigmoid"),
+                    )
+                ]
                 kind = "hardsigmoid_fused"
             elif opset >= _HARDSWISH_OPSET:
                 fused = [helper.make_node("HardSwish", [found.x], [output], name=names.fresh(f"{output}_hardswish"))]
                 kind = "hardswish_fused"
             else:
                 gate = names.fresh(f"{output}_gate")
-                fused = [helper.make_node("HardSigmoid", [found.x], [gate], alpha=1.0 / 6.0, beta=0.5,
-                                          name=names.fresh(f"{output}_hardsigmoid")),
-                         helper.make_node("Mul", [found.x, gate], [output], name=names.fresh(f"{output}_hardswish"))]
+                fused = [
+                    helper.make_node(
+                        "HardSigmoid",
+                        [found.x],
+                        [gate],
+                        alpha=1.0 / 6.0,
+                        beta=0.5,
+                        name=names.fresh(f"{output}_hardsigmoid"),
+                    ),
+                    helper.make_node("Mul", [found.x, gate], [output], name=names.fresh(f"{output}_hardswish")),
+                ]
                 kind = "hardswish_as_hardsigmoid_product"
             position = list(graph.node).index(last)
             for offset, new in enumerate(fused):

@@ -144,11 +144,13 @@ class FoldConvAffine(Fusion):
 
         def rewrite() -> str:
             if scales:
-                conv.input[1] = add_weight(graph, names, conv.input[1],
-                                            scale_output_channels(weight, vector, layout, group))
+                conv.input[1] = add_weight(
+                    graph, names, conv.input[1], scale_output_channels(weight, vector, layout, group)
+                )
             if bias is not None or not scales:
-                new_bias = shift_bias(bias, vector if scales else None, None if scales else sign * vector,
-                                      channels, weight.dtype)
+                new_bias = shift_bias(
+                    bias, vector if scales else None, None if scales else sign * vector, channels, weight.dtype
+                )
                 bias_name = add_weight(graph, names, f"{conv.output[0]}_bias", new_bias)
                 if len(conv.input) > 2:
                     conv.input[2] = bias_name
@@ -205,4 +207,3 @@ class FuseMatMulAdd(Fusion):
             return "gemm_created"
 
         return rewrite
-

@@ -14,8 +14,9 @@ import numpy as np
 __all__ = ["batchnorm_affine", "channel_vector", "scale_output_channels", "shift_bias"]
 
 
-def batchnorm_affine(gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray,
-                     epsilon: float) -> tuple[np.ndarray, np.ndarray]:
+def batchnorm_affine(
+    gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray, epsilon: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Return (scale, shift) with BN(x) == x * scale + shift, in float64."""
     scale = gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + epsilon)
     shift = beta.astype(np.float64) - mean.astype(np.float64) * scale
@@ -45,8 +46,9 @@ def scale_output_channels(weight: np.ndarray, scale: np.ndarray, layout: str, gr
     return result.astype(weight.dtype)
 
 
-def shift_bias(bias: np.ndarray | None, scale: np.ndarray | None, shift: np.ndarray | None, channels: int,
-               dtype: np.dtype) -> np.ndarray:
+def shift_bias(
+    bias: np.ndarray | None, scale: np.ndarray | None, shift: np.ndarray | None, channels: int, dtype: np.dtype
+) -> np.ndarray:
     """Return ``bias * scale + shift`` as a [channels] vector (a missing bias is zero)."""
     b = np.zeros(channels) if bias is None else np.broadcast_to(bias.astype(np.float64), (channels,))
     if scale is not None:

@@ -92,10 +92,11 @@ class Fusion(Pass):
 
         walk_scopes(model, visit)
         if found_too_old:
-            notes.append(f"found {found_too_old} pattern(s) but left them: {self.produces} needs opset "
-                         f"{self.min_opset}, the model imports opset {opset}")
+            notes.append(
+                f"found {found_too_old} pattern(s) but left them: {self.produces} needs opset "
+                f"{self.min_opset}, the model imports opset {opset}"
+            )
         if types.note:
             notes.append(types.note)
         notes += [f"not fused {count}x: {reason}" for reason, count in reasons.most_common(8)]
         return PassResult(model, bool(stats), dict(stats), notes)
-

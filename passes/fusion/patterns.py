@@ -55,11 +55,11 @@ def normalized_constant(value: np.ndarray, shape: tuple[int, ...], rank: int) ->
     """Return gamma/beta broadcast to the normalized ``shape``; it may not vary over other axes."""
     if value.ndim > rank:
         raise NoMatch("LayerNorm constant has a higher rank than its input")
-    lead = value.shape[:max(0, value.ndim - len(shape))]
+    lead = value.shape[: max(0, value.ndim - len(shape))]
     if any(d != 1 for d in lead):
         raise NoMatch("LayerNorm constant varies over non-normalized axes")
     try:
-        return np.broadcast_to(value.reshape(value.shape[len(lead):]), shape).copy()
+        return np.broadcast_to(value.reshape(value.shape[len(lead) :]), shape).copy()
     except ValueError as exc:
         raise NoMatch("LayerNorm constant does not broadcast to the normalized shape") from exc
 
@@ -79,8 +79,7 @@ def _clip_bounds(m: Matcher, clip: onnx.NodeProto) -> tuple[float | None, float 
         high = m.scalar(clip.input[2]) if len(clip.input) > 2 and clip.input[2] else None
         return low, high
     low_attr, high_attr = node_attribute(clip, "min"), node_attribute(clip, "max")
-    return (None if low_attr is None else float(low_attr),
-            None if high_attr is None else float(high_attr))
+    return (None if low_attr is None else float(low_attr), None if high_attr is None else float(high_attr))
 
 
 def _divided_by_six(m: Matcher, name: str) -> onnx.NodeProto:

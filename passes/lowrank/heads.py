@@ -49,8 +49,9 @@ __all__ = [
 ]
 
 
-def joint_qk(tq: np.ndarray, tk: np.ndarray, gram_q: np.ndarray, gram_k: np.ndarray, heads: int,
-             rank: int, ridge: float = 1e-6) -> tuple[np.ndarray, np.ndarray, float]:
+def joint_qk(
+    tq: np.ndarray, tk: np.ndarray, gram_q: np.ndarray, gram_k: np.ndarray, heads: int, rank: int, ridge: float = 1e-6
+) -> tuple[np.ndarray, np.ndarray, float]:
     """Return the narrowed ``tq`` and ``tk`` (``k × heads·rank``) and the relative score error.
 
     ``tq`` and ``tk`` are the query and key weights with their bias as a last row
@@ -73,16 +74,23 @@ def joint_qk(tq: np.ndarray, tk: np.ndarray, gram_q: np.ndarray, gram_k: np.ndar
         root = np.sqrt(s[:rank])
         eq = np.linalg.solve(lq.T, u[:, :rank] * root)
         ek = np.linalg.solve(lk.T, vt[:rank].T * root)
-        new_q[:, h * rank:(h + 1) * rank] = tq[:, cols] @ eq
-        new_k[:, h * rank:(h + 1) * rank] = tk[:, cols] @ ek
+        new_q[:, h * rank : (h + 1) * rank] = tq[:, cols] @ eq
+        new_k[:, h * rank : (h + 1) * rank] = tk[:, cols] @ ek
         lost += float(np.sum(s[rank:] ** 2))
         total += float(np.sum(s**2))
     return new_q, new_k, lost / total if total > 0 else 0.0
 
 
-def head_error_curve(tq: np.ndarray, tk: np.ndarray, fit_q: np.ndarray, fit_k: np.ndarray, heads: int,
-                     eval_q: np.ndarray | None = None, eval_k: np.ndarray | None = None,
-                     ridge: float = 1e-6) -> np.ndarray:
+def head_error_curve(
+    tq: np.ndarray,
+    tk: np.ndarray,
+    fit_q: np.ndarray,
+    fit_k: np.ndarray,
+    heads: int,
+    eval_q: np.ndarray | None = None,
+    eval_k: np.ndarray | None = None,
+    ridge: float = 1e-6,
+) -> np.ndarray:
     """Return, for head widths 0..d, the relative score error of the maps fitted on ``fit_q``/``fit_k``.
 
     The error is measured with the input second moments ``eval_q``/``eval_k`` (default:
@@ -191,8 +199,7 @@ def _only_reads_leading_dims(index: GraphIndex, tensor: str, allowed: onnx.NodeP
 def _side(index: GraphIndex, transposed: str, perm: list[int]) -> tuple[_Side, int, int, int] | None:
     """Match ``MatMul [→ Add] → Reshape(.., H, d) → Transpose(perm)`` back from ``transposed``."""
     transpose = _producer(index, transposed, "Transpose")
-    if transpose is None or list(node_attribute(transpose, "perm") or []) != perm or \
-            index.uses(transposed) != 1:
+    if transpose is None or list(node_attribute(transpose, "perm") or []) != perm or index.uses(transposed) != 1:
         return None
     reshape = _producer(index, transpose.input[0], "Reshape")
     if reshape is None or index.uses(reshape.output[0]) != 1:
@@ -220,8 +227,13 @@ def _side(index: GraphIndex, transposed: str, perm: list[int]) -> tuple[_Side, i
     if matmul is None:
         return None
     weight = index.constant(matmul.input[1])
-    if weight is None or weight.ndim != 2 or weight.dtype != np.float32 or index.uses(matmul.input[1]) != 1 or \
-            matmul.input[1] not in index.initializers:
+    if (
+        weight is None
+        or weight.ndim != 2
+        or weight.dtype != np.float32
+        or index.uses(matmul.input[1]) != 1
+        or matmul.input[1] not in index.initializers
+    ):
         return None
     if heads == -1:
         heads = weight.shape[1] // width if width > 0 and weight.shape[1] % width == 0 else 0
@@ -229,8 +241,16 @@ def _side(index: GraphIndex, transposed: str, perm: list[int]) -> tuple[_Side, i
         return None
     if bias is not None and index.constant(bias).shape != (weight.shape[1],):  # type: ignore[union-attr]
         return None
-    side = _Side(matmul.output[0], reshape.output[0], matmul.input[0], matmul.input[1], bias, owner, position,
-                 (matmul.output[0], reshape.input[0], reshape.output[0], transposed))
+    side = _Side(
+        matmul.output[0],
+        reshape.output[0],
+        matmul.input[0],
+        matmul.input[1],
+        bias,
+        owner,
+        position,
+        (matmul.output[0], reshape.input[0], reshape.output[0], transposed),
+    )
     return side, heads, width, weight.shape[0]
 
 
@@ -297,12 +317,16 @@ _SCORE_PATH = ("Add", "Cast", "Div", "Mul", "Sub", "Where")
 def unmatched_score_matmuls(model: onnx.ModelProto, pairs: list[HeadPair]) -> list[str]:
     """Return the outputs of MatMuls of two activations feeding a Softmax (attention scores) not in ``pairs``."""
     index = GraphIndex(model.graph)
-    matched = {index.consumers[p.query.tensors[-1]][0].output[0] for p in pairs
-               if index.consumers.get(p.query.tensors[-1])}
+    matched = {
+        index.consumers[p.query.tensors[-1]][0].output[0] for p in pairs if index.consumers.get(p.query.tensors[-1])
+    }
     found = []
     for node in model.graph.node:
-        if node.op_type != "MatMul" or node.output[0] in matched or \
-                any(index.constant(name) is not None for name in node.input):
+        if (
+            node.op_type != "MatMul"
+            or node.output[0] in matched
+            or any(index.constant(name) is not None for name in node.input)
+        ):
             continue
         tensor = node.output[0]
         for _ in range(len(_SCORE_PATH) + 1):
@@ -339,8 +363,13 @@ def apply_head_ranks(model: onnx.ModelProto, pairs: list[HeadPair], ranks: list[
             _set_head_width(graph, index, names, side, rank)
         changed = True
     if changed:
-        stale = {t for pair, rank in zip(pairs, ranks, strict=True) if 0 < rank < pair.head_dim
-                 for side in (pair.query, pair.key) for t in side.tensors}
+        stale = {
+            t
+            for pair, rank in zip(pairs, ranks, strict=True)
+            if 0 < rank < pair.head_dim
+            for side in (pair.query, pair.key)
+            for t in side.tensors
+        }
         kept = [v for v in graph.value_info if v.name not in stale]
         del graph.value_info[:]
         graph.value_info.extend(kept)
@@ -348,8 +377,7 @@ def apply_head_ranks(model: onnx.ModelProto, pairs: list[HeadPair], ranks: list[
     return result
 
 
-def _set_head_width(graph: onnx.GraphProto, index: GraphIndex, names: NameGenerator, side: _Side,
-                    rank: int) -> None:
+def _set_head_width(graph: onnx.GraphProto, index: GraphIndex, names: NameGenerator, side: _Side, rank: int) -> None:
     """Point the Reshape (or its Concat) at a fresh constant with head width ``rank``."""
     if side.shape_input < 0:
         shape = np.array(index.constant(side.shape_owner), dtype=np.int64)

@@ -38,8 +38,8 @@ def _layer_rows(plan: SplitPlan, ranks: list[int]) -> tuple[dict[str, int | floa
     """Return totals and one note per changed layer (rank, params and MACs per row, output error) and pair."""
     before = after = 0
     lines = []
-    widths = ranks[len(plan.layers):]
-    ranks = ranks[:len(plan.layers)]
+    widths = ranks[len(plan.layers) :]
+    ranks = ranks[: len(plan.layers)]
     for layer, w, fact, rank in zip(plan.layers, plan.weights, plan.factorizations, ranks, strict=True):
         k, n = w.shape
         kept = rank * (k + n) if rank else k * n
@@ -48,8 +48,10 @@ def _layer_rows(plan: SplitPlan, ranks: list[int]) -> tuple[dict[str, int | floa
         if rank:
             error = float(fact.relative_error[rank])
             kind = "output" if fact.whitened else "weight"
-            lines.append(f"{layer.key}: rank {rank} of {min(k, n)}, params/MACs per row {k * n} -> {kept}, "
-                         f"relative {kind} error {error:.2e}")
+            lines.append(
+                f"{layer.key}: rank {rank} of {min(k, n)}, params/MACs per row {k * n} -> {kept}, "
+                f"relative {kind} error {error:.2e}"
+            )
     curves = plan.pair_expected or plan.pair_errors
     for pair, curve, width in zip(plan.pairs, curves, widths, strict=True):
         kept = pair.params_at(width) if width else pair.params
@@ -57,13 +59,20 @@ def _layer_rows(plan: SplitPlan, ranks: list[int]) -> tuple[dict[str, int | floa
         after += kept
         head = f"heads {pair.query.matmul} / {pair.key.matmul}"
         if width:
-            lines.append(f"{head}: query/key head width {width} of {pair.head_dim} ({pair.heads} heads), "
-                         f"params/MACs per row {pair.params} -> {kept}, expected relative score error "
-                         f"{float(curve[width]):.2e}")
+            lines.append(
+                f"{head}: query/key head width {width} of {pair.head_dim} ({pair.heads} heads), "
+                f"params/MACs per row {pair.params} -> {kept}, expected relative score error "
+                f"{float(curve[width]):.2e}"
+            )
         else:
             lines.append(f"{head}: head width {pair.head_dim} kept ({pair.heads} heads, {pair.params} params)")
-    stats: dict[str, int | float] = {"layers_split": sum(1 for r in ranks if r), "layers_considered": len(ranks),
-                                     "params_before": before, "params_after": after, "params_saved": before - after}
+    stats: dict[str, int | float] = {
+        "layers_split": sum(1 for r in ranks if r),
+        "layers_considered": len(ranks),
+        "params_before": before,
+        "params_after": after,
+        "params_saved": before - after,
+    }
     if plan.pairs:
         stats |= {"head_pairs": len(plan.pairs), "head_pairs_narrowed": sum(1 for w in widths if w)}
     return stats, lines
@@ -106,9 +115,18 @@ class SplitLowRank(Pass):
     exact = False
     profile = "int8"
 
-    def __init__(self, *, rank: int | None = None, energy: float | None = None, budget: BudgetSpec = None,
-                 whiten: bool = True, min_params: int = 16384, include_conv1x1: bool = False,
-                 min_saving: float = 0.1, heads: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        rank: int | None = None,
+        energy: float | None = None,
+        budget: BudgetSpec = None,
+        whiten: bool = True,
+        min_params: int = 16384,
+        include_conv1x1: bool = False,
+        min_saving: float = 0.1,
+        heads: bool = True,
+    ) -> None:
         if rank is not None and rank < 1:
             raise ValueError("rank must be at least 1")
         if energy is not None and not 0 < energy <= 1:
@@ -135,10 +153,16 @@ class SplitLowRank(Pass):
         if ctx.calibration is not None and len(ctx.calibration):
             calibration, held_out = ctx.calibration.split()
         allocate = self.rank is None and self.energy is None and bool(held_out)
-        plan = plan_lowrank(model, ctx, whiten=self.whiten, min_params=self.min_params,
-                            include_conv1x1=self.include_conv1x1, min_saving=self.min_saving,
-                            samples=list(calibration) if calibration is not None else None,
-                            heads=self.heads and allocate)
+        plan = plan_lowrank(
+            model,
+            ctx,
+            whiten=self.whiten,
+            min_params=self.min_params,
+            include_conv1x1=self.include_conv1x1,
+            min_saving=self.min_saving,
+            samples=list(calibration) if calibration is not None else None,
+            heads=self.heads and allocate,
+        )
         notes = list(plan.notes)
         notes += self._head_notes(model, plan, allocate)
         if not plan.layers and not plan.pairs:
@@ -149,8 +173,12 @@ class SplitLowRank(Pass):
             plan.measure_sensitivity(model, list(calibration)[:SENSITIVITY_SAMPLES], progress=ctx.progress)
         ranks = self._choose(plan, model, check, notes)
         if not any(ranks):
-            return PassResult(model, False, {"layers_split": 0, **({"checks": check.evaluations} if check else {})},
-                              [*notes, "no split fits the budget and saves parameters"])
+            return PassResult(
+                model,
+                False,
+                {"layers_split": 0, **({"checks": check.evaluations} if check else {})},
+                [*notes, "no split fits the budget and saves parameters"],
+            )
         result = apply_ranks(model, plan, ranks)
         stats, lines = _layer_rows(plan, ranks)
         if check is not None:
@@ -163,14 +191,22 @@ class SplitLowRank(Pass):
             return []
         if not allocate:
             found = find_head_pairs(model)
-            return [f"{len(found)} attention query/key pair(s) split as ordinary layers: head widths are "
+            return (
+                [
+                    f"{len(found)} attention query/key pair(s) split as ordinary layers: head widths are "
                     "narrowed only when ranks are allocated under the budget (calibration data, no rank/energy)"
-                    ] if found else []
-        return [f"attention scores {name}: query/key projections not matched as heads, split as ordinary layers"
-                for name in unmatched_score_matmuls(model, plan.pairs)]
+                ]
+                if found
+                else []
+            )
+        return [
+            f"attention scores {name}: query/key projections not matched as heads, split as ordinary layers"
+            for name in unmatched_score_matmuls(model, plan.pairs)
+        ]
 
-    def _choose(self, plan: SplitPlan, model: onnx.ModelProto, check: HeldOutCheck | None,
-                notes: list[str]) -> list[int]:
+    def _choose(
+        self, plan: SplitPlan, model: onnx.ModelProto, check: HeldOutCheck | None, notes: list[str]
+    ) -> list[int]:
         candidates = plan.candidates()
         if self.rank is not None or self.energy is not None:
             ranks = []
@@ -190,10 +226,16 @@ class SplitLowRank(Pass):
             if not any(ranks):
                 return True
             passed, summary = check(apply_ranks(model, plan, ranks))
-            log.info("split_lowrank: price %.3g, %d layers split: %s (%s)", math.exp(log_price),
-                     sum(1 for r in ranks if r), passed, summary)
+            log.info(
+                "split_lowrank: price %.3g, %d layers split: %s (%s)",
+                math.exp(log_price),
+                sum(1 for r in ranks if r),
+                passed,
+                summary,
+            )
             if passed and sum(c.params(r) for c, r in zip(candidates, ranks, strict=True)) < sum(
-                    c.params(r) for c, r in zip(candidates, best, strict=True)):
+                c.params(r) for c, r in zip(candidates, best, strict=True)
+            ):
                 best = ranks
             return passed
 
@@ -201,11 +243,13 @@ class SplitLowRank(Pass):
         notes.append(f"ranks allocated by output-error curves under the budget ({describe_budget(check.budget)})")
         return best
 
-    def _back_off(self, plan: SplitPlan, model: onnx.ModelProto, ranks: list[int], check: HeldOutCheck,
-                  notes: list[str]) -> list[int]:
+    def _back_off(
+        self, plan: SplitPlan, model: onnx.ModelProto, ranks: list[int], check: HeldOutCheck, notes: list[str]
+    ) -> list[int]:
         """Restore the most sensitive layers to dense until the budget holds (bisection on the count)."""
-        order = sorted((i for i, r in enumerate(ranks) if r),
-                       key=lambda i: -float(plan.factorizations[i].relative_error[ranks[i]]))
+        order = sorted(
+            (i for i, r in enumerate(ranks) if r), key=lambda i: -float(plan.factorizations[i].relative_error[ranks[i]])
+        )
 
         def with_dense(count: int) -> list[int]:
             restored = set(order[:count])

@@ -45,9 +45,37 @@ __all__ = ["ChannelGroup", "describe_types", "find_channel_groups"]
 
 log = logging.getLogger(__name__)
 
-UNARY = frozenset({"Relu", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Clip", "Elu",
-                   "Selu", "Softplus", "Softsign", "Erf", "Abs", "Neg", "Exp", "Sqrt", "Identity", "Gelu",
-                   "Dropout", "Mish", "Celu", "ThresholdedRelu", "Floor", "Ceil", "Round", "Reciprocal"})
+UNARY = frozenset(
+    {
+        "Relu",
+        "LeakyRelu",
+        "PRelu",
+        "Sigmoid",
+        "HardSigmoid",
+        "HardSwish",
+        "Tanh",
+        "Clip",
+        "Elu",
+        "Selu",
+        "Softplus",
+        "Softsign",
+        "Erf",
+        "Abs",
+        "Neg",
+        "Exp",
+        "Sqrt",
+        "Identity",
+        "Gelu",
+        "Dropout",
+        "Mish",
+        "Celu",
+        "ThresholdedRelu",
+        "Floor",
+        "Ceil",
+        "Round",
+        "Reciprocal",
+    }
+)
 POOLS = frozenset({"GlobalAveragePool", "GlobalMaxPool", "AveragePool", "MaxPool", "LpPool"})
 BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"})
 WEIGHTED = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
@@ -146,8 +174,15 @@ def _channel_axis_of(types: dict[str, onnx.TypeProto], name: str, axis: int) -> 
     return axis != -1 if shape is None else axis == 1 - len(shape)
 
 
-def _carry_reason(node: onnx.NodeProto, name: str, channels: int, axis: int, index: GraphIndex,
-                  types: dict[str, onnx.TypeProto], width: dict[str, tuple[int, int]]) -> str | None:
+def _carry_reason(
+    node: onnx.NodeProto,
+    name: str,
+    channels: int,
+    axis: int,
+    index: GraphIndex,
+    types: dict[str, onnx.TypeProto],
+    width: dict[str, tuple[int, int]],
+) -> str | None:
     """Return None when ``node`` carries the channels of its input ``name`` one to one, else why not."""
     op = node.op_type if is_default_domain(node) else f"{node.domain}.{node.op_type}"
     label = f"{op} node {node.name or node.output[0]!r}" if node.output else f"{op} node {node.name!r}"
@@ -182,8 +217,11 @@ def _carry_reason(node: onnx.NodeProto, name: str, channels: int, axis: int, ind
             scale = float(scales[axis])
         else:
             return f"read by {label} with scales of another rank"
-        return None if scale == 1 and _channel_axis_of(types, name, axis) else \
-            f"read by {label} that resizes the channel axis"
+        return (
+            None
+            if scale == 1 and _channel_axis_of(types, name, axis)
+            else f"read by {label} that resizes the channel axis"
+        )
     if op not in BINARY:
         return f"read by {label}"
     if op == "Pow" and node.input[1] == name:
@@ -205,8 +243,9 @@ def _carry_reason(node: onnx.NodeProto, name: str, channels: int, axis: int, ind
     return None
 
 
-def _concat_parts(node: onnx.NodeProto, width: dict[str, tuple[int, int]], types: dict[str, onnx.TypeProto]
-                  ) -> tuple[list[tuple[str, int, int]], int, int] | str:
+def _concat_parts(
+    node: onnx.NodeProto, width: dict[str, tuple[int, int]], types: dict[str, onnx.TypeProto]
+) -> tuple[list[tuple[str, int, int]], int, int] | str:
     """Return the parts (input, offset, width), total width and axis of a channel Concat, or why not."""
     axis_attr = int(node_attribute(node, "axis", 0))
     label = f"Concat node {node.name or node.output[0]!r}"
@@ -233,8 +272,7 @@ def _concat_parts(node: onnx.NodeProto, width: dict[str, tuple[int, int]], types
     return parts, offset, axis
 
 
-def find_channel_groups(graph: onnx.GraphProto, types: dict[str, onnx.TypeProto] | None = None
-                        ) -> list[ChannelGroup]:
+def find_channel_groups(graph: onnx.GraphProto, types: dict[str, onnx.TypeProto] | None = None) -> list[ChannelGroup]:
     """Return the channel groups of ``graph`` (main graph only), blocked ones with their reason."""
     index = GraphIndex(graph)
     types = types if types is not None else {}

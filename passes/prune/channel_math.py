@@ -27,7 +27,7 @@ def independent_gram(gram: np.ndarray, mean: np.ndarray) -> np.ndarray:
     ``diag(var) + mean meanᵀ``: no feature can stand in for another, so a re-fit on it only
     moves a removed feature's mean into the bias.
     """
-    variance = np.maximum(np.diag(gram) - mean ** 2, 0.0)
+    variance = np.maximum(np.diag(gram) - mean**2, 0.0)
     return np.diag(variance) + np.outer(mean, mean)
 
 
@@ -93,8 +93,9 @@ def relative_error(system: ConsumerSystem, keep: np.ndarray, refitted: np.ndarra
     return noise / signal if signal > 0 else 0.0
 
 
-def removal_order(systems: list[ConsumerSystem], channels: int, *, steps: int = 64,
-                  damp: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
+def removal_order(
+    systems: list[ConsumerSystem], channels: int, *, steps: int = 64, damp: float = 1e-4
+) -> tuple[np.ndarray, np.ndarray]:
     """Return the greedy OBS removal order of a group's channels and the error after each removal.
 
     All ``systems`` read the same ``channels``; a channel's cost is the sum over systems of
@@ -121,7 +122,7 @@ def removal_order(systems: list[ConsumerSystem], channels: int, *, steps: int = 
             block_inv = np.linalg.inv(block)
             w_f = w[:, feats].transpose(1, 0, 2)  # [n, rows, p]
             costs += np.einsum("nrp,npq,nrq->n", w_f, block_inv, w_f) / signal
-        take = candidates[np.argsort(costs, kind="stable")[:min(batch, candidates.size - 1)]]
+        take = candidates[np.argsort(costs, kind="stable")[: min(batch, candidates.size - 1)]]
         increase = 0.0
         for k, (s, w, inverse, signal) in enumerate(zip(systems, weights, inverses, signals, strict=True)):
             f = s.features(take)

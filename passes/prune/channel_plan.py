@@ -90,8 +90,9 @@ class ChannelPlan:
         for key, system in systems.items():
             layer = layers[key]
             keep = np.setdiff1d(np.arange(system.channels), np.concatenate(removed[key]))
-            fitted = refit(system, keep) if self.refit else \
-                system.weight[:, np.concatenate([system.features(keep), [-1]])]
+            fitted = (
+                refit(system, keep) if self.refit else system.weight[:, np.concatenate([system.features(keep), [-1]])]
+            )
             weight, bias = fitted[:, :-1], fitted[:, -1]
             if layer.op_type == "Conv":
                 result[key] = (weight.reshape(layer.shape[0], keep.size, *layer.shape[2:]), bias)
@@ -114,8 +115,9 @@ class ChannelPlan:
             kept.append(plan.kept(count) if count else None)
         matmuls = {c.output[0] for p in self.groups for c in p.group.consumers if c.op_type == "MatMul"}
         matmul_bias = {k: b for k, (_, b) in weights.items() if k in matmuls}
-        result = remove_channels(model, groups, kept, {k: (w, None if k in matmul_bias else b)
-                                                       for k, (w, b) in weights.items()})
+        result = remove_channels(
+            model, groups, kept, {k: (w, None if k in matmul_bias else b) for k, (w, b) in weights.items()}
+        )
         if matmul_bias:
             _add_bias_after(result, matmul_bias)
         return result
@@ -148,8 +150,9 @@ class ChannelPlan:
                 high = middle
         return self.counts_at_price(high)
 
-    def measure_sensitivity(self, model: onnx.ModelProto, samples: list, *, probe: float = 0.5,
-                            progress: Progress | None = None) -> None:
+    def measure_sensitivity(
+        self, model: onnx.ModelProto, samples: list, *, probe: float = 0.5, progress: Progress | None = None
+    ) -> None:
         """Set each group's ``gain``: model output error per unit of summed consumer error."""
         probes = []
         for i, plan in enumerate(self.groups):
@@ -178,8 +181,9 @@ def _add_bias_after(model: onnx.ModelProto, biases: dict[str, np.ndarray | None]
     toposort(graph)
 
 
-def _node_macs(model: onnx.ModelProto, nodes: list[onnx.NodeProto], index: GraphIndex,
-               sample: dict) -> dict[str, float]:
+def _node_macs(
+    model: onnx.ModelProto, nodes: list[onnx.NodeProto], index: GraphIndex, sample: dict
+) -> dict[str, float]:
     """Return each weight layer's multiply-adds on ``sample`` (output elements × inputs per output)."""
     names = sorted({n.output[0] for n in nodes})
     with Session(expose_tensors(model, names), label="model with exposed layer outputs") as session:
@@ -200,9 +204,16 @@ def _node_macs(model: onnx.ModelProto, nodes: list[onnx.NodeProto], index: Graph
     return macs
 
 
-def build_channel_plan(model: onnx.ModelProto, samples: list, *, multiple: int = 8, max_ratio: float = 0.75,
-                       exclude: Sequence[str] = (), seed: int = 0, progress: Progress | None = None
-                       ) -> ChannelPlan:
+def build_channel_plan(
+    model: onnx.ModelProto,
+    samples: list,
+    *,
+    multiple: int = 8,
+    max_ratio: float = 0.75,
+    exclude: Sequence[str] = (),
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> ChannelPlan:
     """Find the prunable channel groups, collect consumer statistics, order channels by OBS cost."""
     import fnmatch
 
@@ -229,8 +240,13 @@ def build_channel_plan(model: onnx.ModelProto, samples: list, *, multiple: int =
     consumer_layers = list({c.output[0]: layers[c.output[0]] for g in candidates for c in g.consumers}.values())
     stats = collect_input_stats(model, consumer_layers, samples, gram=True, seed=seed, progress=progress)
     index = GraphIndex(graph)
-    weighted = [n for n in graph.node if n.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm")
-                and len(n.input) > 1 and index.constant(n.input[1]) is not None]
+    weighted = [
+        n
+        for n in graph.node
+        if n.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm")
+        and len(n.input) > 1
+        and index.constant(n.input[1]) is not None
+    ]
     macs = _node_macs(model, weighted, index, samples[0])
     shared: dict[str, ConsumerSystem] = {}
     few: list[str] = []
@@ -254,8 +270,11 @@ def build_channel_plan(model: onnx.ModelProto, samples: list, *, multiple: int =
             if st.rows < MIN_ROWS_PER_FEATURE * gram.shape[0]:
                 gram = independent_gram(gram, mean)
                 few.append(layer.key)
-            system = ConsumerSystem(np.concatenate([matrix, np.broadcast_to(bias, matrix.shape[:1])[:, None]], 1),
-                                    augmented_gram(gram, mean), per)
+            system = ConsumerSystem(
+                np.concatenate([matrix, np.broadcast_to(bias, matrix.shape[:1])[:, None]], 1),
+                augmented_gram(gram, mean),
+                per,
+            )
             shared[layer.key] = system
             systems[layer.key] = dataclasses.replace(system, offset=offset)
         order, errors = removal_order(list(systems.values()), group.channels)
@@ -263,11 +282,14 @@ def build_channel_plan(model: onnx.ModelProto, samples: list, *, multiple: int =
         cost = sum(macs.get(node.output[0], 0.0) for node in touched) / group.channels
         cost += sum(macs.get(node.output[0], 0.0) / group.offset(node)[1] for node in group.consumers)
         counts = np.arange(group.channels + 1)
-        allowed = counts[(((group.channels - counts) % multiple == 0) & (counts <= max_ratio * group.channels))
-                         | (counts == 0)]
+        allowed = counts[
+            (((group.channels - counts) % multiple == 0) & (counts <= max_ratio * group.channels)) | (counts == 0)
+        ]
         plans.append(GroupPlan(group, {k: layers[k] for k in systems}, systems, order, errors, cost, allowed))
     if few:
-        notes.append(f"{len(few)} consumer(s) saw fewer than {MIN_ROWS_PER_FEATURE} calibration rows per input "
-                     f"feature (e.g. squeeze-excitation convs, one pooled row per sample): removed channels "
-                     f"only move their mean into the bias there ({', '.join(few[:3])}{' …' if len(few) > 3 else ''})")
+        notes.append(
+            f"{len(few)} consumer(s) saw fewer than {MIN_ROWS_PER_FEATURE} calibration rows per input "
+            f"feature (e.g. squeeze-excitation convs, one pooled row per sample): removed channels "
+            f"only move their mean into the bias there ({', '.join(few[:3])}{' …' if len(few) > 3 else ''})"
+        )
     return ChannelPlan(plans, notes, float(sum(macs.values())))

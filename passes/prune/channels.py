@@ -63,8 +63,15 @@ class PruneChannels(Pass):
     exact = False
     profile = "int8"
 
-    def __init__(self, *, ratio: float | None = None, multiple: int = 8, max_ratio: float = 0.75,
-                 exclude: Sequence[str] = (), budget: BudgetSpec = None) -> None:
+    def __init__(
+        self,
+        *,
+        ratio: float | None = None,
+        multiple: int = 8,
+        max_ratio: float = 0.75,
+        exclude: Sequence[str] = (),
+        budget: BudgetSpec = None,
+    ) -> None:
         if ratio is not None and not 0 <= ratio < 1:
             raise ValueError("ratio must be in [0, 1)")
         if multiple < 1 or not 0 < max_ratio < 1:
@@ -78,11 +85,19 @@ class PruneChannels(Pass):
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         """Find groups, order channels, choose counts under the budget, rewrite the graph."""
         if ctx.calibration is None or not len(ctx.calibration):
-            raise CalibrationDataError("prune_channels needs calibration data (--calib) to re-fit the layers "
-                                       "that read pruned channels")
+            raise CalibrationDataError(
+                "prune_channels needs calibration data (--calib) to re-fit the layers that read pruned channels"
+            )
         calibration, held_out = ctx.calibration.split()
-        plan = build_channel_plan(model, list(calibration), multiple=self.multiple, max_ratio=self.max_ratio,
-                                  exclude=list(self.exclude), seed=ctx.seed, progress=ctx.progress)
+        plan = build_channel_plan(
+            model,
+            list(calibration),
+            multiple=self.multiple,
+            max_ratio=self.max_ratio,
+            exclude=list(self.exclude),
+            seed=ctx.seed,
+            progress=ctx.progress,
+        )
         notes = list(plan.notes)
         if not plan.groups:
             return PassResult(model, False, {"macs_removed": 0.0}, [*notes, "no channel group to prune"])
@@ -113,7 +128,6 @@ class PruneChannels(Pass):
         return plan.counts_for(best)
 
 
-
 def channel_report(plan: ChannelPlan, counts: Sequence[int]) -> tuple[dict[str, int | float], list[str]]:
     """Return totals and one note per pruned group (channels removed, source layers)."""
     lines = []
@@ -124,8 +138,8 @@ def channel_report(plan: ChannelPlan, counts: Sequence[int]) -> tuple[dict[str, 
             lines.append(f"{group.key}: removed {count} of {group.channels} channels ({layers})")
     stats: dict[str, int | float] = {
         "macs_removed": round(plan.removed_macs(counts) / max(plan.total_macs, 1.0), 6),
-        "channels_removed": int(sum(counts)), "groups_pruned": sum(1 for c in counts if c),
+        "channels_removed": int(sum(counts)),
+        "groups_pruned": sum(1 for c in counts if c),
         "groups": len(plan.groups),
     }
     return stats, lines
-

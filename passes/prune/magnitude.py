@@ -39,17 +39,12 @@ from onnxopt.pipeline import Context, Pass, PassResult, register_pass
 log = logging.getLogger(__name__)
 
 
-
-
-
 #: The highest overall sparsity the budget search tries.
 MAX_SPARSITY = 0.9
 
 
-
 #: Parts of the calibration samples for cross-validating the repair damping (``damping="cv"``).
 FOLDS = 4
-
 
 
 def tightened(budget: Budget, margin: float) -> Budget:
@@ -67,7 +62,6 @@ def tightened(budget: Budget, margin: float) -> Budget:
 
     sqnr = None if budget.min_sqnr_db is None else budget.min_sqnr_db - 10 * math.log10(margin)
     return budget.replace(min_cosine=closer(budget.min_cosine), min_sqnr_db=sqnr, min_top1=closer(budget.min_top1))
-
 
 
 @register_pass
@@ -110,10 +104,21 @@ class PruneMagnitude(Pass):
     exact = False
     profile = "int8"
 
-    def __init__(self, *, sparsity: float | None = None, scope: str = "global", scoring: str | None = None,
-                 repair: bool = True, nm: str | None = None, exclude: Sequence[str] = (), min_size: int = 4096,
-                 budget: BudgetSpec = None, margin: float = 0.5, sparse_storage: bool = False,
-                 damping: str = "fixed") -> None:
+    def __init__(
+        self,
+        *,
+        sparsity: float | None = None,
+        scope: str = "global",
+        scoring: str | None = None,
+        repair: bool = True,
+        nm: str | None = None,
+        exclude: Sequence[str] = (),
+        min_size: int = 4096,
+        budget: BudgetSpec = None,
+        margin: float = 0.5,
+        sparse_storage: bool = False,
+        damping: str = "fixed",
+    ) -> None:
         if sparsity is not None and not 0 <= sparsity < 1:
             raise ValueError("sparsity must be in [0, 1)")
         if not 0 < margin <= 1:
@@ -151,10 +156,17 @@ class PruneMagnitude(Pass):
         scoring = self.scoring or ("activation" if calibration is not None else "magnitude")
         if scoring == "activation" and calibration is None:
             raise CalibrationDataError("scoring='activation' needs calibration data (--calib)")
-        plan = build_plan(model, scoring=scoring, repair=self.repair and calibration is not None,
-                          exclude=list(self.exclude), min_size=self.min_size,
-                          samples=list(calibration) if calibration is not None else None,
-                          seed=ctx.seed, folds=FOLDS if self.damping == "cv" else 0, progress=ctx.progress)
+        plan = build_plan(
+            model,
+            scoring=scoring,
+            repair=self.repair and calibration is not None,
+            exclude=list(self.exclude),
+            min_size=self.min_size,
+            samples=list(calibration) if calibration is not None else None,
+            seed=ctx.seed,
+            folds=FOLDS if self.damping == "cv" else 0,
+            progress=ctx.progress,
+        )
         if plan.repair and self.damping == "cv":
             plan.choose_damping(progress=ctx.progress)
         notes = list(plan.notes)
@@ -177,8 +189,9 @@ class PruneMagnitude(Pass):
         stats["bytes"] = serialized_size(result)
         return PassResult(result, True, stats, notes + lines)
 
-    def _choose(self, plan: PrunePlan, model: onnx.ModelProto, check: HeldOutCheck | None,
-                notes: list[str]) -> list[np.ndarray | None]:
+    def _choose(
+        self, plan: PrunePlan, model: onnx.ModelProto, check: HeldOutCheck | None, notes: list[str]
+    ) -> list[np.ndarray | None]:
         if self.nm is not None:
             n, m = parse_nm(self.nm)
             matrices = [plan.pruned_nm(i, n, m) for i in range(len(plan.units))]
@@ -208,9 +221,9 @@ class PruneMagnitude(Pass):
         return matrices_at(best) if best > 0 else [None] * len(plan.units)
 
 
-
-def _back_off(plan: PrunePlan, model: onnx.ModelProto, matrices: list[np.ndarray | None], check: HeldOutCheck,
-              notes: list[str]) -> list[np.ndarray | None]:
+def _back_off(
+    plan: PrunePlan, model: onnx.ModelProto, matrices: list[np.ndarray | None], check: HeldOutCheck, notes: list[str]
+) -> list[np.ndarray | None]:
     """Restore the most sensitive units to dense until the budget holds (bisection on the count)."""
     gains = plan.gains or [1.0] * len(plan.units)
     pruned = [i for i, m in enumerate(matrices) if m is not None]
@@ -227,7 +240,6 @@ def _back_off(plan: PrunePlan, model: onnx.ModelProto, matrices: list[np.ndarray
     return with_dense(count)
 
 
-
 def _report(plan: PrunePlan, matrices: Sequence[np.ndarray | None]) -> tuple[dict[str, int | float], list[str]]:
     """Return totals and one note per layer (sparsity, weights, relative output error)."""
     zeros = 0
@@ -239,8 +251,10 @@ def _report(plan: PrunePlan, matrices: Sequence[np.ndarray | None]) -> tuple[dic
         error = f", relative output error {plan.error(i, current):.2e}" if unit.stats is not None else ""
         lines.append(f"{unit.key}: sparsity {layer_zeros / unit.size:.3f} of {unit.size} weights{error}")
     stats: dict[str, int | float] = {
-        "sparsity": round(zeros / plan.total, 6), "weights_zeroed": zeros, "prunable_weights": plan.total,
-        "layers_pruned": sum(1 for m in matrices if m is not None), "layers": len(plan.units),
+        "sparsity": round(zeros / plan.total, 6),
+        "weights_zeroed": zeros,
+        "prunable_weights": plan.total,
+        "layers_pruned": sum(1 for m in matrices if m is not None),
+        "layers": len(plan.units),
     }
     return stats, lines
-

@@ -124,8 +124,9 @@ class PrunePlan:
     def _repaired(self, index: int, count: int) -> np.ndarray:
         return sparsegpt(self.units[index].matrix, None, count=count, factor=self._factor(index))
 
-    def choose_damping(self, candidates: Sequence[float] = DAMPINGS, *, max_rows: int | None = 128,
-                       progress: Progress | None = None) -> None:
+    def choose_damping(
+        self, candidates: Sequence[float] = DAMPINGS, *, max_rows: int | None = 128, progress: Progress | None = None
+    ) -> None:
         """Set each unit's repair damping to the one of ``candidates`` with the least cross-validated error.
 
         The error is that of pruning to :attr:`probe` sparsity, repaired on all folds but
@@ -137,8 +138,10 @@ class PrunePlan:
         with (progress or NullProgress()).task("choosing the repair damping", len(eligible)) as task:
             for unit in eligible:
                 count = round(self.probe * unit.size)
-                errors = [cross_validated_error(unit.matrix, unit.folds, [count], damp=d,
-                                                max_rows=max_rows)[0] for d in candidates]
+                errors = [
+                    cross_validated_error(unit.matrix, unit.folds, [count], damp=d, max_rows=max_rows)[0]
+                    for d in candidates
+                ]
                 best = int(np.argmin(errors))
                 unit.damp, unit.cv_error = float(candidates[best]), float(errors[best])
                 log.debug("unit %s: damping %s, cross-validated errors %s", unit.key, unit.damp, errors)
@@ -157,8 +160,9 @@ class PrunePlan:
             elif self.repair and gram is not None:
                 result = self._repaired(index, count)
             else:
-                result = np.where(lowest_mask(activation_scores(unit.matrix, self._norms(unit)), count),
-                                  np.float32(0), unit.matrix)
+                result = np.where(
+                    lowest_mask(activation_scores(unit.matrix, self._norms(unit)), count), np.float32(0), unit.matrix
+                )
             self._cache[key] = result
         return self._cache[key]
 
@@ -237,8 +241,9 @@ class PrunePlan:
         remove_unused(graph)
         return result
 
-    def measure_sensitivity(self, model: onnx.ModelProto, samples: list, *, probe: float = 0.5,
-                            progress: Progress | None = None) -> None:
+    def measure_sensitivity(
+        self, model: onnx.ModelProto, samples: list, *, probe: float = 0.5, progress: Progress | None = None
+    ) -> None:
         """Set :attr:`gains`: model output error per unit of layer output error, per unit.
 
         Each unit alone is pruned to ``probe`` sparsity by its scores (no repair).
@@ -254,9 +259,16 @@ class PrunePlan:
         self.repair = saved_repair
         self._cache.clear()
 
-
-    def prune_sequentially(self, model: onnx.ModelProto, counts: Sequence[int], samples: list, *,
-                           chunks: int = 8, compensate: bool = True, seed: int = 0) -> list[np.ndarray | None]:
+    def prune_sequentially(
+        self,
+        model: onnx.ModelProto,
+        counts: Sequence[int],
+        samples: list,
+        *,
+        chunks: int = 8,
+        compensate: bool = True,
+        seed: int = 0,
+    ) -> list[np.ndarray | None]:
         """Return each unit pruned to ``counts``, in graph order, on inputs of the model pruned so far.
 
         Units go in ``chunks`` consecutive runs: the inputs of a run's layers are measured
@@ -270,14 +282,15 @@ class PrunePlan:
         active.sort(key=lambda i: position[id(self.units[i])])
         size = max(1, -(-len(active) // max(chunks, 1)))
         for start in range(0, len(active), size):
-            run = active[start:start + size]
+            run = active[start : start + size]
             if start == 0:
                 for i in run:
                     matrices[i] = self.pruned(i, counts[i])
                 continue
             current = self.apply(model, matrices)
-            paired = collect_paired_stats(model, current, [layer for i in run for layer in self.units[i].layers],
-                                          samples, seed=seed)
+            paired = collect_paired_stats(
+                model, current, [layer for i in run for layer in self.units[i].layers], samples, seed=seed
+            )
             for i in run:
                 unit = self.units[i]
                 merged = {id(paired[layer.key]): paired[layer.key] for layer in unit.layers}.values()
@@ -299,15 +312,25 @@ def _excluded(layer: Layer, node: onnx.NodeProto, patterns: Sequence[str]) -> bo
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns for name in names if name)
 
 
-def _collect_folds(model: onnx.ModelProto, layers: list[Layer], samples: list, folds: int, *, gram: bool, seed: int,
-                   progress: Progress | None) -> tuple[dict[str, InputStats], dict[str, list[np.ndarray]]]:
+def _collect_folds(
+    model: onnx.ModelProto,
+    layers: list[Layer],
+    samples: list,
+    folds: int,
+    *,
+    gram: bool,
+    seed: int,
+    progress: Progress | None,
+) -> tuple[dict[str, InputStats], dict[str, list[np.ndarray]]]:
     """Return the layers' input statistics over all ``samples`` and the ``XᵀX`` of each of ``folds`` parts.
 
     Part ``k`` holds samples ``k, k + folds, …``; the statistics are collected once per
     part and summed, so the model runs once per sample as without folds.
     """
-    parts = [collect_input_stats(model, layers, samples[k::folds], gram=gram, seed=seed + 7919 * k,
-                                 progress=progress) for k in range(folds)]
+    parts = [
+        collect_input_stats(model, layers, samples[k::folds], gram=gram, seed=seed + 7919 * k, progress=progress)
+        for k in range(folds)
+    ]
     totals: dict[int, InputStats] = {}
     merged: dict[str, InputStats] = {}
     fold_grams: dict[str, list[np.ndarray]] = {}
@@ -317,8 +340,8 @@ def _collect_folds(model: onnx.ModelProto, layers: list[Layer], samples: list, f
             grams = [g.gram for g in group]
             sums = [g.total for g in group]
             totals[id(first)] = InputStats(
-                sum(g.rows for g in group), _total(g.sq_sum for g in group),
-                _total_or_none(grams), _total_or_none(sums))
+                sum(g.rows for g in group), _total(g.sq_sum for g in group), _total_or_none(grams), _total_or_none(sums)
+            )
         merged[key] = totals[id(first)]
         grams = [part[key].gram for part in parts]
         if all(g is not None for g in grams):
@@ -337,8 +360,18 @@ def _total_or_none(arrays: Sequence[np.ndarray | None]) -> np.ndarray | None:
     return _total(present) if present and len(present) == len(arrays) else None
 
 
-def build_plan(model: onnx.ModelProto, *, scoring: str, repair: bool, exclude: Sequence[str], min_size: int,
-               samples: list | None, seed: int = 0, folds: int = 0, progress: Progress | None = None) -> PrunePlan:
+def build_plan(
+    model: onnx.ModelProto,
+    *,
+    scoring: str,
+    repair: bool,
+    exclude: Sequence[str],
+    min_size: int,
+    samples: list | None,
+    seed: int = 0,
+    folds: int = 0,
+    progress: Progress | None = None,
+) -> PrunePlan:
     """Find the prunable units of ``model``'s main graph and collect their input statistics.
 
     With ``folds`` > 1 (and at least two samples per fold) the statistics are also kept
@@ -371,8 +404,9 @@ def build_plan(model: onnx.ModelProto, *, scoring: str, repair: bool, exclude: S
         need_gram = repair or scoring == "activation"
         fold_grams: dict[str, list[np.ndarray]] = {}
         if folds > 1 and len(samples) >= 2 * folds and need_gram:
-            stats, fold_grams = _collect_folds(model, layers_read, samples, folds, gram=need_gram, seed=seed,
-                                               progress=progress)
+            stats, fold_grams = _collect_folds(
+                model, layers_read, samples, folds, gram=need_gram, seed=seed, progress=progress
+            )
         else:
             stats = collect_input_stats(model, layers_read, samples, gram=need_gram, seed=seed, progress=progress)
         for unit in units:
@@ -384,9 +418,6 @@ def build_plan(model: onnx.ModelProto, *, scoring: str, repair: bool, exclude: S
             total = merged[0]
             if len(merged) > 1 and len({id(s) for s in merged}) > 1:
                 grams = [s.gram for s in merged]
-                total = InputStats(sum(s.rows for s in merged), _total(s.sq_sum for s in merged),
-                                   _total_or_none(grams))
+                total = InputStats(sum(s.rows for s in merged), _total(s.sq_sum for s in merged), _total_or_none(grams))
             unit.stats = total
     return PrunePlan(units, scoring, repair, notes)
-
-

@@ -82,8 +82,9 @@ def activation_scores(weight: np.ndarray, norms: np.ndarray | None) -> np.ndarra
     return magnitude if norms is None else magnitude * norms[:, None, :]
 
 
-def relative_layer_error(weight: np.ndarray, pruned: np.ndarray, gram: np.ndarray | None,
-                         norms: np.ndarray | None = None) -> float:
+def relative_layer_error(
+    weight: np.ndarray, pruned: np.ndarray, gram: np.ndarray | None, norms: np.ndarray | None = None
+) -> float:
     """Return ``‖X(W − W')ᵀ‖² / ‖XWᵀ‖²`` from ``XᵀX`` (or its diagonal, ``norms²``, if no gram)."""
     w = weight.astype(np.float64)
     delta = w - pruned
@@ -105,9 +106,17 @@ def _block_counts(total: int, sizes: Sequence[int]) -> list[int]:
     return list(np.diff(marks))
 
 
-def sparsegpt(weight: np.ndarray, gram: np.ndarray | None, *, count: int | None = None,
-              nm: tuple[int, int] | None = None, mask: np.ndarray | None = None, blocksize: int = 128,
-              damp: float = 0.01, factor: np.ndarray | None = None) -> np.ndarray:
+def sparsegpt(
+    weight: np.ndarray,
+    gram: np.ndarray | None,
+    *,
+    count: int | None = None,
+    nm: tuple[int, int] | None = None,
+    mask: np.ndarray | None = None,
+    blocksize: int = 128,
+    damp: float = 0.01,
+    factor: np.ndarray | None = None,
+) -> np.ndarray:
     """Prune ``W[g, r, c]`` to ``count`` zeros (or an N:M pattern, or a given ``mask``) and re-fit the kept weights.
 
     ``gram`` is ``XᵀX`` per group ``[g, c, c]``; ``damp`` adds ``damp·mean(diag)`` to it
@@ -155,8 +164,14 @@ def sparsegpt(weight: np.ndarray, gram: np.ndarray | None, *, count: int | None 
     return w.astype(np.float32)
 
 
-def cross_validated_error(weight: np.ndarray, fold_grams: Sequence[np.ndarray], counts: Sequence[int], *,
-                          damp: float = 0.01, max_rows: int | None = None) -> list[float]:
+def cross_validated_error(
+    weight: np.ndarray,
+    fold_grams: Sequence[np.ndarray],
+    counts: Sequence[int],
+    *,
+    damp: float = 0.01,
+    max_rows: int | None = None,
+) -> list[float]:
     """Return the held-out relative output error of :func:`sparsegpt` at each of ``counts``, by k-fold.
 
     ``fold_grams`` holds ``XᵀX`` of disjoint parts of the calibration rows. For each part,

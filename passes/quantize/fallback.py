@@ -31,8 +31,15 @@ from onnxopt.graph import GraphIndex
 from onnxopt.harness import PROFILES, Tolerance, compare_outputs
 from onnxopt.runtime import Session
 
-__all__ = ["DEFAULT_TARGET", "Target", "depthwise_groups", "measure_latency", "output_noise", "parse_target",
-           "rank_by_removal"]
+__all__ = [
+    "DEFAULT_TARGET",
+    "Target",
+    "depthwise_groups",
+    "measure_latency",
+    "output_noise",
+    "parse_target",
+    "rank_by_removal",
+]
 
 _GATE = PROFILES["int8"]
 #: The default accuracy target is the signal floors of the gate's ``int8`` profile (cosine
@@ -97,8 +104,9 @@ def parse_target(target: str | Metric | None) -> Target:
         floors[match.group(1)] = float(match.group(2))
     if not floors:
         raise ValueError(f"empty target {target!r}")
-    tolerance = Tolerance(elementwise=False, min_cosine=floors.get("cosine"), min_sqnr_db=floors.get("sqnr"),
-                          min_top1=floors.get("top1"))
+    tolerance = Tolerance(
+        elementwise=False, min_cosine=floors.get("cosine"), min_sqnr_db=floors.get("sqnr"), min_top1=floors.get("top1")
+    )
     return Target(str(target), tolerance=tolerance, outputs=outputs)
 
 
@@ -143,8 +151,15 @@ def rank_by_removal(
     return gains
 
 
-def measure_latency(models: Sequence[onnx.ModelProto], sample: Sample, *, rounds: int = 15,
-                    threads: int | None = None, budget_seconds: float = 20.0, min_seconds: float = 0.5) -> list[float]:
+def measure_latency(
+    models: Sequence[onnx.ModelProto],
+    sample: Sample,
+    *,
+    rounds: int = 15,
+    threads: int | None = None,
+    budget_seconds: float = 20.0,
+    min_seconds: float = 0.5,
+) -> list[float]:
     """Return the median seconds per run of each model, runs interleaved (A, B, A, B, ...).
 
     At least ``rounds`` rounds and, for fast models, as many as fill ``min_seconds`` (15
@@ -200,5 +215,6 @@ def depthwise_groups(model: onnx.ModelProto, nodes: Mapping[str, onnx.NodeProto]
         if weight.shape[2] * weight.shape[3] > 9:
             large.append(name)
     groups = {"depthwise convs above 3x3": large, "depthwise convs": every}
-    return {label: names for label, names in groups.items() if names and not (label == "depthwise convs"
-                                                                              and names == large)}
+    return {
+        label: names for label, names in groups.items() if names and not (label == "depthwise convs" and names == large)
+    }

@@ -40,8 +40,16 @@ from onnxopt.progress import Progress
 __all__ = ["damping", "gptq_round", "output_error", "round_weights"]
 
 
-def gptq_round(weight: np.ndarray, gram: np.ndarray, scale: np.ndarray, *, qmin: int = -127, qmax: int = 127,
-               damp: float = 0.01, blocksize: int = 128) -> np.ndarray:
+def gptq_round(
+    weight: np.ndarray,
+    gram: np.ndarray,
+    scale: np.ndarray,
+    *,
+    qmin: int = -127,
+    qmax: int = 127,
+    damp: float = 0.01,
+    blocksize: int = 128,
+) -> np.ndarray:
     """Return the integers ``q[g, r, c]`` (int64) such that ``q·scale`` approximates ``weight`` on the inputs.
 
     ``weight`` and ``scale`` are ``[groups, rows, features]`` (scale > 0 everywhere),
@@ -95,8 +103,9 @@ def damping(features: int, rows: int) -> float:
     return float(np.clip(0.01 * 10 * features / max(rows, 1), 0.001, 0.01))
 
 
-def round_weights(model: onnx.ModelProto, samples: Sequence[Sample], *, per_channel: bool,
-                  progress: Progress | None = None) -> tuple[Rounded, list[str]]:
+def round_weights(
+    model: onnx.ModelProto, samples: Sequence[Sample], *, per_channel: bool, progress: Progress | None = None
+) -> tuple[Rounded, list[str]]:
     """Return GPTQ integers for the weights of ``model``'s layers, keyed ``(weight, axis)``, and notes.
 
     Each value is ``(scale, integers)``: the scale is the symmetric int8 one the rewrite
@@ -137,7 +146,9 @@ def round_weights(model: onnx.ModelProto, samples: Sequence[Sample], *, per_chan
         ratios.append(after / before if before > 0 else 0.0)
         result[(layer.weight, axis)] = (params.scale, from_canonical(layer, integers).astype(np.int8))
     if ratios:
-        notes.append(f"weights of {len(result)} layer(s) rounded to compensate each other's error (GPTQ on "
-                     f"{len(samples)} calibration samples): layer output error {np.median(ratios):.2f}x that of "
-                     "nearest rounding (median)")
+        notes.append(
+            f"weights of {len(result)} layer(s) rounded to compensate each other's error (GPTQ on "
+            f"{len(samples)} calibration samples): layer output error {np.median(ratios):.2f}x that of "
+            "nearest rounding (median)"
+        )
     return result, notes

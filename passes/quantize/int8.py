@@ -72,8 +72,10 @@ def _mixed_concats(placement: Placement, ranges: dict[str, tuple[float, float]],
             continue
         widths = [ranges[t][1] - ranges[t][0] for t in node.input if t in ranges]
         if len(widths) >= 2 and min(widths) >= 0 and max(widths) > ratio * max(min(widths), 1e-12):
-            reasons[name] = (f"its inputs mix very different ranges (widths {min(widths):.3g} to {max(widths):.3g}); "
-                             "one int8 scale cannot serve both")
+            reasons[name] = (
+                f"its inputs mix very different ranges (widths {min(widths):.3g} to {max(widths):.3g}); "
+                "one int8 scale cannot serve both"
+            )
     return reasons
 
 
@@ -186,8 +188,9 @@ class QuantizeInt8(Pass):
 
     # ------------------------------------------------------------------ steps
 
-    def _calibrate(self, model: onnx.ModelProto, tensors: list[str], data: Dataset, ctx: Context,
-                   stats: dict[str, Any]) -> tuple[dict[str, tuple[float, float]], dict[str, str]]:
+    def _calibrate(
+        self, model: onnx.ModelProto, tensors: list[str], data: Dataset, ctx: Context, stats: dict[str, Any]
+    ) -> tuple[dict[str, tuple[float, float]], dict[str, str]]:
         """Return calibrated ranges and the tensors blocked (tensor → reason)."""
         dtype = np.dtype(self.activation_type)
         started = time.perf_counter()
@@ -225,10 +228,14 @@ class QuantizeInt8(Pass):
         """Return ``variant`` placed and rewritten."""
         ranges, blocked = state.ranges, state.blocked
         op_types = self.op_types if self.op_types is not None else DEFAULT_OP_TYPES
-        common: dict[str, Any] = {"op_types": op_types, "exclude": self.exclude, "per_channel": self.per_channel,
-                  "weight_only": self.weight_only,
-                  "float_weights": variant.float_weights,
-                  "depthwise": self.depthwise}
+        common: dict[str, Any] = {
+            "op_types": op_types,
+            "exclude": self.exclude,
+            "per_channel": self.per_channel,
+            "weight_only": self.weight_only,
+            "float_weights": variant.float_weights,
+            "depthwise": self.depthwise,
+        }
         float_nodes = dict(variant.float_nodes)
         placement = place(model, float_nodes=float_nodes, blocked=blocked, **common)
         mixed = _mixed_concats(placement, ranges, self.mixed_range_ratio)
@@ -260,18 +267,26 @@ class QuantizeInt8(Pass):
         stats: dict[str, Any] = {"bytes_before": serialized_size(model)}
         nested = nested_ops(model.graph, ANCHOR_OPS)
         if nested:
-            notes.append(f"left {nested} node(s) inside If/Loop/Scan bodies in float (only the main graph is "
-                         "quantized)")
+            notes.append(
+                f"left {nested} node(s) inside If/Loop/Scan bodies in float (only the main graph is quantized)"
+            )
         target: Target | None = parse_target(self.target) if self.target is not None else None
         outputs = [o.name for o in model.graph.output]
         unknown = [name for name in (target.outputs if target else ()) if name not in outputs]
         if unknown:
-            raise OnnxoptError(f"the accuracy target names output(s) {', '.join(unknown)} that the model does not "
-                               f"have; its outputs are {', '.join(outputs)}")
+            raise OnnxoptError(
+                f"the accuracy target names output(s) {', '.join(unknown)} that the model does not "
+                f"have; its outputs are {', '.join(outputs)}"
+            )
         work = model
         if self.per_channel and opset_version(model) < _MIN_OPSET:
-            work = upgrade_opset(model, _MIN_OPSET, needed_for="per-channel DequantizeLinear",
-                                 otherwise="weights per tensor", notes=notes)
+            work = upgrade_opset(
+                model,
+                _MIN_OPSET,
+                needed_for="per-channel DequantizeLinear",
+                otherwise="weights per tensor",
+                notes=notes,
+            )
         per_channel_ok = self.per_channel and opset_version(work) >= _MIN_OPSET
         _name_nodes(work)
         if not work.graph.value_info:
@@ -282,13 +297,19 @@ class QuantizeInt8(Pass):
             calib, held = ctx.calibration.split(self.holdout)
         else:
             calib, held = ctx.calibration, ctx.calibration
-        first = place(work, op_types=self.op_types or DEFAULT_OP_TYPES, exclude=self.exclude,
-                      per_channel=bool(per_channel_ok), depthwise=self.depthwise)
+        first = place(
+            work,
+            op_types=self.op_types or DEFAULT_OP_TYPES,
+            exclude=self.exclude,
+            per_channel=bool(per_channel_ok),
+            depthwise=self.depthwise,
+        )
         ranges, blocked = self._calibrate(work, first.observed, calib, ctx, stats)
         rounded: Rounded = {}
         if self.weight_rounding == "gptq":
-            rounded, rounding_notes = round_weights(work, list(calib), per_channel=bool(per_channel_ok),
-                                                    progress=ctx.progress)
+            rounded, rounding_notes = round_weights(
+                work, list(calib), per_channel=bool(per_channel_ok), progress=ctx.progress
+            )
             notes += rounding_notes
         state = _Calibrated(ranges, blocked, rounded)
 
@@ -299,16 +320,26 @@ class QuantizeInt8(Pass):
         returned: tuple[str, ...] = ()
         if target is not None:
             fallback = accuracy_fallback(
-                work, built, build, target, held, fitted=calib if calib is not held else Dataset([]),
-                max_fallback=self.max_fallback, budget=self._latency_budget(work, ctx), progress=ctx.progress)
+                work,
+                built,
+                build,
+                target,
+                held,
+                fitted=calib if calib is not held else Dataset([]),
+                max_fallback=self.max_fallback,
+                budget=self._latency_budget(work, ctx),
+                progress=ctx.progress,
+            )
             notes += fallback.notes
             stats["target_met"] = int(fallback.met)
             built, returned = fallback.built, fallback.returned
             if not fallback.met:
                 # an int8 model outside its accuracy target is not a result: keep the float model
                 stats["fallback_nodes"] = len(returned)
-                notes.append("kept the float model: the accuracy target was not met within the fallback's limits "
-                             "(latency budget or max_fallback); loosen --target or set check_latency=false")
+                notes.append(
+                    "kept the float model: the accuracy target was not met within the fallback's limits "
+                    "(latency budget or max_fallback); loosen --target or set check_latency=false"
+                )
                 return PassResult(model, False, stats, notes)
 
         if self.check_latency:
@@ -351,8 +382,15 @@ class QuantizeInt8(Pass):
         """Return True when the latency check compares with the pipeline's starting model."""
         return self.check_latency and self.latency_reference == "source"
 
-    def _latency(self, float_model: onnx.ModelProto, quantized: onnx.ModelProto, sample: dict[str, np.ndarray],
-                 reference: onnx.ModelProto | None, stats: dict[str, Any], notes: list[str]) -> bool:
+    def _latency(
+        self,
+        float_model: onnx.ModelProto,
+        quantized: onnx.ModelProto,
+        sample: dict[str, np.ndarray],
+        reference: onnx.ModelProto | None,
+        stats: dict[str, Any],
+        notes: list[str],
+    ) -> bool:
         """Time the models; return False when int8 is slower than the model it must not lose to.
 
         That model is the pipeline's starting model (``latency_reference="source"``, when the
@@ -365,8 +403,10 @@ class QuantizeInt8(Pass):
         float_s, int8_s = timings[0], timings[1]
         stats["latency_float_ms"] = round(float_s * 1e3, 3)
         stats["latency_int8_ms"] = round(int8_s * 1e3, 3)
-        text = (f"latency on the first calibration sample: float input of this pass {float_s * 1e3:.2f} ms, "
-                f"int8 {int8_s * 1e3:.2f} ms ({int8_s / float_s:.2f}x)")
+        text = (
+            f"latency on the first calibration sample: float input of this pass {float_s * 1e3:.2f} ms, "
+            f"int8 {int8_s * 1e3:.2f} ms ({int8_s / float_s:.2f}x)"
+        )
         against, label = float_s, "this pass's float input"
         if reference is not None:
             source_s = timings[2]
@@ -375,11 +415,15 @@ class QuantizeInt8(Pass):
             against, label = source_s, "the pipeline's starting model"
         notes.append(text)
         if int8_s > 1.03 * against:
-            notes.append(f"the int8 model is slower than {label} on this machine; kept the float model "
-                         "(set check_latency=false to keep int8 anyway)")
+            notes.append(
+                f"the int8 model is slower than {label} on this machine; kept the float model "
+                "(set check_latency=false to keep int8 anyway)"
+            )
             return False
         if int8_s > 1.03 * float_s:
-            notes.append(f"kept int8: {int8_s / float_s:.2f}x the time of this pass's float input (the passes before "
-                         f"it made float faster) but {int8_s / against:.2f}x {label}'s, at a smaller file; set "
-                         "latency_reference='input' to keep the faster float model instead")
+            notes.append(
+                f"kept int8: {int8_s / float_s:.2f}x the time of this pass's float input (the passes before "
+                f"it made float faster) but {int8_s / against:.2f}x {label}'s, at a smaller file; set "
+                "latency_reference='input' to keep the faster float model instead"
+            )
         return True

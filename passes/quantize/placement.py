@@ -61,10 +61,26 @@ __all__ = [
 
 ANCHOR_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 _OUTPUT_QUANTIZED_ANCHORS = frozenset({"Conv", "ConvTranspose"})
-FLOW_OPS = frozenset({
-    "Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool", "MaxPool", "Relu", "Clip", "Sigmoid",
-    "LeakyRelu", "Resize", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze",
-})
+FLOW_OPS = frozenset(
+    {
+        "Add",
+        "Mul",
+        "Concat",
+        "GlobalAveragePool",
+        "AveragePool",
+        "MaxPool",
+        "Relu",
+        "Clip",
+        "Sigmoid",
+        "LeakyRelu",
+        "Resize",
+        "Reshape",
+        "Transpose",
+        "Flatten",
+        "Squeeze",
+        "Unsqueeze",
+    }
+)
 #: Enabled by default. Measured (onnxruntime 1.32, 1 thread): PP-OCR det 480x640 int8 0.68x the
 #: float latency with these; PP-OCR cls (48x192) 1.45x, too small for integer kernels to pay.
 DEFAULT_OP_TYPES = ANCHOR_OPS | FLOW_OPS | {"Gather"}
@@ -73,7 +89,6 @@ _ALL_ACTIVATIONS = frozenset({"Add", "Mul", "Concat"})
 _CONTROL_REASON = "its output decides an If/Loop condition (a small error there switches branches); weights kept float"
 _MIN_TABLE = 4096
 _MIN_WEIGHT_ONLY = 256  # smaller weights: two more nodes and a scale cost about what int8 saves
-
 
 
 @dataclass(frozen=True)
@@ -148,8 +163,13 @@ def _anchor_check(node: onnx.NodeProto, g: GraphFacts) -> str | None:
 
 def _table_check(node: onnx.NodeProto, g: GraphFacts) -> bool:
     table = g.index.constant(node.input[0])
-    return (table is not None and table.ndim == 2 and table.size >= _MIN_TABLE and table.dtype.kind == "f"
-            and int(node_attribute(node, "axis", 0)) == 0)
+    return (
+        table is not None
+        and table.ndim == 2
+        and table.size >= _MIN_TABLE
+        and table.dtype.kind == "f"
+        and int(node_attribute(node, "axis", 0)) == 0
+    )
 
 
 def _clip_from_zero(node: onnx.NodeProto, g: GraphFacts) -> bool:
@@ -196,8 +216,11 @@ def place(
     blocked = dict(blocked or {})
     result = Placement()
     chosen: dict[str, onnx.NodeProto] = {}
-    regions = {} if "Lookup" not in enabled else {
-        r.output: r for r in lookup_regions(g, enabled, exclude) if not any(n in forced for n in r.nodes)}
+    regions = (
+        {}
+        if "Lookup" not in enabled
+        else {r.output: r for r in lookup_regions(g, enabled, exclude) if not any(n in forced for n in r.nodes)}
+    )
     in_region = {n for r in regions.values() for n in r.nodes}
     control = control_tensors(g.graph, g.index)
     for node in g.graph.node:
@@ -217,8 +240,11 @@ def place(
             if _table_check(node, g):
                 result.tables.append(node.name)
         elif node.op_type in ANCHOR_OPS:
-            reason = _anchor_check(node, g) or (None if depthwise or not is_depthwise(node, g.index) else
-                                                "depthwise convolution (computes in float by default)")
+            reason = _anchor_check(node, g) or (
+                None
+                if depthwise or not is_depthwise(node, g.index)
+                else "depthwise convolution (computes in float by default)"
+            )
             if reason:
                 result.float_reasons[node.name] = reason
             else:
@@ -241,8 +267,11 @@ def place(
 
     def quantized_output(name: str) -> bool:
         producer = g.index.producer.get(name)
-        return producer is not None and producer.name in chosen and (
-            producer.op_type in _OUTPUT_QUANTIZED_ANCHORS or producer.op_type in FLOW_OPS or name in regions)
+        return (
+            producer is not None
+            and producer.name in chosen
+            and (producer.op_type in _OUTPUT_QUANTIZED_ANCHORS or producer.op_type in FLOW_OPS or name in regions)
+        )
 
     changed = True
     while changed:
@@ -276,16 +305,26 @@ def place(
         if node.op_type in ("Relu", "Clip") and _clip_from_zero(node, g):
             source = node.input[0]
             producer = g.index.producer.get(source)
-            if (producer is not None and producer.name in chosen and producer.op_type in _OUTPUT_QUANTIZED_ANCHORS
-                    and g.index.uses(source) == 1):
+            if (
+                producer is not None
+                and producer.name in chosen
+                and producer.op_type in _OUTPUT_QUANTIZED_ANCHORS
+                and g.index.uses(source) == 1
+            ):
                 result.absorbed.add(node.name)
         if node.op_type in ANCHOR_OPS:
             _weights_and_bias(node, g, per_channel, result)
     if weight_only:
         for node in g.graph.node:
-            if (node.op_type in ANCHOR_OPS and node.name not in chosen and node.name not in float_weights
-                    and node.output[0] not in control
-                    and is_default_domain(node) and node.op_type in enabled and not excluded(node, exclude)):
+            if (
+                node.op_type in ANCHOR_OPS
+                and node.name not in chosen
+                and node.name not in float_weights
+                and node.output[0] not in control
+                and is_default_domain(node)
+                and node.op_type in enabled
+                and not excluded(node, exclude)
+            ):
                 _weight_only(node, g, per_channel, result)
     result.observed = list(tensors)
     for name in result.absorbed:
@@ -314,5 +353,3 @@ def _weight_only(node: onnx.NodeProto, g: GraphFacts, per_channel: bool, result:
         return
     result.weights.append(WeightUse(node.name, 1, weight_axis(node, value.ndim, per_channel)))
     result.weight_only.append(node.name)
-
-
