@@ -162,3 +162,33 @@ def test_unit_rows_get_no_top1_but_logit_rows_do():
     assert "top1" in [s.name for s in infer_metrics(model, _samples([[[3.0, 1.0, 0.0, 0.0]]]))]
     ints = infer_metrics(model, [{"y": np.array([[1, 2]], np.int64)}])
     assert [s.name for s in ints] == ["equal"]
+
+
+def test_cross_fitted_verdict_judges_every_sample_with_a_model_that_did_not_see_it():
+    from onnxopt.passes.common.budget import TaskBudget
+    from onnxopt.passes.common.estimate import cross_fitted_verdict, estimate_notes, fold_members
+
+    assert fold_members(6, 3) == [[0, 3], [1, 4], [2, 5]]
+    model = _softmax_model([1, 3])
+    rng = np.random.default_rng(0)
+    samples = [{"x": rng.normal(size=(1, 3)).astype(np.float32)} for _ in range(8)]
+    seen_sizes = []
+
+    def refit(fit):
+        seen_sizes.append(len(fit))
+        held = [s for s in samples if not any(s is f for f in fit)]
+        assert len(held) == 2  # the fold the model is judged on is never in its fit
+        negated = make_model(
+            [helper.make_node("Neg", ["x"], ["n"]), helper.make_node("Softmax", ["n"], ["y"], axis=-1)],
+            [vi("x", [1, 3])],
+            [vi("y", [1, 3])],
+        )
+        return model if len(seen_sizes) % 2 else negated  # half the folds flip every decision
+
+    verdict = cross_fitted_verdict(model, samples, refit, TaskBudget(), folds=4)
+    assert seen_sizes == [6, 6, 6, 6]
+    (result,) = verdict.results
+    assert result.metric == "top1" and result.items == 8 and result.value == 0.5 and not result.passed
+    stats, notes = estimate_notes(verdict, 4)
+    assert stats["cross_fitted_agreement"] == 0.5 and "NOT met" in notes[0]
+    assert cross_fitted_verdict(model, samples[:7], refit, TaskBudget(), folds=4) is None
