@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError, Message
 from onnx import numpy_helper
 
 from onnxopt.errors import ExternalDataError, ModelLoadError
@@ -96,6 +97,11 @@ def _check_structure(model: onnx.ModelProto, label: str) -> None:
     """Catch files that parse as protobuf but are not (whole) ONNX models."""
     if model.ir_version <= 0 or not model.HasField("graph"):
         raise ModelLoadError(f"{label} is not an ONNX model (no IR version or graph); pass a .onnx file")
+    where = _invalid_text(model, "model")
+    if where is not None:
+        raise ModelLoadError(
+            f"{label}: {where} is not valid UTF-8 text (corrupt file); re-export or re-download the model"
+        )
     if not model.graph.output:
         raise ModelLoadError(f"{label} has a graph without outputs: the file looks truncated")
     defined = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
@@ -111,6 +117,36 @@ def _check_structure(model: onnx.ModelProto, label: str) -> None:
         defined.update(node.output)
     if any(o.name not in defined for o in model.graph.output):
         raise ModelLoadError(f"{label}: a graph output is never produced (truncated file?)")
+
+
+def _invalid_text(message: Message, path: str) -> str | None:
+    """Return where a string field holds bytes that are not UTF-8, or None.
+
+    Protobuf parses such a field (it hands back ``bytes``), and the first pass or
+    runtime that reads it as text fails far from the cause; one walk at load time
+    names it instead. Only string and message fields are read, never tensor payloads.
+    """
+    for descriptor in message.DESCRIPTOR.fields:
+        if descriptor.type not in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_MESSAGE):
+            continue
+        # protobuf 6 has ``is_repeated``; older releases only ``label``
+        repeated = getattr(descriptor, "is_repeated", None)
+        if repeated is None:
+            repeated = descriptor.label == FieldDescriptor.LABEL_REPEATED
+        if not repeated and not message.HasField(descriptor.name):
+            continue
+        value = getattr(message, descriptor.name)
+        if descriptor.type == FieldDescriptor.TYPE_STRING:
+            if any(isinstance(v, bytes) for v in (value if repeated else [value])):
+                return f"{path}.{descriptor.name}"
+            continue
+        items = list(enumerate(value)) if repeated else [(None, value)]
+        for index, item in items:
+            where = f"{path}.{descriptor.name}" + (f"[{index}]" if index is not None else "")
+            found = _invalid_text(item, where)
+            if found is not None:
+                return found
+    return None
 
 
 def _external_target(tensor: onnx.TensorProto, base_dir: Path, label: str) -> tuple[Path, int, int | None]:
