@@ -20,6 +20,7 @@ from rich.console import Console
 
 from onnxopt.errors import CalibrationDataError, OnnxoptError, RecipeError, VerificationError
 from onnxopt.outputs import Output, check_location, write_outputs
+from onnxopt.params import ParamText
 
 __all__ = ["app", "main"]
 
@@ -108,10 +109,7 @@ def _parse_overrides(params: list[str]) -> dict[str, Any]:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise RecipeError(f"--param {item!r}: expected NAME=VALUE")
-        try:
-            overrides[key] = json.loads(text)
-        except json.JSONDecodeError:
-            overrides[key] = text
+        overrides[key] = ParamText(text)  # parsed against each pass's declared type (onnxopt.params)
     return overrides
 
 

@@ -22,6 +22,7 @@ from onnxopt.data import Dataset, check_calibration
 from onnxopt.errors import OnnxoptError, RecipeError
 from onnxopt.graph import drop_shape_annotations, iter_graphs
 from onnxopt.model import ModelStats, exceeds_protobuf_limit, model_stats
+from onnxopt.params import coerce_param
 from onnxopt.progress import NullProgress, Progress
 
 try:
@@ -174,6 +175,7 @@ def create_pass(name: str, **params: Any) -> Pass:
         raise RecipeError(
             f"pass {name!r} has no parameter {unknown[0]!r}; valid parameters: {', '.join(valid) or '(none)'}"
         )
+    params = {key: coerce_param(name, cls, key, value) for key, value in params.items()}
     try:
         return cls(**params)
     except (TypeError, ValueError) as exc:
