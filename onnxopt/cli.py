@@ -144,6 +144,10 @@ def optimize(
     shape: ShapeOpt = [],  # noqa: B006
     int_range: IntRangeOpt = [],  # noqa: B006
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table, no progress bars.")] = False,
+    require_applied: Annotated[
+        bool,
+        typer.Option("--require-applied", help="Exit 1 when a lossy pass was not applied (the model is written)."),
+    ] = False,
 ) -> None:
     """Run a pipeline on MODEL and write the result to OUTPUT."""
     from onnxopt.data import load_dataset
@@ -158,6 +162,7 @@ def optimize(
     if report is not None:
         check_location(report, "--report")
     loaded = load_model(model)
+    loaded_graph = load_model(model, load_external_data=False)
     overrides = _parse_overrides(param)
     for key, value in (("sparsity", sparsity), ("rank", rank), ("energy", energy), ("target", target)):
         if value is not None:
@@ -179,7 +184,7 @@ def optimize(
         data_file = saved.with_name(saved.name + ".data")
         written["bytes"] = saved.stat().st_size + (data_file.stat().st_size if data_file.exists() else 0)
 
-    input_bytes = model.stat().st_size
+    input_bytes = _file_bytes(model, loaded_graph)
     outputs = [Output(output, "-o", write_model)]
     if report is not None:
         outputs.append(
@@ -188,6 +193,7 @@ def optimize(
                 "--report",
                 _json_writer(
                     lambda: {
+                        "status": result.to_dict()["status"],
                         "model": str(model),
                         "output": str(output),
                         "pipeline": spec.name,
@@ -204,7 +210,58 @@ def optimize(
         from onnxopt.display import render_pipeline
 
         render_pipeline(out, result, output_bytes=size)
+        for record in result.outcomes():
+            out.print(f"{record.name}: {record.status}" + (f": {record.reason}" if record.reason else ""), markup=False)
         out.print(f"wrote {output} ({size:,} bytes; input {input_bytes:,} bytes)")
+    if size > input_bytes:
+        err.print(
+            f"onnxopt: warning: {_growth(result, size, input_bytes)}", highlight=False, soft_wrap=True, markup=False
+        )
+    blocked = [r for r in result.outcomes() if r.status == "not applied"]
+    if require_applied and blocked:
+        first = blocked[0]
+        err.print(
+            f"onnxopt: {first.name} was not applied ({first.reason}); --require-applied makes this exit 1 "
+            f"(the model was written to {output})",
+            highlight=False,
+            soft_wrap=True,
+            markup=False,
+        )
+        raise typer.Exit(1)
+
+
+def _file_bytes(path: Path, graph: Any) -> int:
+    """Return the bytes of a model file plus the external data files it references."""
+    import onnx
+
+    from onnxopt.graph import iter_tensors
+
+    files = {
+        entry.value
+        for tensor in iter_tensors(graph)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    return path.stat().st_size + sum((path.parent / f).stat().st_size for f in files if (path.parent / f).is_file())
+
+
+def _growth(result: Any, size: int, input_bytes: int) -> str:
+    """Say that the output is larger than the input, and which pass added the most bytes."""
+    message = f"the output ({size:,} bytes) is larger than the input ({input_bytes:,} bytes)"
+    grown = [r for r in result.records if r.changed and r.after.bytes > r.before.bytes]
+    if grown:
+        worst = max(grown, key=lambda r: r.after.bytes - r.before.bytes)
+        message += f": pass {worst.name} added the most ({worst.after.bytes - worst.before.bytes:,} bytes)"
+        if not worst.exact or worst.name.startswith("fold"):
+            message += (
+                ", e.g. weights folded into a copy while the original stays read elsewhere"
+                if worst.exact
+                else " (see its notes)"
+            )
+    else:
+        message += " (normalization or serialization, not a pass: see the notes)"
+    return message
 
 
 def _graph_of(path: Path) -> Any:

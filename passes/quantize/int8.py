@@ -16,6 +16,7 @@ The pass is a short sequence of separate steps, each in its own module:
 from __future__ import annotations
 
 import logging
+import re
 import time
 import tracemalloc
 from collections.abc import Callable, Sequence
@@ -46,7 +47,7 @@ from onnxopt.errors import CalibrationDataError, OnnxoptError
 from onnxopt.graph import NameGenerator, nested_ops
 from onnxopt.model import serialized_size
 from onnxopt.normalize import infer_shapes
-from onnxopt.pipeline import Context, Pass, PassResult, register_pass
+from onnxopt.pipeline import APPLIED, NOT_APPLIED, PARTLY_APPLIED, Context, Pass, PassResult, register_pass
 
 __all__ = ["QuantizeInt8"]
 
@@ -340,7 +341,8 @@ class QuantizeInt8(Pass):
                     "kept the float model: the accuracy target was not met within the fallback's limits "
                     "(latency budget or max_fallback); loosen --target or set check_latency=false"
                 )
-                return PassResult(model, False, stats, notes)
+                reason = f"accuracy target {self.target} not met within the fallback's limits; the float model is kept"
+                return PassResult(model, False, stats, _float_notes(notes, model), NOT_APPLIED, reason)
 
         if self.check_latency:
             built = latency_probes(work, built, build, ctx.calibration[0], threads=self.threads, notes=notes)
@@ -360,8 +362,15 @@ class QuantizeInt8(Pass):
             shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
             notes.append(f"kept float ({len(names)}): {reason}: {shown}")
         if not kept:
-            return PassResult(model, False, stats, notes)
-        return PassResult(quantized, True, stats, notes)
+            reason = "the int8 model was slower than the float one on this machine; the float model is kept"
+            return PassResult(model, False, stats, _float_notes(notes, model), NOT_APPLIED, reason)
+        if placement.float_reasons or returned:
+            float_count = len(placement.float_reasons)
+            reason = f"{len(placement.nodes)} node(s) quantized, {float_count} kept float"
+            if returned:
+                reason += f" ({len(returned)} returned to float by the accuracy fallback)"
+            return PassResult(quantized, True, stats, notes, PARTLY_APPLIED, reason)
+        return PassResult(quantized, True, stats, notes, APPLIED, f"{len(placement.nodes)} node(s) quantized")
 
     def _latency_budget(self, work: onnx.ModelProto, ctx: Context) -> Callable[[onnx.ModelProto], str | None] | None:
         """Return the check the accuracy fallback must keep passing: no slower than the latency reference."""
@@ -427,3 +436,18 @@ class QuantizeInt8(Pass):
                 "latency_reference='input' to keep the faster float model instead"
             )
         return True
+
+
+def _float_notes(notes: list[str], model: onnx.ModelProto) -> list[str]:
+    """Return ``notes`` true of the float model the pass returns: opset upgrades were not kept."""
+    version = opset_version(model)
+    kept = []
+    for note in notes:
+        match = re.match(r"upgraded the model from opset (\d+) to (\d+) \((.*) needs it\)$", note)
+        if match:
+            note = (
+                f"the int8 model needed opset {match.group(2)} ({match.group(3)}); the float model written keeps "
+                f"opset {version}"
+            )
+        kept.append(note)
+    return kept
