@@ -518,6 +518,7 @@ class PassManager:
     def run(self, model: onnx.ModelProto, ctx: Context | None = None) -> PipelineResult:
         """Optimize a copy of ``model``; the argument itself is never modified."""
         from onnxopt.model import load_model
+        from onnxopt.normalize import declare_initializers
         from onnxopt.normalize import normalize as normalize_model
 
         ctx = ctx or Context()
@@ -525,6 +526,12 @@ class PassManager:
             check_calibration(ctx.calibration)
         working = load_model(model)
         source = model_stats(working)
+        # Before IR 4 every initializer must also be a graph input, which makes it an overridable
+        # input rather than a constant. The passes run under IR 4's rules (what they add is a
+        # constant); the run ends by restoring the version and declaring what they added.
+        legacy_ir = working.ir_version if working.ir_version < 4 else None
+        if legacy_ir is not None:
+            working.ir_version = 4
         had_shapes = any(len(g.value_info) for g in iter_graphs(working.graph))
         notes: list[str] = []
         if self.normalize:
@@ -590,13 +597,21 @@ class PassManager:
                     f"removed {removed} unused node(s) and initializer(s) the passes left behind (the pipeline "
                     "ends with dead-code clean-up)"
                 )
+        if legacy_ir is not None:
+            working.ir_version = legacy_ir
+            declared = declare_initializers(working)
+            if declared:
+                current = model_stats(working)
+                notes.append(
+                    f"IR version {legacy_ir}: declared the {declared} initializer(s) the pipeline added as graph "
+                    "inputs too, as that IR version requires (onnxruntime then treats them as overridable inputs)"
+                )
         if self.normalize and not had_shapes:
             dropped = drop_shape_annotations(working)
             if dropped:
                 notes.append(
                     f"dropped the {dropped} shape annotations (value_info) that normalization added for the "
-                    "passes: the input had none, and onnxruntime fuses differently with them (MiniLM: "
-                    "SkipLayerNormalization, 5 % slower on one thread)"
+                    "passes: the input had none, and onnxruntime can fuse differently with them"
                 )
         return PipelineResult(
             model=working,

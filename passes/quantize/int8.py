@@ -305,6 +305,11 @@ class QuantizeInt8(Pass):
             per_channel=bool(per_channel_ok),
             depthwise=self.depthwise,
         )
+        if not (first.nodes or first.weight_only or first.tables or first.lookups):
+            causes = sorted(set(first.float_reasons.values()))
+            reason = "no node can be quantized" + (f" ({'; '.join(causes[:3])})" if causes else "")
+            notes += _kept_float_notes(first.float_reasons)
+            return PassResult(model, False, stats, _float_notes(notes, model), NOT_APPLIED, reason)
         ranges, blocked = self._calibrate(work, first.observed, calib, ctx, stats)
         rounded: Rounded = {}
         if self.weight_rounding == "gptq":
@@ -355,12 +360,7 @@ class QuantizeInt8(Pass):
         stats["bytes_after"] = serialized_size(quantized)
         reference = ctx.reference if self.latency_reference == "source" else None
         kept = self._latency(work, quantized, ctx.calibration[0], reference, stats, notes)
-        reasons: dict[str, list[str]] = {}
-        for name, reason in placement.float_reasons.items():
-            reasons.setdefault(reason, []).append(name)
-        for reason, names in sorted(reasons.items(), key=lambda kv: -len(kv[1])):
-            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-            notes.append(f"kept float ({len(names)}): {reason}: {shown}")
+        notes += _kept_float_notes(placement.float_reasons)
         if not kept:
             reason = "the int8 model was slower than the float one on this machine; the float model is kept"
             return PassResult(model, False, stats, _float_notes(notes, model), NOT_APPLIED, reason)
@@ -451,3 +451,15 @@ def _float_notes(notes: list[str], model: onnx.ModelProto) -> list[str]:
             )
         kept.append(note)
     return kept
+
+
+def _kept_float_notes(float_reasons: dict[str, str]) -> list[str]:
+    """Return one note per reason a node stayed float, most frequent first, naming a few nodes."""
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in float_reasons.items():
+        by_reason.setdefault(reason, []).append(name)
+    notes = []
+    for reason, names in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        notes.append(f"kept float ({len(names)}): {reason}: {shown}")
+    return notes
