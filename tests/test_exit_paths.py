@@ -209,3 +209,25 @@ def test_inspect_warns_and_strict_refuses_external_data_outside_the_folder(tmp_p
     _one_line(code, err, "outside the model's folder")
     code, _, err = _run(["optimize", path, "-o", tmp_path / "o.onnx"], capsys)
     _one_line(code, err, "outside the model's folder")
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda t: setattr(t, "data_type", 0), "is not an ONNX type"),
+        (lambda t: setattr(t, "raw_data", t.raw_data[:10]), "truncated"),
+    ],
+    ids=["undefined type", "truncated"],
+)
+def test_unreadable_tensor_is_exit_2(tmp_path, capsys, edit, expected):
+    # found by tests/test_fuzz.py: a Constant's tensor with element type 0 was exit 3 in normalization
+    model = onnx.load(EXAMPLES / "digits.onnx")
+    weight = model.graph.initializer[0]
+    if not weight.raw_data:
+        weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight), weight.name))
+    edit(weight)
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(model.SerializeToString())
+    code, _, err = _run(["optimize", path, "-o", tmp_path / "o.onnx", "-q"], capsys)
+    _one_line(code, err, expected)
+    assert not (tmp_path / "o.onnx").exists()
