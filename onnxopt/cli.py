@@ -213,6 +213,15 @@ def optimize(
         for record in result.outcomes():
             out.print(f"{record.name}: {record.status}" + (f": {record.reason}" if record.reason else ""), markup=False)
         out.print(f"wrote {output} ({size:,} bytes; input {input_bytes:,} bytes)")
+    if verifier is not None:
+        if not quiet:
+            out.print(
+                f"verified {len(verifier.checked)} changed pass run(s) on {verifier.sample_count} sample(s): every "
+                "output matched",
+                markup=False,
+            )
+        for warning in verifier.warnings:
+            err.print(f"onnxopt: warning: {warning}", highlight=False, soft_wrap=True, markup=False)
     if size > input_bytes:
         err.print(
             f"onnxopt: warning: {_growth(result, size, input_bytes)}", highlight=False, soft_wrap=True, markup=False

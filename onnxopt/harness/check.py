@@ -16,6 +16,7 @@ from onnxopt.harness.compare import PROFILES, LevelResult, compare_outputs
 from onnxopt.harness.inputs import synthesize_inputs
 from onnxopt.harness.layers import compare_layers
 from onnxopt.harness.report import Report
+from onnxopt.harness.vacuous import vacuous_outputs, vacuous_warning
 from onnxopt.model import ModelSource, load_model, verify_external_data
 from onnxopt.runtime import Session
 
@@ -91,6 +92,9 @@ def check(
                 f"{exc} (the inputs were synthesized: pass real inputs with --data, or fit them to the model "
                 "with --shape NAME:DIMS and --int-range NAME:LOW:HIGH)"
             ) from exc
+    synthesized = data.source == "synthesized"
+    for name, what in vacuous_outputs(reference_outputs).items():
+        notes.append(f"warning: {vacuous_warning(name, what, synthesized)}")
     results: list[LevelResult] = []
     for level in levels:
         with Session(cand_source, optimization=level, label="candidate") as session:
