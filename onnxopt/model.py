@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError, Message
 from onnx import numpy_helper
 
 from onnxopt.errors import ExternalDataError, ModelLoadError
@@ -96,6 +97,16 @@ def _check_structure(model: onnx.ModelProto, label: str) -> None:
     """Catch files that parse as protobuf but are not (whole) ONNX models."""
     if model.ir_version <= 0 or not model.HasField("graph"):
         raise ModelLoadError(f"{label} is not an ONNX model (no IR version or graph); pass a .onnx file")
+    where = _invalid_text(model, "model")
+    if where is not None:
+        raise ModelLoadError(
+            f"{label}: {where} is not valid UTF-8 text (corrupt file); re-export or re-download the model"
+        )
+    for tensor in iter_tensors(model):
+        problem = _tensor_problem(tensor)
+        if problem is not None:
+            what = f"tensor {tensor.name!r}" if tensor.name else "an unnamed tensor (a Constant value or attribute)"
+            raise ModelLoadError(f"{label}: {what} {problem} (corrupt file); re-export or re-download the model")
     if not model.graph.output:
         raise ModelLoadError(f"{label} has a graph without outputs: the file looks truncated")
     defined = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
@@ -111,6 +122,71 @@ def _check_structure(model: onnx.ModelProto, label: str) -> None:
         defined.update(node.output)
     if any(o.name not in defined for o in model.graph.output):
         raise ModelLoadError(f"{label}: a graph output is never produced (truncated file?)")
+
+
+#: element types whose raw_data is whole bytes per element (4-bit and string types are left out)
+_BYTE_TYPES: dict[int, int] = {
+    onnx.TensorProto.FLOAT: 4,
+    onnx.TensorProto.DOUBLE: 8,
+    onnx.TensorProto.FLOAT16: 2,
+    onnx.TensorProto.BFLOAT16: 2,
+    onnx.TensorProto.INT8: 1,
+    onnx.TensorProto.UINT8: 1,
+    onnx.TensorProto.INT16: 2,
+    onnx.TensorProto.UINT16: 2,
+    onnx.TensorProto.INT32: 4,
+    onnx.TensorProto.UINT32: 4,
+    onnx.TensorProto.INT64: 8,
+    onnx.TensorProto.UINT64: 8,
+    onnx.TensorProto.BOOL: 1,
+    onnx.TensorProto.COMPLEX64: 8,
+    onnx.TensorProto.COMPLEX128: 16,
+}
+
+
+def _tensor_problem(tensor: onnx.TensorProto) -> str | None:
+    """Return what makes a tensor unreadable (undefined type, payload not matching its shape), or None."""
+    if tensor.data_type not in onnx.TensorProto.DataType.values() or tensor.data_type == onnx.TensorProto.UNDEFINED:
+        return f"has element type {tensor.data_type}, which is not an ONNX type"
+    if any(d < 0 for d in tensor.dims):
+        return f"has a negative dimension {list(tensor.dims)}"
+    itemsize = _BYTE_TYPES.get(tensor.data_type)
+    if itemsize is None or tensor.data_location == onnx.TensorProto.EXTERNAL or not tensor.HasField("raw_data"):
+        return None
+    expected = int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+    if len(tensor.raw_data) != expected:
+        return f"holds {len(tensor.raw_data)} bytes, its shape {list(tensor.dims)} needs {expected} (truncated?)"
+    return None
+
+
+def _invalid_text(message: Message, path: str) -> str | None:
+    """Return where a string field holds bytes that are not UTF-8, or None.
+
+    Protobuf parses such a field (it hands back ``bytes``), and the first pass or
+    runtime that reads it as text fails far from the cause; one walk at load time
+    names it instead. Only string and message fields are read, never tensor payloads.
+    """
+    for descriptor in message.DESCRIPTOR.fields:
+        if descriptor.type not in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_MESSAGE):
+            continue
+        # protobuf 6 has ``is_repeated``; older releases only ``label``
+        repeated = getattr(descriptor, "is_repeated", None)
+        if repeated is None:
+            repeated = descriptor.label == FieldDescriptor.LABEL_REPEATED
+        if not repeated and not message.HasField(descriptor.name):
+            continue
+        value = getattr(message, descriptor.name)
+        if descriptor.type == FieldDescriptor.TYPE_STRING:
+            if any(isinstance(v, bytes) for v in (value if repeated else [value])):
+                return f"{path}.{descriptor.name}"
+            continue
+        items = list(enumerate(value)) if repeated else [(None, value)]
+        for index, item in items:
+            where = f"{path}.{descriptor.name}" + (f"[{index}]" if index is not None else "")
+            found = _invalid_text(item, where)
+            if found is not None:
+                return found
+    return None
 
 
 def _external_target(tensor: onnx.TensorProto, base_dir: Path, label: str) -> tuple[Path, int, int | None]:
