@@ -64,6 +64,11 @@ def _name_nodes(model: onnx.ModelProto) -> None:
         seen.add(node.name)
 
 
+def _qdq_count(model: onnx.ModelProto) -> int:
+    """Return how many QuantizeLinear/DequantizeLinear nodes the main graph holds."""
+    return sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+
+
 def _mixed_concats(placement: Placement, ranges: dict[str, tuple[float, float]], ratio: float) -> dict[str, str]:
     """Return Concat nodes whose inputs' ranges differ by more than ``ratio`` (name → reason)."""
     reasons = {}
@@ -304,6 +309,11 @@ class QuantizeInt8(Pass):
             per_channel=bool(per_channel_ok),
             depthwise=self.depthwise,
         )
+        if not first.nodes and not first.weight_only:
+            # nothing has an integer kernel here: calibrating and timing would only end in the same model
+            notes.append("nothing to quantize in the main graph: no node has an onnxruntime integer kernel")
+            stats["nodes_quantized"] = 0
+            return PassResult(model, False, stats, notes)
         ranges, blocked = self._calibrate(work, first.observed, calib, ctx, stats)
         rounded: Rounded = {}
         if self.weight_rounding == "gptq":
@@ -360,6 +370,10 @@ class QuantizeInt8(Pass):
             shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
             notes.append(f"kept float ({len(names)}): {reason}: {shown}")
         if not kept:
+            return PassResult(model, False, stats, notes)
+        if _qdq_count(quantized) == _qdq_count(work):
+            # every candidate went back to float: the rewrite inserted nothing, so the model is unchanged
+            notes.append("nothing was quantized (every candidate node was kept float); kept the input model")
             return PassResult(model, False, stats, notes)
         return PassResult(quantized, True, stats, notes)
 
