@@ -58,11 +58,12 @@ def run_check(
     profile: str = "exact",
     data: Dataset | None = None,
     iterations: int = 3,
+    overrides: Mapping[str, Mapping[str, float]] | None = None,
     **synth: object,
 ) -> Report:
-    """Run the harness on two in-memory models."""
+    """Run the harness on two in-memory models (``overrides``: per-output tolerance fields, ``*`` for all)."""
     data = data or synthesize_inputs(reference, iterations=iterations, **synth)  # type: ignore[arg-type]
-    return check(reference, candidate, data, profile=profile)
+    return check(reference, candidate, data, profile=profile, overrides=overrides)
 
 
 def assert_equivalent(
@@ -71,12 +72,13 @@ def assert_equivalent(
     *,
     profile: str = "exact",
     data: Dataset | None = None,
+    overrides: Mapping[str, Mapping[str, float]] | None = None,
     **synth: object,
 ) -> Report:
     """Assert the harness judges ``candidate`` equivalent to ``reference``."""
     # onnx's shape inference cannot read sparse initializers: check the structure only then.
     onnx.checker.check_model(candidate, full_check=not any(g.sparse_initializer for g in [candidate.graph]))
-    report = run_check(reference, candidate, profile=profile, data=data, **synth)
+    report = run_check(reference, candidate, profile=profile, data=data, overrides=overrides, **synth)
     assert report.passed, "\n".join(report.failures())
     return report
 

@@ -53,6 +53,8 @@ __all__ = ["QuantizeInt8"]
 log = logging.getLogger(__name__)
 
 _MIN_OPSET = 13  # per-channel DequantizeLinear (axis) needs opset 13
+#: counts of apply_plan that mean the model changed (int8 weights, tables, Q/DQ pairs)
+_INSERTED = ("weights_quantized", "biases_quantized", "tables_quantized", "activations_quantized", "lookup_tables")
 
 
 def _name_nodes(model: onnx.ModelProto) -> None:
@@ -64,9 +66,16 @@ def _name_nodes(model: onnx.ModelProto) -> None:
         seen.add(node.name)
 
 
-def _qdq_count(model: onnx.ModelProto) -> int:
-    """Return how many QuantizeLinear/DequantizeLinear nodes the main graph holds."""
-    return sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+def _float_notes(placement: Placement) -> list[str]:
+    """Return one note per reason a node was kept float, naming the first few nodes."""
+    reasons: dict[str, list[str]] = {}
+    for name, reason in placement.float_reasons.items():
+        reasons.setdefault(reason, []).append(name)
+    notes = []
+    for reason, names in sorted(reasons.items(), key=lambda kv: -len(kv[1])):
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        notes.append(f"kept float ({len(names)}): {reason}: {shown}")
+    return notes
 
 
 def _mixed_concats(placement: Placement, ranges: dict[str, tuple[float, float]], ratio: float) -> dict[str, str]:
@@ -309,9 +318,10 @@ class QuantizeInt8(Pass):
             per_channel=bool(per_channel_ok),
             depthwise=self.depthwise,
         )
-        if not first.nodes and not first.weight_only:
+        if not (first.nodes or first.weight_only or first.tables or first.lookups):
             # nothing has an integer kernel here: calibrating and timing would only end in the same model
-            notes.append("nothing to quantize in the main graph: no node has an onnxruntime integer kernel")
+            notes.append("nothing to quantize in the main graph (no node both has an integer kernel and may change)")
+            notes += _float_notes(first)
             stats["nodes_quantized"] = 0
             return PassResult(model, False, stats, notes)
         ranges, blocked = self._calibrate(work, first.observed, calib, ctx, stats)
@@ -363,15 +373,10 @@ class QuantizeInt8(Pass):
         stats["bytes_after"] = serialized_size(quantized)
         reference = ctx.reference if self.latency_reference == "source" else None
         kept = self._latency(work, quantized, ctx.calibration[0], reference, stats, notes)
-        reasons: dict[str, list[str]] = {}
-        for name, reason in placement.float_reasons.items():
-            reasons.setdefault(reason, []).append(name)
-        for reason, names in sorted(reasons.items(), key=lambda kv: -len(kv[1])):
-            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-            notes.append(f"kept float ({len(names)}): {reason}: {shown}")
+        notes += _float_notes(placement)
         if not kept:
             return PassResult(model, False, stats, notes)
-        if _qdq_count(quantized) == _qdq_count(work):
+        if not any(counts.get(key, 0) for key in _INSERTED):
             # every candidate went back to float: the rewrite inserted nothing, so the model is unchanged
             notes.append("nothing was quantized (every candidate node was kept float); kept the input model")
             return PassResult(model, False, stats, notes)
