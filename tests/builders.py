@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxopt.data import Dataset
 from onnxopt.graph import iter_graphs
 from onnxopt.harness import Report, check, synthesize_inputs
+from onnxopt.harness.judge import parse_metric
 from onnxopt.pipeline import Context, PassResult, create_pass
 
 __all__ = [
@@ -70,11 +71,17 @@ def run_check(
     data: Dataset | None = None,
     iterations: int = 3,
     overrides: Mapping[str, Mapping[str, float]] | None = None,
+    metrics: Sequence[str] = (),
     **synth: object,
 ) -> Report:
-    """Run the harness on two in-memory models (``overrides``: per-output tolerance fields, ``*`` for all)."""
+    """Run the harness on two in-memory models.
+
+    ``overrides``: per-output tolerance fields (``*`` for all); ``metrics``: declared task
+    metrics (``OUTPUT:NAME>=FLOOR``), which replace the judge's inferred ones on their outputs.
+    """
     data = data or synthesize_inputs(reference, iterations=iterations, **synth)  # type: ignore[arg-type]
-    return check(reference, candidate, data, profile=profile, overrides=overrides)
+    declared = [parse_metric(text) for text in metrics]
+    return check(reference, candidate, data, profile=profile, overrides=overrides, metrics=declared)
 
 
 def assert_equivalent(
@@ -84,12 +91,13 @@ def assert_equivalent(
     profile: str = "exact",
     data: Dataset | None = None,
     overrides: Mapping[str, Mapping[str, float]] | None = None,
+    metrics: Sequence[str] = (),
     **synth: object,
 ) -> Report:
     """Assert the harness judges ``candidate`` equivalent to ``reference``."""
     # onnx's shape inference cannot read sparse initializers: check the structure only then.
     onnx.checker.check_model(candidate, full_check=not any(g.sparse_initializer for g in [candidate.graph]))
-    report = run_check(reference, candidate, profile=profile, data=data, overrides=overrides, **synth)
+    report = run_check(reference, candidate, profile=profile, data=data, overrides=overrides, metrics=metrics, **synth)
     assert report.passed, "\n".join(report.failures())
     return report
 
