@@ -457,7 +457,10 @@ def _build_all(
         if not running:
             break
         timeout = max(0.0, build_deadline - time.time()) + GRACE_SECONDS
-        finished, _ = wait(running, timeout=timeout, return_when=FIRST_COMPLETED)
+        names = ", ".join(c.name for c, _ in running.values())
+        left = max(0.0, deadline - time.monotonic())
+        with _step(progress, f"tune: building {names} ({left / 60:.1f} min left)"):
+            finished, _ = wait(running, timeout=timeout, return_when=FIRST_COMPLETED)
         if not finished:
             pool.stop()
             for candidate, recipe in running.values():

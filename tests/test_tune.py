@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -328,3 +329,18 @@ def test_a_failed_build_is_reported_not_raised(tmp_path: Path) -> None:
     assert row.status == "failed" and "CalibrationDataError" in row.reason
     assert result.winner.name in ("fuse", "float (as given)")
     assert not math.isnan(result.winner.size_ratio)
+
+
+def test_ray_runs_the_same_candidates_on_a_local_instance(tmp_path: Path) -> None:
+    if os.environ.get("CI"):
+        import ray  # in CI ray is installed with the test extra: a missing ray is a failure
+    else:
+        ray = pytest.importorskip("ray")
+    try:
+        result = onnxopt.tune(tiny_model(), tiny_data(), budget_minutes=2, ray="local", workdir=tmp_path, only=["fuse"])
+    finally:
+        ray.shutdown()
+    rows = {r.name: r for r in result.candidates}
+    assert rows["fuse"].host and rows["fuse"].latency is not None  # timed on the worker that built it
+    assert rows["fuse"].judgement is not None and rows["fuse"].judgement.passed
+    assert result.winner.name in ("fuse", "float (as given)")
