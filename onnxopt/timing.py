@@ -4,12 +4,16 @@ A shared machine's load drifts by tens of percent within a minute, so two models
 one after the other are not comparable. Here every round runs the baseline and each
 candidate once, back to back, and the figure reported is the median over rounds of the
 candidate's time divided by the baseline's time in the same round; the spread of those
-per-round ratios (half the interquartile range) is the noise. Sessions run at
-onnxruntime's default optimization level with a fixed number of intra-op threads.
+per-round ratios (half the interquartile range) is the noise, and the standard error of
+the median follows from it. A round times each model over at least ``min_round_seconds``
+(several runs of a fast model, averaged), so a single preempted run of a 2 ms model does
+not make the round's ratio meaningless. Sessions run at onnxruntime's default
+optimization level with a fixed number of intra-op threads.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Sequence
@@ -38,6 +42,13 @@ class Latency:
     baseline_seconds: float
     rounds: int
 
+    @property
+    def error(self) -> float:
+        """Return the standard error of the median ratio (from the IQR, as for a normal spread)."""
+        if self.rounds < 2:
+            return self.noise
+        return 1.858 * self.noise / math.sqrt(self.rounds)
+
     def to_dict(self) -> dict[str, float | int]:
         """Return a JSON-ready dictionary."""
         return {
@@ -46,6 +57,7 @@ class Latency:
             "seconds": self.seconds,
             "baseline_seconds": self.baseline_seconds,
             "rounds": self.rounds,
+            "error": round(self.error, 4),
         }
 
 
@@ -82,6 +94,7 @@ def interleaved_ratios(
     rounds: int = 20,
     warmup: int = 2,
     deadline: float | None = None,
+    min_round_seconds: float = 0.02,
 ) -> list[Latency]:
     """Time ``candidates`` against ``baseline`` in interleaved rounds; one :class:`Latency` each.
 
@@ -89,17 +102,23 @@ def interleaved_ratios(
     before :data:`MIN_ROUNDS` of them, so a tight budget still yields a figure.
     """
     sessions = [latency_session(m, threads=threads) for m in (baseline, *candidates)]
+    single = math.inf
     for session in sessions:
-        for _ in range(warmup):
+        for _ in range(max(warmup, 1)):
+            started = time.perf_counter()
             session.run(None, sample)
+            if session is sessions[0]:
+                single = min(single, time.perf_counter() - started)
+    repeats = max(1, math.ceil(min_round_seconds / max(single, 1e-6)))
     times: list[list[float]] = [[] for _ in sessions]
     for index in range(rounds):
         if deadline is not None and index >= MIN_ROUNDS and time.monotonic() > deadline:
             break
         for i, session in enumerate(sessions):
             started = time.perf_counter()
-            session.run(None, sample)
-            times[i].append(time.perf_counter() - started)
+            for _ in range(repeats):
+                session.run(None, sample)
+            times[i].append((time.perf_counter() - started) / repeats)
     base = times[0]
     results = []
     for own in times[1:]:

@@ -214,13 +214,19 @@ def _score(row: CandidateResult, objective: str) -> tuple[float, float]:
     return row.latency.ratio, row.size_ratio
 
 
-def choose(rows: list[CandidateResult], objective: str) -> CandidateResult:
-    """Return the best measured row: never clearly slower than the float model; ties within noise go to the smaller.
+def _not_slower(row: CandidateResult) -> bool:
+    """Return True unless the row is slower than the float model beyond twice its standard error."""
+    return row.latency is not None and row.latency.ratio <= 1.0 + 2 * row.latency.error
 
-    Under ``latency``, every row within the fastest one's noise counts as fastest, and the
-    smallest of them wins, so a noisy machine does not pick a larger model by chance.
+
+def choose(rows: list[CandidateResult], objective: str) -> CandidateResult:
+    """Return the best measured row: never slower than the float model; ties within noise go to the smaller.
+
+    Under ``latency``, every row whose ratio is within twice the combined standard error
+    of the fastest one's counts as fastest, and the smallest of them wins, so a noisy
+    machine does not pick a larger model by chance.
     """
-    measured = [r for r in rows if r.measured and r.latency is not None and r.latency.ratio <= 1.0 + r.latency.noise]
+    measured = [r for r in rows if r.measured and _not_slower(r)]
     baseline = next(r for r in rows if r.status == "baseline")
     if not measured:
         return baseline
@@ -228,9 +234,13 @@ def choose(rows: list[CandidateResult], objective: str) -> CandidateResult:
         return min(measured, key=lambda r: _score(r, objective))
     fastest = min(measured, key=lambda r: _score(r, objective))
     assert fastest.latency is not None
-    bound = fastest.latency.ratio + fastest.latency.noise
-    tied = [r for r in measured if r.latency is not None and r.latency.ratio <= bound]
-    return min(tied, key=lambda r: (r.size_ratio, _score(r, objective)))
+
+    def tied(row: CandidateResult) -> bool:
+        assert row.latency is not None and fastest.latency is not None
+        bound = 2 * math.hypot(row.latency.error, fastest.latency.error)
+        return row.latency.ratio <= fastest.latency.ratio + bound
+
+    return min((r for r in measured if tied(r)), key=lambda r: (r.size_ratio, _score(r, objective)))
 
 
 def _time_candidates(
@@ -248,7 +258,7 @@ def _time_candidates(
         (quick[i],) = interleaved_ratios(model_path, [rows[i].path], sample, threads=threads, rounds=QUICK_ROUNDS)
         beaten = [j for j in quick if j != i and rows[j].size_bytes <= rows[i].size_bytes]
         for j in beaten:
-            if quick[i].ratio - quick[i].noise > quick[j].ratio + quick[j].noise:
+            if quick[i].ratio - 2 * quick[i].error > quick[j].ratio + 2 * quick[j].error:
                 rows[i] = replace(
                     rows[i],
                     status="pruned",
@@ -342,6 +352,7 @@ def tune(
         calibration, evaluation = split_data(dataset, seed)
         save_samples(calibration, folder / "calibration")
         save_samples(evaluation, folder / "evaluation")
+        (folder / "prefixes").mkdir(exist_ok=True)
         listed = build_candidates(loaded, target=target)
         if only is not None:
             known = [c.name for c in listed.candidates]
@@ -450,6 +461,7 @@ def _build_all(
                 seed,
                 build_deadline,
                 threads,
+                cache_dir=str(folder / "prefixes"),
             )
             with _step(progress, f"tune: {candidate.name} ({index}/{len(candidates)}, {left / 60:.1f} min left)"):
                 future = pool.submit(job)

@@ -151,8 +151,10 @@ def _model_facts(model: onnx.ModelProto) -> dict[str, bool]:
 def build_candidates(model: onnx.ModelProto, *, target: str | None = None) -> CandidateList:
     """Return the candidate recipes for ``model``, in the order the search tries them.
 
-    Cheap and likely winners come first (``fuse``, the floor; ``int8``), so a short
-    budget still covers them; costly searches (pruning ladders, low rank) come later.
+    The presets come first, cheap and likely winners leading (``fuse``, the floor;
+    ``int8``; channel pruning and pruning then int8), so the default budget covers every
+    preset a user would try by hand; variants of their parameters follow, and magnitude
+    pruning (zeros onnxruntime still computes) comes last.
     """
     presets = available_presets()
     facts = _model_facts(model)
@@ -164,12 +166,17 @@ def build_candidates(model: onnx.ModelProto, *, target: str | None = None) -> Ca
         found.append(Candidate(name, _frozen(spec), ladder=ladder, strength=strength, preset=preset))
 
     add("fuse", load_recipe("fuse"), preset="fuse")
-    if "int8" in presets:
-        int8 = load_recipe("int8")
-        add("int8", int8, preset="int8")
-        add("int8 no fallback", _with_params(int8, "quantize_int8", {"max_fallback": 0}))
-        if facts["conv"]:
-            add("int8 depthwise", _with_params(int8, "quantize_int8", {"depthwise": True}))
+    has_int8 = "int8" in presets
+    if has_int8:
+        add("int8", load_recipe("int8"), preset="int8")
+    channels = load_recipe("prune_channels") if "prune_channels" in presets else None
+    if channels is not None and not facts["conv"]:
+        skipped["prune_channels"] = "no Conv (structured channel pruning has nothing to remove)"
+        channels = None
+    if channels is not None:
+        add("prune_channels", channels, preset="prune_channels")
+        if has_int8:
+            add("prune_channels+int8", _then(channels, load_recipe("int8")))
     for low_bit in ("int8_weights", "int4"):
         if low_bit not in presets:
             continue
@@ -177,28 +184,24 @@ def build_candidates(model: onnx.ModelProto, *, target: str | None = None) -> Ca
             add(low_bit, load_recipe(low_bit), preset=low_bit)
         else:
             skipped[low_bit] = "no MatMul/Gemm with a constant weight (weight-only quantization has nothing to do)"
-    if "prune_channels" in presets:
-        if facts["conv"]:
-            channels = load_recipe("prune_channels")
-            add("prune_channels", channels, preset="prune_channels")
-            if "int8" in presets:
-                int8 = load_recipe("int8")
-                add("prune_channels+int8", _then(channels, int8))
-                for ratio in PRUNE_RATIOS:
-                    fixed = _with_params(channels, "prune_channels", {"ratio": ratio})
-                    add(
-                        f"prune_channels {ratio:g}+int8",
-                        _then(fixed, int8),
-                        ladder="prune_channels+int8",
-                        strength=ratio,
-                    )
-        else:
-            skipped["prune_channels"] = "no Conv (structured channel pruning has nothing to remove)"
     if "lowrank" in presets:
         if facts["matmul"]:
             add("lowrank", load_recipe("lowrank"), preset="lowrank")
         else:
             skipped["lowrank"] = "no MatMul/Gemm with a constant weight"
+    # Variants of the presets' main parameters, after every preset.
+    if has_int8:
+        int8 = load_recipe("int8")
+        add("int8 no fallback", _with_params(int8, "quantize_int8", {"max_fallback": 0}))
+        if facts["conv"]:
+            add("int8 depthwise", _with_params(int8, "quantize_int8", {"depthwise": True}))
+        if facts["matmul"]:
+            add("int8 MatMul only", _with_params(int8, "quantize_int8", {"op_types": ["MatMul"]}))
+    if channels is not None and has_int8:
+        for ratio in PRUNE_RATIOS:
+            fixed = _with_params(channels, "prune_channels", {"ratio": ratio})
+            add(f"prune_channels {ratio:g}+int8", _then(fixed, load_recipe("int8")), ladder="prune_channels+int8",
+                strength=ratio)  # fmt: skip
     if "prune" in presets:
         add("prune", load_recipe("prune"), preset="prune")
     named = {c.preset for c in found if c.preset}

@@ -18,6 +18,7 @@ ends worker processes that are still running.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import signal
@@ -37,7 +38,16 @@ from onnxopt.timing import Latency
 from onnxopt.tune_candidates import Candidate
 from onnxopt.tune_judge import Judgement
 
-__all__ = ["BudgetExceeded", "BuildJob", "BuildOutcome", "Executor", "build_candidate", "make_executor", "peak_memory"]
+__all__ = [
+    "BudgetExceeded",
+    "BuildJob",
+    "BuildOutcome",
+    "Executor",
+    "build_candidate",
+    "make_executor",
+    "peak_memory",
+    "run_stages",
+]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +77,7 @@ class BuildJob:
     threads: int = 1
     time_on_worker: bool = False
     rounds: int = 20
+    cache_dir: str = ""  # where stage outputs are shared between candidates ("": no sharing)
 
 
 @dataclass(frozen=True)
@@ -108,9 +119,12 @@ def _deadline_timer(deadline: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
+#: Loads the model, runs one sample and prints the process's peak resident memory. VmHWM is
+#: the peak of this process image alone: ``ru_maxrss`` would report the parent's size too,
+#: since Linux carries it across fork and exec.
 _MEMORY_PROBE = """
-import resource, sys
-import numpy as np, onnxruntime as ort
+import sys
+import onnxruntime as ort
 from onnxopt.data import load_dataset
 sample = load_dataset(sys.argv[2])[0]
 options = ort.SessionOptions()
@@ -118,7 +132,8 @@ options.intra_op_num_threads = int(sys.argv[3])
 options.log_severity_level = 4
 session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
 session.run(None, sample)
-print("PEAK", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+status = open("/proc/self/status").read().split("VmHWM:")[1].split()
+print("PEAK", int(status[0]) * 1024)
 """
 
 
@@ -145,11 +160,56 @@ def _pass_notes(records: list[Any]) -> tuple[str, ...]:
     return tuple(notes[:6])
 
 
+def _prefix_path(cache_dir: str, stages: tuple[Any, ...]) -> Path:
+    digest = hashlib.sha256(repr(stages).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"prefix-{len(stages)}-{digest}.onnx"
+
+
+def run_stages(job: BuildJob, calibration: Any) -> tuple[Any, list[Any]]:
+    """Run the candidate's stages as one pipeline run would, starting from the longest cached prefix.
+
+    Candidates share leading stages (every recipe fuses first; pruning then int8 starts
+    with the pruning candidate's stages), so each stage's output is kept in
+    ``job.cache_dir`` and a later candidate starts after the longest prefix it shares.
+    The result equals one :class:`PassManager` run over all stages: the model is
+    normalized once, the intermediate models keep their shape annotations, every stage
+    sees the normalized input as ``ctx.reference``, and the annotations are dropped at the
+    end only when the input had none.
+    """
+    from onnxopt.graph import drop_shape_annotations, iter_graphs
+    from onnxopt.model import load_model, save_model
+    from onnxopt.normalize import normalize
+    from onnxopt.pipeline import CheckerInstrument, Context, PipelineSpec
+
+    original = load_model(job.model_path)
+    had_shapes = any(len(g.value_info) for g in iter_graphs(original.graph))
+    reference = normalize(original).model
+    stages = job.candidate.stages
+    start, working = 0, reference
+    for k in range(len(stages), 0, -1):
+        cached = _prefix_path(job.cache_dir, stages[:k]) if job.cache_dir else None
+        if cached is not None and cached.exists():
+            start, working = k, load_model(cached)
+            break
+    records: list[Any] = []
+    ctx = Context(calibration=calibration, seed=job.seed, reference=reference)
+    spec = job.candidate.spec()
+    for index in range(start, len(stages)):
+        single = PipelineSpec([spec.stages[index]])
+        result = single.build(instruments=[CheckerInstrument()], normalize=False).run(working, ctx)
+        working = result.model
+        records += result.records
+        if job.cache_dir:  # the whole recipe too: a longer recipe may start with it
+            save_model(working, _prefix_path(job.cache_dir, stages[: index + 1]))
+    if not had_shapes:
+        drop_shape_annotations(working)
+    return working, records
+
+
 def build_candidate(job: BuildJob) -> BuildOutcome:
     """Build ``job.candidate`` from the model, save it, judge it on the evaluation samples, measure its memory."""
     from onnxopt.data import load_dataset
     from onnxopt.model import load_model, save_model
-    from onnxopt.pipeline import CheckerInstrument, Context
     from onnxopt.runtime import run_model
     from onnxopt.tune_judge import judge_candidate
 
@@ -157,14 +217,11 @@ def build_candidate(job: BuildJob) -> BuildOutcome:
     name = job.candidate.name
     try:
         with _deadline_timer(job.deadline):
-            model = load_model(job.model_path)
-            calibration = load_dataset(job.calibration_dir, model)
-            ctx = Context(calibration=calibration, seed=job.seed)
-            manager = job.candidate.spec().build(instruments=[CheckerInstrument()])
-            result = manager.run(model, ctx)
-            save_model(result.model, job.output_path)
-            notes = _pass_notes(result.records)
-            del result, model
+            calibration = load_dataset(job.calibration_dir, load_model(job.model_path, load_external_data=False))
+            model, records = run_stages(job, calibration)
+            save_model(model, job.output_path)
+            notes = _pass_notes(records)
+            del model
             evaluation = load_dataset(job.evaluation_dir)
             reference = run_model(job.model_path, evaluation, optimization="default")
             outputs = run_model(job.output_path, evaluation, optimization="default")

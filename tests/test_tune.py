@@ -213,7 +213,7 @@ def test_tune_chooses_a_model_that_meets_the_target(tuned: tuple[onnxopt.TuneRes
     result, folder = tuned
     winner = result.winner
     assert winner.status == "chosen" and winner.judgement is not None and winner.judgement.passed
-    assert winner.latency is not None and winner.latency.ratio <= 1.0 + winner.latency.noise
+    assert winner.latency is not None and winner.latency.ratio <= 1.0 + 2 * winner.latency.error
     assert (folder / "out.onnx").read_bytes() == Path(winner.path).read_bytes()
     assert {r.name for r in result.candidates} == {"float (as given)", "fuse", "int8", "int8 no fallback"}
     assert result.elapsed_seconds < result.budget_seconds
@@ -344,3 +344,31 @@ def test_ray_runs_the_same_candidates_on_a_local_instance(tmp_path: Path) -> Non
     assert rows["fuse"].host and rows["fuse"].latency is not None  # timed on the worker that built it
     assert rows["fuse"].judgement is not None and rows["fuse"].judgement.passed
     assert result.winner.name in ("fuse", "float (as given)")
+
+
+def test_a_candidate_started_from_a_cached_prefix_equals_one_pipeline_run(tmp_path: Path) -> None:
+    from onnxopt.pipeline import Context, PipelineSpec
+    from onnxopt.tune import save_samples
+    from onnxopt.tune_candidates import Candidate, _frozen
+    from onnxopt.tune_workers import BuildJob, _prefix_path, run_stages
+
+    model_file = tmp_path / "m.onnx"
+    onnx.save(tiny_model(), model_file)
+    data = tiny_data()
+    save_samples(data, tmp_path / "calib")
+    fuse = load_recipe("fuse")
+    # int8 without its latency check: the check times the model, and timing is not deterministic
+    spec = PipelineSpec([*fuse.stages, *load_recipe("int8").with_overrides({"check_latency": False}).stages[1:]])
+    first, second = Candidate("fuse", _frozen(fuse)), Candidate("int8", _frozen(spec))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+
+    def job(candidate: Candidate) -> BuildJob:
+        return BuildJob(candidate, str(model_file), "", "", "", None, 0, time.time() + 600, cache_dir=str(cache))
+
+    run_stages(job(first), data)
+    assert _prefix_path(str(cache), first.stages).exists()
+    staged, records = run_stages(job(second), data)
+    assert [r.name for r in records] == ["quantize_int8"]  # the fuse stage came from the cache
+    whole = spec.build().run(onnx.load(str(model_file)), Context(calibration=data, seed=0)).model
+    assert staged.SerializeToString() == whole.SerializeToString()
