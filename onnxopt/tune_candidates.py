@@ -7,6 +7,9 @@ weight-only ``int8_weights``/``int4`` presets before they land) is simply absent
 preset that cannot apply to the model (channel pruning without a Conv) is left out with
 its reason, so the report shows why it was not tried.
 
+Every candidate runs with the passes' own latency checks off (tune times each one itself,
+see :func:`_untimed`), so a candidate is a deterministic function of model, data and seed.
+
 Variants come in *ladders*: the same recipe at decreasing strength (a larger pruning
 ratio first). The search stops a ladder early: once a rung meets the target, the weaker
 rungs cannot be faster or smaller; once a rung misses it, the stronger ones would miss too.
@@ -124,6 +127,28 @@ def _with_target(spec: PipelineSpec, target: str | None) -> PipelineSpec:
     return PipelineSpec(stages, name=spec.name)
 
 
+def _untimed(spec: PipelineSpec) -> PipelineSpec:
+    """Turn off the passes' own latency checks (``check_latency=False``): tune times every candidate itself.
+
+    A pass's latency check decides by timing (int8 keeps the float model when it measures
+    int8 slower, and its fallback stops when a model gets slower), so the same recipe could
+    give another model on a replay. Tune measures latency better anyway: interleaved against
+    the float model, one candidate at a time, with no build running beside it. Without the
+    check every candidate is a deterministic function of the model, data and seed, and the
+    winning recipe replays to the same bytes.
+    """
+    passes = available_passes()
+    stages = []
+    for stage in spec.stages:
+        updated = []
+        for name, params in stage.passes:
+            if name in passes and "check_latency" in pass_parameters(passes[name]):
+                params = {**params, "check_latency": False}
+            updated.append((name, dict(params)))
+        stages.append(Stage(updated, stage.fixed_point, stage.max_rounds))
+    return PipelineSpec(stages, name=spec.name)
+
+
 def _with_params(spec: PipelineSpec, pass_name: str, params: Mapping[str, Any]) -> PipelineSpec:
     stages = [
         Stage([(n, {**p, **params} if n == pass_name else dict(p)) for n, p in s.passes], s.fixed_point, s.max_rounds)
@@ -162,7 +187,7 @@ def build_candidates(model: onnx.ModelProto, *, target: str | None = None) -> Ca
     found: list[Candidate] = []
 
     def add(name: str, spec: PipelineSpec, *, ladder: str = "", strength: float = 0.0, preset: str = "") -> None:
-        spec = _with_target(spec, target)
+        spec = _untimed(_with_target(spec, target))
         found.append(Candidate(name, _frozen(spec), ladder=ladder, strength=strength, preset=preset))
 
     add("fuse", load_recipe("fuse"), preset="fuse")
