@@ -39,9 +39,8 @@ from onnxopt.tune_judge import judge_candidate
 CALIBRATION = 32
 TEST = 16
 DET_SIZE = (480, 640)
-#: tune's target per model (None: the default, the gate's int8 floors on every output); the
-#: encoder's task reads the pooled sentence embedding, not the per-token states.
-TARGETS: dict[str, str | None] = {"ppocr_det": None, "ppocr_cls": None, "encoder": "cosine>=0.995@sentence_embedding"}
+#: tune's target per model (None: the default, the task metrics the judge infers).
+TARGETS: dict[str, str | None] = {}
 #: Presets that need a MatMul or a Conv to do anything.
 NEEDS = {"prune_channels": "Conv", "lowrank": "MatMul", "int8_weights": "MatMul", "int4": "MatMul"}
 
@@ -129,11 +128,12 @@ def run_model_key(key: str, budget: float | None, folder: Path) -> dict[str, Any
             "--calib", f"{stem}.calib", "-q",
         )  # fmt: skip
     reference = run_model(str(model), test, optimization="default")
+    graph = onnx.load(str(model), load_external_data=False)
     latency = _interleaved_ratios(paths, test[0])
     rows = []
     for name, path in paths.items():
         outputs = reference if name == "float" else run_model(str(path), test, optimization="default")
-        judged = judge_candidate(reference, outputs, target)
+        judged = judge_candidate(reference, outputs, target, model=graph, inputs=test)
         rows.append(
             {
                 "method": name if name != "tune" else f"tune → {tune_report['winner']}",

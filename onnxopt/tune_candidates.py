@@ -107,8 +107,13 @@ def scoped_target_floors(target: str) -> tuple[dict[str, float], tuple[str, ...]
 
 
 def _with_target(spec: PipelineSpec, target: str | None) -> PipelineSpec:
-    """Give every lossy pass the user's target: as ``target``, or as ``budget`` floors when unscoped."""
-    if target is None:
+    """Give every lossy pass the user's target: as ``target``, or as ``budget`` floors when unscoped.
+
+    The task target (``"task"``, the default) is every lossy pass's own default, so it is
+    left implicit; judge metric syntax (``OUTPUT:NAME>=FLOOR``) has no pass parameter form,
+    so the passes keep their task default and only tune's judge applies those metrics.
+    """
+    if target is None or target.strip() == "task" or ":" in target.partition("@")[0]:
         return spec
     floors, outputs = scoped_target_floors(target)
     passes = available_passes()

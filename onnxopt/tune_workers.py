@@ -225,7 +225,8 @@ def build_candidate(job: BuildJob) -> BuildOutcome:
             evaluation = load_dataset(job.evaluation_dir)
             reference = run_model(job.model_path, evaluation, optimization="default")
             outputs = run_model(job.output_path, evaluation, optimization="default")
-            judgement = judge_candidate(reference, outputs, job.target, seed=job.seed)
+            float_graph = load_model(job.model_path, load_external_data=False)
+            judgement = judge_candidate(reference, outputs, job.target, model=float_graph, inputs=list(evaluation))
             latency = None
             if job.time_on_worker:
                 from onnxopt.timing import interleaved_ratios

@@ -22,10 +22,11 @@ from onnxopt.cli import main
 from onnxopt.data import Dataset
 from onnxopt.pipeline import available_presets, load_recipe
 from onnxopt.timing import Latency, interleaved_ratios, ratio_summary
-from onnxopt.tune import CandidateResult, _Search, choose, split_data
+from onnxopt.tune import split_data
 from onnxopt.tune_candidates import build_candidates, scoped_target_floors
 from onnxopt.tune_judge import judge_candidate
 from onnxopt.tune_report import pareto_front, report_dict, table_lines, write_chart
+from onnxopt.tune_search import CandidateResult, Search, choose
 from onnxopt.tune_workers import BudgetExceeded, BuildOutcome, InProcessExecutor, _deadline_timer, build_candidate
 
 
@@ -144,15 +145,19 @@ def test_judge_passes_a_close_candidate_and_fails_a_broken_one() -> None:
     reference = [{"Y": rng.standard_normal((1, 50)).astype(np.float32)} for _ in range(8)]
     close = [{"Y": r["Y"] + 0.01 * rng.standard_normal((1, 50)).astype(np.float32)} for r in reference]
     broken = [{"Y": r["Y"] + 1.0 * rng.standard_normal((1, 50)).astype(np.float32)} for r in reference]
-    good = judge_candidate(reference, close)
-    assert good.passed and good.metric == "cosine"
-    assert good.low <= good.agreement <= good.high < 1.0
-    bad = judge_candidate(reference, broken)
+    good = judge_candidate(reference, close, "cosine>=0.995")
+    assert good.passed and good.metric == "Y:cosine"
+    assert good.low <= good.agreement <= good.high
+    bad = judge_candidate(reference, broken, "cosine>=0.995,sqnr>=20")
     assert not bad.passed and bad.agreement < 0.9
     top1 = judge_candidate(reference, close, "top1>=0.9")
-    assert top1.metric == "top1" and top1.agreement == 1.0
+    assert top1.passed and top1.metric == "Y:top1" and top1.agreement == 1.0
+    declared = judge_candidate(reference, broken, "Y:top1>=0.99")
+    assert not declared.passed and declared.metric == "Y:top1"
     with pytest.raises(ValueError, match="names output 'Z'"):
         judge_candidate(reference, close, "cosine>=0.9@Z")
+    task = judge_candidate(reference, close, model=tiny_model(conv=False))
+    assert task.passed and task.metric.startswith("Y:")  # the metric the judge inferred for Y
 
 
 def test_ratio_summary_and_interleaved_ratios(tmp_path: Path) -> None:
@@ -188,11 +193,11 @@ def test_choose_never_slower_than_float_and_ties_go_to_the_smaller() -> None:
 def test_ladders_prune_rungs_that_cannot_win() -> None:
     ladder = [c for c in build_candidates(tiny_model()).candidates if c.ladder]
     strong, weak = sorted(ladder, key=lambda c: -c.strength)[:2]
-    search = _Search()
+    search = Search()
     assert search.prune_reason(weak, weak.to_toml()) == ""
     search.met[strong.ladder] = (strong.strength, strong.name)
     assert "weaker than" in search.prune_reason(weak, weak.to_toml())
-    search = _Search()
+    search = Search()
     search.missed[weak.ladder] = (weak.strength, weak.name)
     assert "stronger than" in search.prune_reason(strong, strong.to_toml())
     search.recipes[weak.to_toml()] = "earlier"
