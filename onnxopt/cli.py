@@ -429,6 +429,67 @@ def passes() -> None:
     render_passes(out, table, presets)
 
 
+@app.command()
+def tune(
+    model: Annotated[Path, typer.Argument(help="The ONNX model to tune (never modified).")],
+    calib: Annotated[
+        Path, typer.Option("--calib", help="Real inputs: .npz or folder of .npz (split to calibrate and judge).")
+    ],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the chosen model.")],
+    target: Annotated[
+        str | None,
+        typer.Option(help="Accuracy target, e.g. 'cosine>=0.995' or 'top1>=0.99@probs' (default: int8 floors)."),
+    ] = None,
+    objective: Annotated[str, typer.Option(help="What to minimize: latency, size or balanced.")] = "latency",
+    budget_minutes: Annotated[float, typer.Option("--budget-minutes", help="Time budget of the whole search.")] = 15.0,
+    threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads for the latency figures.")] = 1,
+    jobs: Annotated[int, typer.Option("--jobs", help="Build and judge candidates in N worker processes.")] = 1,
+    ray: Annotated[
+        str | None, typer.Option("--ray", help="Run candidates on this Ray cluster (needs the ray extra).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the data split and the passes.")] = 0,
+    only: Annotated[
+        str | None, typer.Option("--only", help="Try only these candidates (comma-separated names).")
+    ] = None,
+    report: Annotated[Path | None, typer.Option("--report", help="Write the JSON report (and the chart) here.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table, no progress.")] = False,
+) -> None:
+    """Try recipes on MODEL; write the fastest (or smallest) that meets the target, with its recipe."""
+    from onnxopt.progress import NullProgress, RichProgress
+    from onnxopt.tune import tune as run_tune
+    from onnxopt.tune_report import replay_files, report_dict, table_lines, write_chart
+
+    if output.resolve() == model.resolve():
+        raise OnnxoptError(f"-o {output} is the input model; write the result to another file")
+    result = run_tune(
+        model,
+        calib,
+        output=output,
+        target=target,
+        objective=objective,
+        budget_minutes=budget_minutes,
+        threads=threads,
+        jobs=jobs,
+        ray=ray,
+        seed=seed,
+        progress=NullProgress() if quiet else RichProgress(),
+        only=[name.strip() for name in only.split(",") if name.strip()] if only else None,
+    )
+    replay = replay_files(result, output)
+    chart = write_chart(result, (report or output).with_suffix(".pareto.png"))
+    if report is not None:
+        _write_json(report, report_dict(result, model=str(model), output=str(output)))
+    if not quiet:
+        for line in table_lines(result):
+            out.print(line, highlight=False, markup=False, soft_wrap=True)
+        out.print(f"wrote {output}" + (f", {replay[0]} and {replay[1]}" if replay else ""), highlight=False)
+        if chart is not None:
+            out.print(f"chart: {chart}", highlight=False)
+    if result.interrupted:
+        err.print("onnxopt: interrupted; kept the best candidate measured so far", highlight=False)
+        raise typer.Exit(130)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit code (errors become one line on stderr)."""
     args = list(sys.argv[1:] if argv is None else argv)
