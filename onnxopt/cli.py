@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 a check failed (or a pass broke equivalence under --ver
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -153,6 +154,7 @@ def optimize(
 ) -> None:
     """Run a pipeline on MODEL and write the result to OUTPUT."""
     from onnxopt.data import load_dataset
+    from onnxopt.external import Spill, has_lazy_tensors
     from onnxopt.harness import Verifier
     from onnxopt.model import load_model, save_model
     from onnxopt.pipeline import CheckerInstrument, Context, load_recipe
@@ -168,14 +170,18 @@ def optimize(
     spec = load_recipe(pipeline)
     if overrides:
         spec = spec.with_overrides(overrides)
-    ctx = Context(
-        calibration=load_dataset(calib, loaded) if calib is not None else None,
-        progress=NullProgress() if quiet else RichProgress(),
-    )
     verifier = Verifier(synthesize=_synthesis(shape, int_range, 2, 0)) if verify else None
     manager = spec.build(instruments=[CheckerInstrument()], verify=verifier)
-    result = manager.run(loaded, ctx)
-    saved = save_model(result.model, output)
+    # New large tensors of a model kept in external data go to a scratch file beside the output.
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with Spill(output.parent) if has_lazy_tensors(loaded) else contextlib.nullcontext() as spill:
+        ctx = Context(
+            calibration=load_dataset(calib, loaded) if calib is not None else None,
+            progress=NullProgress() if quiet else RichProgress(),
+            spill=spill,
+        )
+        result = manager.run(loaded, ctx)
+        saved = save_model(result.model, output)
     size = saved.stat().st_size
     data_file = saved.with_name(saved.name + ".data")
     if data_file.exists():

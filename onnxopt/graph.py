@@ -204,7 +204,9 @@ class GraphIndex:
         """Return the value of ``name`` when it is an initializer or a Constant output."""
         tensor = self.initializers.get(name)
         if tensor is not None and name not in self.inputs:
-            return numpy_helper.to_array(tensor)
+            from onnxopt.external import tensor_array  # external imports this module
+
+            return tensor_array(tensor)
         sparse = self.sparse_initializers.get(name)
         if sparse is not None and name not in self.inputs:
             return _densify(sparse)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 
 import onnx
-from onnx import numpy_helper
 from onnxopt.passes.common.graphs import (
     NONDETERMINISTIC,
     Scope,
@@ -13,6 +12,7 @@ from onnxopt.passes.common.graphs import (
     walk_scopes,
 )
 
+from onnxopt.external import tensor_digest
 from onnxopt.graph import is_default_domain
 from onnxopt.pipeline import Context, Pass, PassResult, register_pass
 
@@ -20,7 +20,8 @@ __all__ = ["Deduplicate"]
 
 
 def _content_key(tensor: onnx.TensorProto) -> tuple[object, ...]:
-    return (tensor.data_type, tuple(tensor.dims), numpy_helper.to_array(tensor).tobytes())
+    # A digest, not the bytes: keys of every initializer must not hold a copy of the model.
+    return (tensor.data_type, tuple(tensor.dims), tensor_digest(tensor))
 
 
 @register_pass

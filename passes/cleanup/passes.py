@@ -27,6 +27,7 @@ from onnxopt.passes.common.graphs import (
     walk_scopes,
 )
 
+from onnxopt.external import tensor_array
 from onnxopt.graph import GraphIndex, NameGenerator, is_default_domain, node_attribute, remove_unused, subgraphs
 from onnxopt.pipeline import Context, Pass, PassResult, register_pass
 
@@ -82,7 +83,7 @@ class FoldConstants(Pass):
             for node in list(scope.graph.node):
                 inputs = [n for n in node.input if n]
                 if node.op_type == "If" and is_default_domain(node) and node.input[0] in constants:
-                    condition = bool(numpy_helper.to_array(constants[node.input[0]]).reshape(-1)[0])
+                    condition = bool(tensor_array(constants[node.input[0]]).reshape(-1)[0])
                     inline_if(scope.graph, node, condition, names, counts)
                     stats["if_inlined"] += 1
                     return True
@@ -165,7 +166,7 @@ class SimplifyShapes(Pass):
 
             def constant(name: str) -> np.ndarray | None:
                 tensor = constants.get(name)
-                return None if tensor is None else numpy_helper.to_array(tensor)
+                return None if tensor is None else tensor_array(tensor)
 
             for node in list(scope.graph.node):
                 if not is_default_domain(node) or not node.input or not node.output:
