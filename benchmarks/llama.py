@@ -49,6 +49,8 @@ class LlamaSpec:
 
 LLAMA_CONFIGS = {
     "large": LlamaSpec(hidden=2048, intermediate=5632, layers=8, heads=32, kv_heads=32, vocab=32000),
+    # the same width with half the layers: time against layer count
+    "large4": LlamaSpec(hidden=2048, intermediate=5632, layers=4, heads=32, kv_heads=32, vocab=32000),
     "small": LlamaSpec(hidden=128, intermediate=352, layers=2, heads=4, kv_heads=4, vocab=1000),
 }
 

@@ -162,3 +162,22 @@ def test_missing_data_file_is_reported_at_load(external_model):
     (external_model.parent / "mlp.onnx.data").unlink()
     with pytest.raises(ExternalDataError, match="missing"):
         load_model(external_model)
+
+
+def test_deduplicate_compares_digests_when_sampled_blocks_agree(tmp_path):
+    base = np.arange(10000, dtype=np.float32)
+    other = base.copy()
+    other[3000] = -1.0  # outside the start, middle and end blocks the fingerprint samples
+    same = base.copy()
+    nodes = [helper.make_node("Add", ["x", name], [f"y{i}"]) for i, name in enumerate(("a", "b", "c"))]
+    nodes.append(helper.make_node("Concat", ["y0", "y1", "y2"], ["y"], axis=0))
+    model = make_model(
+        nodes, [vi("x", [10000])], [vi("y", [30000])], [init("a", base), init("b", other), init("c", same)]
+    )
+    path = save_model(model, tmp_path / "dups.onnx", external_data=True)
+    result = load_recipe("fuse").build().run(load_model(path))
+    kept = sorted(t.name for t in result.model.graph.initializer)
+    assert kept == ["a", "b"], kept
+    out = save_model(result.model, tmp_path / "out" / "dups.onnx")
+    sample = Dataset([{"x": np.ones(10000, np.float32)}])
+    assert check(path, out, sample, levels=("disabled",)).passed
