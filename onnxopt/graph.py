@@ -11,11 +11,14 @@ import collections
 import heapq
 import itertools
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+if TYPE_CHECKING:
+    from onnxopt.external import Spill
 
 __all__ = [
     "SHAPE_ONLY_OPS",
@@ -250,14 +253,15 @@ def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
     return None
 
 
-def set_initializer(graph: onnx.GraphProto, name: str, array: np.ndarray) -> None:
-    """Add initializer ``name`` holding ``array``, or replace the one with that name."""
-    tensor = numpy_helper.from_array(np.asarray(array), name)
-    for i, existing in enumerate(graph.initializer):
-        if existing.name == name:
-            graph.initializer[i].CopyFrom(tensor)
-            return
-    graph.initializer.append(tensor)
+def set_initializer(graph: onnx.GraphProto, name: str, array: np.ndarray, *, spill: Spill | None = None) -> None:
+    """Add initializer ``name`` holding ``array``, or replace the one with that name.
+
+    With ``spill`` a large array is written to that file instead of held (see
+    :func:`onnxopt.external.replace_initializer`).
+    """
+    from onnxopt.external import replace_initializer  # external imports this module
+
+    replace_initializer(graph, name, array, spill=spill)
 
 
 def drop_shape_annotations(model: onnx.ModelProto) -> int:

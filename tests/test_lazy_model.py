@@ -181,3 +181,29 @@ def test_deduplicate_compares_digests_when_sampled_blocks_agree(tmp_path):
     out = save_model(result.model, tmp_path / "out" / "dups.onnx")
     sample = Dataset([{"x": np.ones(10000, np.float32)}])
     assert check(path, out, sample, levels=("disabled",)).passed
+
+
+def test_a_fusion_writes_its_new_large_weight_to_the_spill(tmp_path):
+    rng = np.random.default_rng(2)
+    channels = 256
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"]),
+    ]
+    inits = [
+        init("w", rng.standard_normal((channels, 128, 3, 3)) * 0.05),  # 1.2 MB: over the spill threshold
+        init("gamma", rng.uniform(0.5, 1.5, channels)),
+        init("beta", rng.standard_normal(channels)),
+        init("mean", rng.standard_normal(channels)),
+        init("var", rng.uniform(0.5, 1.5, channels)),
+    ]
+    model = make_model(nodes, [vi("x", [1, 128, 6, 6])], [vi("y", [1, channels, 6, 6])], inits)
+    path = save_model(model, tmp_path / "conv.onnx", external_data=True)
+    with Spill(tmp_path) as spill:
+        result = load_recipe("fuse").build().run(load_model(path), Context(spill=spill))
+        assert [n.op_type for n in result.model.graph.node] == ["Conv"]
+        weight = next(t for t in result.model.graph.initializer if t.name == result.model.graph.node[0].input[1])
+        assert is_lazy(weight) and spill.written >= channels * 128 * 9 * 4
+        out = save_model(result.model, tmp_path / "out" / "conv.onnx")
+    sample = Dataset([{"x": rng.standard_normal((1, 128, 6, 6)).astype(np.float32)}])
+    assert check(path, out, sample, levels=("disabled",)).passed
