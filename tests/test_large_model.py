@@ -33,8 +33,7 @@ def _write_big_model(folder: Path) -> Path:
                 block = np.full((step, WIDTH), i + 1, dtype=np.float32)
                 block[:, 0] = np.arange(start, start + step, dtype=np.float32) * (i + 1)
                 data.write(block.tobytes())
-            tensor = helper.make_tensor(f"table{i}", TensorProto.FLOAT, [ROWS, WIDTH], vals=[])
-            tensor.ClearField("float_data")
+            tensor = TensorProto(name=f"table{i}", data_type=TensorProto.FLOAT, dims=[ROWS, WIDTH])
             tensor.data_location = TensorProto.EXTERNAL
             for key, value in (("location", data_name), ("offset", offset), ("length", ROWS * WIDTH * 4)):
                 entry = tensor.external_data.add()
