@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import mmap
 import os
 import tempfile
 from collections.abc import Iterator
@@ -41,6 +42,7 @@ __all__ = [
     "lazy_source",
     "make_lazy",
     "materialize",
+    "release",
     "replace_initializer",
     "session_parts",
     "tensor_array",
@@ -164,6 +166,23 @@ def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
         except (OSError, ValueError) as exc:
             raise ExternalDataError(f"cannot map external data {path} of tensor {tensor.name!r}: {exc}") from exc
     return numpy_helper.to_array(materialize(tensor, copy=True))
+
+
+def release(array: np.ndarray) -> bool:
+    """Drop the pages a memory-mapped array (or a view of one) has read; return True if it was mapped.
+
+    A pass that reads weights one after another calls this when it is done with one, so
+    the pages it read do not stay resident (and counted in its memory) until the mapping
+    goes away; the array stays valid and re-reads its file if touched again.
+    """
+    base: object = array
+    while base is not None and not isinstance(base, np.memmap):
+        base = getattr(base, "base", None)
+    handle = getattr(base, "_mmap", None)
+    if handle is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return False
+    handle.madvise(mmap.MADV_DONTNEED)
+    return True
 
 
 def materialize(tensor: onnx.TensorProto, *, copy: bool = False) -> onnx.TensorProto:

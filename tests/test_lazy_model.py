@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -15,6 +18,7 @@ from onnxopt.external import (
     has_lazy_tensors,
     is_lazy,
     lazy_bytes,
+    release,
     replace_initializer,
     tensor_array,
     tensor_digest,
@@ -207,3 +211,34 @@ def test_a_fusion_writes_its_new_large_weight_to_the_spill(tmp_path):
         out = save_model(result.model, tmp_path / "out" / "conv.onnx")
     sample = Dataset([{"x": rng.standard_normal((1, 128, 6, 6)).astype(np.float32)}])
     assert check(path, out, sample, levels=("disabled",)).passed
+
+
+def test_release_drops_the_pages_of_a_mapped_weight(external_model):
+    model = load_model(external_model)
+    tensor = next(t for t in model.graph.initializer if t.name == "w2")
+    mapped = tensor_array(tensor)
+    view = mapped.T
+    expected = np.array(view)
+    assert release(view) and release(mapped)
+    np.testing.assert_array_equal(view, expected)  # still readable: re-read from the file
+    assert not release(np.zeros(4)), "an in-memory array is not mapped"
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident size from /proc")
+def test_release_lowers_the_resident_size(tmp_path):
+    big = np.ones((2048, 2048), np.float32)  # 16 MiB
+    node = helper.make_node("MatMul", ["x", "w"], ["y"])
+    model = make_model([node], [vi("x", [1, 2048])], [vi("y", [1, 2048])], [init("w", big)])
+    del big
+    path = save_model(model, tmp_path / "w.onnx", external_data=True)
+    mapped = tensor_array(load_model(path).graph.initializer[0])
+
+    def resident() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    before = resident()
+    assert float(mapped.sum()) == 2048 * 2048  # touches every page
+    touched = resident()
+    release(mapped)
+    after = resident()
+    assert touched - before > 12 << 20 and touched - after > 12 << 20, (before, touched, after)
