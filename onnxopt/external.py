@@ -263,9 +263,14 @@ class Spill:
 
     def tensor(self, array: np.ndarray, name: str) -> onnx.TensorProto:
         """Write ``array`` and return a lazy TensorProto named ``name`` that reads it back."""
+        return self.adopt(numpy_helper.from_array(np.asarray(array), name))
+
+    def adopt(self, tensor: onnx.TensorProto) -> onnx.TensorProto:
+        """Move a tensor's ``raw_data`` (any dtype, e.g. packed int4) to the file; return it, now lazy."""
         if self._handle is None:
             raise ValueError("the spill file is closed")
-        tensor = numpy_helper.from_array(np.asarray(array), name)
+        if not tensor.HasField("raw_data"):
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
         raw = tensor.raw_data
         offset = self._handle.tell()
         pad = (-offset) % 64

@@ -242,3 +242,14 @@ def test_release_lowers_the_resident_size(tmp_path):
     release(mapped)
     after = resident()
     assert touched - before > 12 << 20 and touched - after > 12 << 20, (before, touched, after)
+
+
+def test_spill_adopts_a_packed_tensor(tmp_path):
+    packed = onnx.helper.make_tensor("q", onnx.TensorProto.UINT4, [4096], bytes(range(256)) * 8, raw=True)
+    with Spill(tmp_path) as spill:
+        tensor = spill.adopt(packed)
+        assert is_lazy(tensor) and not tensor.raw_data and spill.written == 2048
+        expected = onnx.numpy_helper.to_array(
+            onnx.helper.make_tensor("q", onnx.TensorProto.UINT4, [4096], bytes(range(256)) * 8, raw=True)
+        )
+        np.testing.assert_array_equal(tensor_array(tensor), expected)  # packed types are read and unpacked
