@@ -6,9 +6,10 @@ once), and its peak resident memory is the child's ``ru_maxrss`` from ``os.wait4
 
 * ``fuse``: ``onnxopt optimize --pipeline fuse`` against ``onnxslim.slim``;
 * ``check``: ``onnxopt check`` of the original against our fused model;
-* ``int4`` (when the preset is registered): ``onnxopt optimize --pipeline int4``
-  against onnxruntime's ``MatMulNBitsQuantizer`` (RTN, block 32, symmetric), with file
-  sizes (embeddings included) relative to the fp32 files;
+* ``int4`` (when the preset is registered): ``onnxopt optimize --pipeline int4`` (its
+  default method, and ``method=rtn``) against onnxruntime's ``MatMulNBitsQuantizer``
+  (RTN, block 32, symmetric), with file sizes (embeddings included) relative to the fp32
+  files and the logits' cosine to the fp32 model's;
 * single-token (``[1, 1]``) and prefill (``[1, 64]``) latency of every output that
   loads, as interleaved ratios to the fp32 model (onnxruntime CPU, one thread; the
   machine is shared, so only the ratios of one interleaved run mean anything).
@@ -131,11 +132,14 @@ def run(model_name: str = "large", jobs: tuple[str, ...] = ("fuse", "check", "in
     if "int4" in jobs and _preset_exists("int4"):
         ours = work / "int4" / "model.onnx"
         job("onnxopt int4", _optimize(source, ours, "int4"), ours)
+        rtn = work / "int4-rtn" / "model.onnx"  # like for like with onnxruntime's RTN
+        job("onnxopt int4 method=rtn", [*_optimize(source, rtn, "int4"), "--param", "method=rtn"], rtn)
         theirs = work / "ort-rtn" / "model.onnx"
         theirs.parent.mkdir()
         job("MatMulNBitsQuantizer RTN", [sys.executable, "-c", _ORT_RTN, str(source), str(theirs)], theirs)
     if "latency" in jobs:
         results["latency"] = _latency(source, outputs, spec.vocab)
+        results["logits_cosine"] = _agreement(source, outputs, spec.vocab)
     results["machine"] = machine()
     target = REPO / "benchmarks" / "results" / f"large-{model_name}.json"
     target.write_text(json.dumps(results, indent=2) + "\n")
@@ -156,6 +160,21 @@ def _latency(source: Path, outputs: dict[str, Path], vocab: int) -> dict[str, An
     return latency
 
 
+def _agreement(source: Path, outputs: dict[str, Path], vocab: int) -> dict[str, float]:
+    """Return the cosine of each output's logits to the fp32 model's on one 16-token prompt."""
+    import numpy as np
+
+    from benchmarks.common import session
+
+    feed = llama_inputs(16, vocab, seed=1)
+    reference = session(source).run(None, feed)[0].ravel().astype(np.float64)
+    cosines = {}
+    for name, path in outputs.items():
+        logits = session(path).run(None, feed)[0].ravel().astype(np.float64)
+        cosines[name] = round(float(logits @ reference / np.linalg.norm(logits) / np.linalg.norm(reference)), 4)
+    return cosines
+
+
 def format_table(results: dict[str, Any]) -> str:
     """Return the jobs as a markdown table."""
     gb = results["fp32_bytes"] / 1e9
@@ -173,6 +192,9 @@ def format_table(results: dict[str, Any]) -> str:
     for label, rows in results.get("latency", {}).items():
         cells = ", ".join(f"{n} {v['ms']} ms ({v['ratio']}×)" for n, v in rows.items())
         lines.append(f"\nLatency {label}, interleaved, one thread: {cells}")
+    if results.get("logits_cosine"):
+        cells = ", ".join(f"{n} {c}" for n, c in results["logits_cosine"].items())
+        lines.append(f"\nLogits cosine to fp32 (16-token prompt, random weights): {cells}")
     return "\n".join(lines)
 
 
