@@ -272,12 +272,17 @@ class RemoveIdentities(Pass):
                 if source.startswith("skip: "):
                     skipped[f"kept {node.op_type}: {source[6:]}"] += 1
                     continue
+                renames_producer = node.output[0] in index.outputs
                 reason = bypass_node(graph, index, node, source)
                 if reason:
                     skipped[f"kept {reason}"] += 1
                     continue
                 stats[f"{node.op_type.lower()}_removed"] += 1
-                index = GraphIndex(graph)
+                # Only a graph-output bypass renames a producer's output; otherwise every reader
+                # of the removed output now reads ``source``, whose producer entry still holds,
+                # and re-indexing after each removal would make the pass quadratic in nodes.
+                if renames_producer:
+                    index = GraphIndex(graph)
 
         walk_scopes(model, visit)
         notes = [f"{reason} (x{count})" for reason, count in sorted(skipped.items()) if count]
