@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 a check failed (or a pass broke equivalence under --ver
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -151,6 +152,7 @@ def optimize(
 ) -> None:
     """Run a pipeline on MODEL and write the result to OUTPUT."""
     from onnxopt.data import load_dataset
+    from onnxopt.external import Spill, has_lazy_tensors
     from onnxopt.harness import Verifier
     from onnxopt.model import load_model, save_model
     from onnxopt.pipeline import CheckerInstrument, Context, load_recipe
@@ -170,42 +172,47 @@ def optimize(
     spec = load_recipe(pipeline)
     if overrides:
         spec = spec.with_overrides(overrides)
-    ctx = Context(
-        calibration=load_dataset(calib, loaded) if calib is not None else None,
-        progress=NullProgress() if quiet else RichProgress(),
-    )
     verifier = Verifier(synthesize=_synthesis(shape, int_range, 2, 0)) if verify else None
     manager = spec.build(instruments=[CheckerInstrument()], verify=verifier)
-    result = manager.run(loaded, ctx)
-    written: dict[str, int] = {}
-
-    def write_model(path: Path) -> None:
-        saved = save_model(result.model, path)
-        data_file = saved.with_name(saved.name + ".data")
-        written["bytes"] = saved.stat().st_size + (data_file.stat().st_size if data_file.exists() else 0)
-
-    input_bytes = _file_bytes(model, loaded_graph)
-    outputs = [Output(output, "-o", write_model)]
-    if report is not None:
-        outputs.append(
-            Output(
-                report,
-                "--report",
-                _json_writer(
-                    lambda: {
-                        "status": result.to_dict()["status"],
-                        "model": str(model),
-                        "output": str(output),
-                        "pipeline": spec.name,
-                        "output_bytes": written["bytes"],
-                        "input_bytes": input_bytes,
-                        **result.to_dict(),
-                    }
-                ),
-            )
+    # New large tensors of a model kept in external data go to a scratch file beside the output
+    # (or in the temporary folder when the output's folder does not exist yet).
+    spill_folder = output.parent if output.parent.is_dir() else None
+    with Spill(spill_folder) if has_lazy_tensors(loaded) else contextlib.nullcontext() as spill:
+        ctx = Context(
+            calibration=load_dataset(calib, loaded) if calib is not None else None,
+            progress=NullProgress() if quiet else RichProgress(),
+            spill=spill,
         )
-    write_outputs(outputs)
-    size = written["bytes"]
+        result = manager.run(loaded, ctx)
+        written: dict[str, int] = {}
+
+        def write_model(path: Path) -> None:
+            saved = save_model(result.model, path)
+            data_file = saved.with_name(saved.name + ".data")
+            written["bytes"] = saved.stat().st_size + (data_file.stat().st_size if data_file.exists() else 0)
+
+        input_bytes = _file_bytes(model, loaded_graph)
+        outputs = [Output(output, "-o", write_model)]
+        if report is not None:
+            outputs.append(
+                Output(
+                    report,
+                    "--report",
+                    _json_writer(
+                        lambda: {
+                            "status": result.to_dict()["status"],
+                            "model": str(model),
+                            "output": str(output),
+                            "pipeline": spec.name,
+                            "output_bytes": written["bytes"],
+                            "input_bytes": input_bytes,
+                            **result.to_dict(),
+                        }
+                    ),
+                )
+            )
+        write_outputs(outputs)
+        size = written["bytes"]
     if not quiet:
         from onnxopt.display import render_pipeline
 
@@ -478,7 +485,8 @@ def tune(
     replay = replay_files(result, output)
     chart = write_chart(result, (report or output).with_suffix(".pareto.png"))
     if report is not None:
-        _write_json(report, report_dict(result, model=str(model), output=str(output)))
+        report_data = report_dict(result, model=str(model), output=str(output))
+        write_outputs([Output(report, "--report", _json_writer(lambda: report_data))])
     if not quiet:
         for line in table_lines(result):
             out.print(line, highlight=False, markup=False, soft_wrap=True)
