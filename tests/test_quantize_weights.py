@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import onnx
 import pytest
@@ -35,9 +37,9 @@ def _samples(shape: tuple[int, ...], count: int = 8, name: str = "x") -> Dataset
 
 
 def _quantize(model: onnx.ModelProto, data: Dataset | None = None, **params: object):
-    """Run the pass; a single layer is also the output projection, so 4 bits for it unless told."""
+    """Run the pass on a copy (it rewrites in place); a lone layer is the output projection: 4 bits unless told."""
     params.setdefault("lm_head_bits", 4)
-    result = create_pass("quantize_weights", **params)(model, Context(calibration=data))
+    result = create_pass("quantize_weights", **params)(copy.deepcopy(model), Context(calibration=data))
     onnx.checker.check_model(result.model, full_check=True)
     return result
 

@@ -300,8 +300,8 @@ class QuantizeWeights(Pass):
                 return PassResult(model, False, stats, notes)
         counts: dict[str, int] = {}
 
-        def build(chosen: dict[str, Encoded]) -> onnx.ModelProto:
-            quantized = copy.deepcopy(work)
+        def build(chosen: dict[str, Encoded], in_place: bool = False) -> onnx.ModelProto:
+            quantized = work if in_place else copy.deepcopy(work)  # in place: no second copy of a large model
             counts.clear()
             counts.update(rewrite(quantized, sites, chosen, form=self.format, accuracy_level=self.accuracy_level))
             remove_unused(quantized.graph)
@@ -313,7 +313,7 @@ class QuantizeWeights(Pass):
             stats["target_met"] = int(met)
             if not met:
                 return PassResult(model, False, stats, notes)
-        quantized = build(encoded)
+        quantized = build(encoded, in_place=self.target is None)
         stats.update(counts)
         stats["layers_at_8_bits"] = widened
         stats["bytes_after"] = serialized_size(quantized)
