@@ -143,6 +143,12 @@ def run(model_name: str = "large", jobs: tuple[str, ...] = ("fuse", "check", "in
         results["logits_cosine"] = _agreement(source, outputs, spec.vocab)
     results["machine"] = machine()
     target = REPO / "benchmarks" / "results" / f"large-{model_name}.json"
+    if target.is_file():  # jobs run on their own (e.g. --jobs int4) keep the other jobs' figures
+        previous = json.loads(target.read_text())
+        results["jobs"] = {**previous.get("jobs", {}), **results["jobs"]}
+        for key in ("latency", "logits_cosine"):
+            if key in previous and key not in results:
+                results[key] = previous[key]
     target.write_text(json.dumps(results, indent=2) + "\n")
     return results
 
