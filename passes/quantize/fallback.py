@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnxopt.passes.common.budget import TaskBudget
+from onnxopt.passes.common.budget import TaskBudget, declared_budget
 from onnxopt.passes.common.layers import is_depthwise
 
 from onnxopt.data import Dataset, Sample
@@ -97,6 +97,8 @@ def parse_target(target: str | Metric | None) -> Target:
         return Target(getattr(target, "__name__", "user metric"), metric=target)
     if str(target).strip() == "task":
         return Target("task metrics", task=TaskBudget())
+    if ":" in str(target):  # declared task metrics, e.g. "output0:detection>=0.99; output0[:, :4]:cosine>=0.999"
+        return Target(str(target), task=declared_budget(str(target)))
     terms, _, scope = str(target).partition("@")
     outputs = tuple(name.strip() for name in scope.split("|") if name.strip())
     if scope and not outputs:
