@@ -381,6 +381,12 @@ class QuantizeInt8(Pass):
             more_stats, more_notes = estimate_notes(verdict, self.estimate_folds)
             stats.update(more_stats)
             notes += more_notes
+            if more_stats.get("cross_fitted_met") == 0:  # never report the target met while a metric fails
+                stats["target_met"] = 0
+                notes.append(
+                    "target NOT met on the cross-fitted estimate (the held-out check passed on fewer samples); "
+                    "the int8 model is kept, but its task agreement is estimated below the floor"
+                )
         return PassResult(quantized, True, stats, notes)
 
     def _refit(
