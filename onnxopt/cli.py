@@ -273,6 +273,13 @@ def _growth(result: Any, size: int, input_bytes: int) -> str:
     return message
 
 
+def _declared_metrics(texts: list[str], path: Path | None) -> list[Any]:
+    """Return the metrics of ``--metric`` options and a ``--metrics`` TOML file."""
+    from onnxopt.harness import load_metrics, parse_metric
+
+    return [parse_metric(t) for t in texts] + (load_metrics(path) if path is not None else [])
+
+
 def _graph_of(path: Path) -> Any:
     """Load a model's graph without reading external data (whose references are checked)."""
     from onnxopt.model import load_model, verify_external_data
@@ -302,6 +309,11 @@ def check(
     ] = False,
     report: Annotated[Path | None, typer.Option("--report", help="Write the JSON report here.")] = None,
     junit: Annotated[Path | None, typer.Option("--junit", help="Write a JUnit XML report here.")] = None,
+    metric: Annotated[
+        list[str],
+        typer.Option("--metric", help="Task metric OUTPUT[SLICE]:NAME[@ARG]>=FLOOR, e.g. 'output0[:, 4:]:top1>=0.99'."),
+    ] = [],  # noqa: B006
+    metrics: Annotated[Path | None, typer.Option("--metrics", help="TOML file of [[metric]] tables.")] = None,
 ) -> None:
     """Check that CANDIDATE still computes what REFERENCE computes (the pre-deployment gate)."""
     from onnxopt.data import load_dataset
@@ -356,6 +368,7 @@ def check(
         reference_outputs=golden_outputs,
         synthesize=synth,
         layers=layers,
+        metrics=_declared_metrics(metric, metrics),
     )
     result.candidate = str(cand_path)
     result.reference = str(models[0]) if ref_model is not None else str(load_outputs)

@@ -99,6 +99,8 @@ def render_check(console: Console, report: Report) -> None:
                 verdict,
             )
         console.print(table)
+        if level.metrics:
+            render_metrics(console, report, level.metrics)
         for problem in level.problems:
             console.print(f"[red]  {escape(problem)}", highlight=False)
     for line in report.failures():
@@ -109,6 +111,28 @@ def render_check(console: Console, report: Report) -> None:
         render_layers(console, report.layers)
     verdict = "[green bold]PASS" if report.passed else "[red bold]FAIL"
     console.print(f"{verdict}[/] {escape(report.candidate)} vs {escape(report.reference)} ({report.samples} samples)")
+
+
+def render_metrics(console: Console, report: Report, results: list[Any]) -> None:
+    """Print the judge's verdict per output and metric, with the interval and why the metric judges it."""
+    table = Table(title="task metrics (the judge)")
+    for column in ("output", "metric", "value", "95 % interval", "floor", "items", "verdict", "why"):
+        table.add_column(column)
+    for r in results:
+        verdict = "[green]pass" if r.passed else "[red]FAIL"
+        if not r.resolved:
+            verdict += f" [yellow](unresolved; ~{r.needed} items)" if r.needed else " [yellow](unresolved)"
+        table.add_row(
+            escape(r.output),
+            escape(r.metric),
+            _num(r.value, ".4f"),
+            f"{_num(r.low, '.4f')}–{_num(r.high, '.4f')}",
+            _num(r.floor),
+            str(r.items) + (f" ({r.near_ties} near-ties)" if r.near_ties else ""),
+            verdict,
+            escape(r.reason),
+        )
+    console.print(table)
 
 
 def render_layers(console: Console, layers: list[LayerComparison], limit: int = 25) -> None:

@@ -13,7 +13,9 @@ import onnx
 from onnxopt.data import Dataset, model_inputs
 from onnxopt.errors import CalibrationDataError, OnnxoptError, UnsupportedModelError
 from onnxopt.harness.compare import PROFILES, LevelResult, compare_outputs
+from onnxopt.harness.inference import infer_metrics
 from onnxopt.harness.inputs import synthesize_inputs
+from onnxopt.harness.judge import MetricSpec
 from onnxopt.harness.layers import compare_layers
 from onnxopt.harness.report import Report
 from onnxopt.harness.vacuous import vacuous_outputs, vacuous_warning
@@ -59,6 +61,8 @@ def check(
     reference_outputs: Sequence[Mapping[str, np.ndarray]] | None = None,
     synthesize: Mapping[str, Any] | None = None,
     layers: bool = False,
+    metrics: Sequence[MetricSpec] = (),
+    infer: bool | None = None,
 ) -> Report:
     """Run reference and candidate on the same inputs and compare every output.
 
@@ -66,6 +70,10 @@ def check(
     :func:`synthesize_inputs`). ``reference_outputs`` replaces running the reference
     (golden outputs). The candidate runs at each of ``levels`` (onnxruntime
     optimization levels); the reference always runs with optimizations disabled.
+
+    ``metrics`` are declared task metrics; ``infer`` (default: for the ``int8``
+    profile) adds the judge's inferred metrics for every output no declared one covers,
+    from the reference model's graph (the candidate's with golden outputs).
     """
     if profile not in PROFILES:
         raise OnnxoptError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
@@ -95,12 +103,25 @@ def check(
     synthesized = data.source == "synthesized"
     for name, what in vacuous_outputs(reference_outputs).items():
         notes.append(f"warning: {vacuous_warning(name, what, synthesized)}")
+    if infer is None:
+        infer = profile == "int8"
+    judged = list(metrics)
+    if infer:
+        judged = infer_metrics(ref_model if ref_model is not None else cand_model, reference_outputs, declared=judged)
     results: list[LevelResult] = []
     for level in levels:
         with Session(cand_source, optimization=level, label="candidate") as session:
             cand_outputs = [session.run(s) for s in data]
         results.append(
-            compare_outputs(reference_outputs, cand_outputs, profile=profile, overrides=overrides, level=level)
+            compare_outputs(
+                reference_outputs,
+                cand_outputs,
+                profile=profile,
+                overrides=overrides,
+                level=level,
+                metrics=judged,
+                inputs=list(data),
+            )
         )
     by_level = {r.level: r.passed for r in results}
     if by_level.get("disabled") and by_level.get("default") is False:
@@ -115,6 +136,7 @@ def check(
         samples=len(data),
         levels=results,
         notes=notes,
+        metrics=judged,
     )
     if layers and ref_model is not None:
         report.layers = compare_layers(

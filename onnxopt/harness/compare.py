@@ -13,7 +13,9 @@ such as a sigmoid map that is ~0 everywhere.
 
 Statistical rule (``int8``): cosine similarity, SQNR (dB) and, for score-like outputs,
 top-1 agreement must each reach a floor; a quantized model that still does its job
-passes and a collapsed one fails.
+passes and a collapsed one fails. When :func:`compare_outputs` is given metrics (the
+judge's, :mod:`onnxopt.harness.judge`), they decide instead for the outputs they cover:
+the statistics are still reported, the floors of the profile no longer apply there.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from onnxopt.harness.judge import MetricResult, MetricSpec, judge
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +84,13 @@ class OutputComparison:
     min_atol: float = 0.0
     min_rtol: float = 0.0
     elements: int = 0
+    metrics: list[MetricResult] = field(default_factory=list)  # the judge's verdicts on this output
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dictionary (infinities as strings)."""
-        return {k: json_number(v) for k, v in dataclasses.asdict(self).items()}
+        data = {k: json_number(v) for k, v in dataclasses.asdict(self).items() if k != "metrics"}
+        data["metrics"] = [m.to_dict() for m in self.metrics]
+        return data
 
 
 def json_number(value: Any) -> Any:
@@ -279,11 +286,12 @@ class LevelResult:
     level: str
     outputs: list[OutputComparison]
     problems: list[str] = field(default_factory=list)
+    metrics: list[MetricResult] = field(default_factory=list)  # every verdict of the judge, all outputs
 
     @property
     def passed(self) -> bool:
-        """True when every output passed and nothing structural went wrong."""
-        return not self.problems and all(o.passed for o in self.outputs)
+        """True when every output and every metric passed and nothing structural went wrong."""
+        return not self.problems and all(o.passed for o in self.outputs) and all(m.passed for m in self.metrics)
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dictionary."""
@@ -292,6 +300,7 @@ class LevelResult:
             "passed": self.passed,
             "problems": self.problems,
             "outputs": [o.to_dict() for o in self.outputs],
+            "metrics": [m.to_dict() for m in self.metrics],
         }
 
 
@@ -303,6 +312,17 @@ def _tolerance_for(name: str, profile: Tolerance, overrides: Mapping[str, Mappin
     return profile.replace(**merged) if merged else profile
 
 
+_FLOOR_FIELDS = ("min_cosine", "min_sqnr_db", "min_top1")
+
+
+def _judged_tolerance(
+    tolerance: Tolerance, name: str, overrides: Mapping[str, Mapping[str, float]] | None
+) -> Tolerance:
+    """Drop the profile's signal floors on an output the judge covers, keeping floors the user set."""
+    explicit = {**dict((overrides or {}).get("*", {})), **dict((overrides or {}).get(name, {}))}
+    return tolerance.replace(**{f: explicit.get(f) for f in _FLOOR_FIELDS})
+
+
 def compare_outputs(
     reference: Sequence[Mapping[str, np.ndarray]],
     candidate: Sequence[Mapping[str, np.ndarray]],
@@ -310,8 +330,14 @@ def compare_outputs(
     profile: str | Tolerance = "exact",
     overrides: Mapping[str, Mapping[str, float]] | None = None,
     level: str = "disabled",
+    metrics: Sequence[MetricSpec] = (),
+    inputs: Sequence[Mapping[str, np.ndarray]] | None = None,
 ) -> LevelResult:
-    """Compare per-sample output dicts, matching outputs by name."""
+    """Compare per-sample output dicts, matching outputs by name.
+
+    ``metrics`` (the judge's) decide for the outputs they name; ``inputs`` are the
+    samples' feeds, which some metrics read (an attention mask).
+    """
     base = PROFILES[profile] if isinstance(profile, str) else profile
     ref_names = list(reference[0]) if reference else []
     cand_names = list(candidate[0]) if candidate else []
@@ -322,14 +348,22 @@ def compare_outputs(
         problems.append(f"candidate lacks output(s) {missing}")
     if extra:
         problems.append(f"candidate has extra output(s) {extra}")
-    outputs = [
-        compare_arrays(
-            name,
-            [r[name] for r in reference],
-            [c[name] for c in candidate],
-            _tolerance_for(name, base, overrides),
-        )
-        for name in ref_names
-        if name in cand_names
-    ]
-    return LevelResult(level, outputs, problems)
+    shared = [n for n in ref_names if n in cand_names]
+    outputs = []
+    for name in shared:
+        tolerance = _tolerance_for(name, base, overrides)
+        judged = any(m.output == name for m in metrics)
+        if judged and not tolerance.elementwise:
+            tolerance = _judged_tolerance(tolerance, name, overrides)
+        outputs.append(compare_arrays(name, [r[name] for r in reference], [c[name] for c in candidate], tolerance))
+    results: list[MetricResult] = []
+    structural = {o.name for o in outputs if any("shape" in r or "dtype" in r for r in o.reasons)}
+    usable = [m for m in metrics if m.output == "*" or (m.output in shared and m.output not in structural)]
+    if usable and not missing:
+        results = list(judge(reference, candidate, inputs, usable).results)
+    for out in outputs:
+        out.metrics = [r for r in results if r.output == out.name]
+        failing = [r for r in out.metrics if not r.passed]
+        out.reasons.extend(r.describe() for r in failing)
+        out.passed = out.passed and not failing
+    return LevelResult(level, outputs, problems, results)

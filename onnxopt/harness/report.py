@@ -10,6 +10,7 @@ from typing import Any
 from xml.etree import ElementTree
 
 from onnxopt.harness.compare import LevelResult, json_number
+from onnxopt.harness.judge import MetricSpec
 from onnxopt.harness.layers import LayerComparison
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ class Report:
     levels: list[LevelResult]
     notes: list[str] = field(default_factory=list)
     layers: list[LayerComparison] | None = None
+    metrics: list[MetricSpec] = field(default_factory=list)  # what judged each output, and why
 
     @property
     def passed(self) -> bool:
@@ -40,6 +42,7 @@ class Report:
             for out in level.outputs:
                 if not out.passed:
                     lines.append(f"[{level.level}] {out.name}: {'; '.join(out.reasons)}")
+            lines.extend(f"[{level.level}] {m.describe()}" for m in level.metrics if m.output == "*" and not m.passed)
         return lines
 
     def to_dict(self) -> dict[str, Any]:
@@ -52,6 +55,9 @@ class Report:
             "passed": self.passed,
             "levels": [level.to_dict() for level in self.levels],
             "notes": self.notes,
+            "metrics": [
+                {"output": m.output, "metric": m.label, "floor": m.floor, "reason": m.reason} for m in self.metrics
+            ],
         }
         if self.layers is not None:
             data["layers"] = [dataclasses.asdict(x) for x in self.layers]

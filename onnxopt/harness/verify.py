@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -12,7 +12,9 @@ import onnx
 from onnxopt.data import Dataset
 from onnxopt.errors import VerificationError
 from onnxopt.harness.compare import compare_outputs, json_number
+from onnxopt.harness.inference import infer_metrics
 from onnxopt.harness.inputs import synthesize_inputs
+from onnxopt.harness.judge import MetricSpec
 from onnxopt.harness.vacuous import vacuous_outputs, vacuous_warning
 from onnxopt.runtime import Session
 
@@ -25,7 +27,9 @@ class Verifier:
     An exact pass is compared with the model before it under the ``exact`` profile; a
     lossy pass (``exact = False``) with the original model under its own ``profile``
     attribute (default ``int8``). A failure raises :class:`VerificationError` naming the
-    pass and the output. One Verifier serves one pipeline run at a time.
+    pass and the output. Under the ``int8`` profile the judge decides with the task
+    metrics it infers from the input model (``metrics`` adds declared ones). One
+    Verifier serves one pipeline run at a time.
     """
 
     def __init__(
@@ -36,12 +40,15 @@ class Verifier:
         iterations: int = 2,
         overrides: Mapping[str, Mapping[str, float]] | None = None,
         synthesize: Mapping[str, Any] | None = None,
+        metrics: Sequence[MetricSpec] = (),
     ) -> None:
         self.data = data
         self.lossy_profile = lossy_profile
         self.iterations = iterations
         self.overrides = overrides
         self.synthesize = dict(synthesize or {})
+        self.metrics = list(metrics)
+        self._judged: list[MetricSpec] = []
         self._samples: Dataset | None = None
         self._original: list[dict[str, np.ndarray]] = []
         self._previous: list[dict[str, np.ndarray]] = []
@@ -70,6 +77,7 @@ class Verifier:
             vacuous_warning(name, what, samples.source == "synthesized")
             for name, what in vacuous_outputs(self._original).items()
         ]
+        self._judged = infer_metrics(model, self._original, declared=self.metrics)
 
     def after_pass(self, pass_: Any, record: Any, model: onnx.ModelProto, ctx: Any) -> None:
         """Compare the pass's output; raise VerificationError if it broke equivalence."""
@@ -80,7 +88,10 @@ class Verifier:
         exact = bool(getattr(pass_, "exact", True))
         profile = "exact" if exact else getattr(pass_, "profile", self.lossy_profile)
         against = self._previous if exact else self._original
-        result = compare_outputs(against, outputs, profile=profile, overrides=self.overrides)
+        judged = self._judged if profile == "int8" else self.metrics if not exact else []
+        result = compare_outputs(
+            against, outputs, profile=profile, overrides=self.overrides, metrics=judged, inputs=list(self._samples)
+        )
         record.checks["verify"] = {
             "profile": profile,
             "passed": result.passed,
@@ -88,6 +99,7 @@ class Verifier:
                 o.name: {"max_abs": o.max_abs, "cosine": o.cosine, "sqnr_db": json_number(o.sqnr_db)}
                 for o in result.outputs
             },
+            "metrics": [m.to_dict() for m in result.metrics],
         }
         if not result.passed:
             failing = result.problems + [f"{o.name}: {'; '.join(o.reasons)}" for o in result.outputs if not o.passed]

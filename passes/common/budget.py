@@ -7,15 +7,17 @@ samples, measuring layer sensitivity, and the one back-off search.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, Union, runtime_checkable
 
 import numpy as np
 import onnx
 
 from onnxopt.data import Dataset, Sample
-from onnxopt.harness import PROFILES, Tolerance, compare_outputs
+from onnxopt.harness import PROFILES, Judgement, MetricSpec, Tolerance, compare_outputs, infer_metrics, judge
 from onnxopt.progress import NullProgress, Progress
 from onnxopt.runtime import Session
 
@@ -43,25 +45,81 @@ class Judge(Protocol):
         ...
 
 
-Budget = Union[Tolerance, Acceptance, Judge]  # noqa: UP007  (runtime alias, py3.10)
+@dataclass(frozen=True)
+class TaskBudget:
+    """The default budget: the judge's task metrics, inferred from the input model, at the passes' target floors.
+
+    :class:`HeldOutCheck` binds it to the model (the metrics are inferred from its graph
+    and its outputs on the held-out samples) as a :class:`TaskJudge`. ``declared``
+    metrics replace the inferred ones on the outputs they name.
+    """
+
+    declared: tuple[MetricSpec, ...] = ()
+    profile: str = "target"
 
 
-#: The default budget of the lossy passes, on held-out calibration samples: the harness's
-#: ``int8`` profile (floors on every output's cosine similarity and SQNR against the input
-#: model, and on top-1 agreement of score-like outputs), the profile the pipeline's
-#: verifier applies to lossy passes, so a pass never hands the verifier a failing model.
+@dataclass(frozen=True)
+class TaskJudge:
+    """Task metrics bound to one model: judges candidate outputs with :func:`onnxopt.harness.judge`."""
+
+    metrics: tuple[MetricSpec, ...]
+
+    def judge(self, reference: Outputs, candidate: Outputs, inputs: Sequence[Sample] | None = None) -> tuple[bool, str]:
+        """Return (every metric reached its floor, the blocking or weakest metric as text)."""
+        verdict = self.verdict(reference, candidate, inputs)
+        return verdict.passed, verdict.summary()
+
+    def verdict(self, reference: Outputs, candidate: Outputs, inputs: Sequence[Sample] | None = None) -> Judgement:
+        """Return the full :class:`~onnxopt.harness.Judgement`."""
+        return judge(reference, candidate, inputs, self.metrics)
+
+    def tightened(self, margin: float) -> TaskJudge:
+        """Return the judge with only ``margin`` of each floor's distance from lossless left."""
+        if margin >= 1:
+            return self
+
+        def closer(spec: MetricSpec) -> MetricSpec:
+            if spec.name == "sqnr":
+                return replace(spec, floor=spec.floor - 10 * math.log10(margin))
+            return replace(spec, floor=1 - (1 - spec.floor) * margin) if spec.floor <= 1 else spec
+
+        return TaskJudge(tuple(closer(s) for s in self.metrics))
+
+    def describe(self) -> str:
+        """Return the metrics and floors as text, e.g. ``y:top1 ≥ 0.99``."""
+        return ", ".join(f"{s.label} ≥ {s.floor:g}" for s in self.metrics)
+
+
+Budget = Union[Tolerance, Acceptance, Judge, TaskBudget]  # noqa: UP007  (runtime alias, py3.10)
+
+
+#: The signal floors a float or mapping budget starts from: the harness's ``int8``
+#: profile (floors on every output's cosine similarity and SQNR against the input model,
+#: and on top-1 agreement of score-like outputs).
 DEFAULT_BUDGET: Tolerance = PROFILES["int8"]
 
+#: The default budget of the lossy passes: the task metrics the judge infers for each
+#: output (top-1, CTC sequences, mask IoU, pooled embeddings, detections, or signal floors
+#: where no task structure shows), at the ``target`` floors, which are at or above the
+#: gate's (the verifier's) so a pass never hands the verifier a failing model.
+TASK_BUDGET = TaskBudget()
 
-def budget_tolerance(budget: BudgetSpec, overrides: Mapping[str, float] | None = None) -> Tolerance | Acceptance:
+
+def budget_tolerance(
+    budget: BudgetSpec, overrides: Mapping[str, float] | None = None
+) -> Tolerance | Acceptance | TaskBudget:
     """Resolve a pass's ``budget`` parameter (and ``ctx.budget`` overrides) to a check.
 
-    ``None``: :data:`DEFAULT_BUDGET`; a float: that minimum output cosine; a mapping:
-    :class:`Tolerance` fields replacing the default's; a callable ``(reference outputs,
+    ``None``: :data:`TASK_BUDGET` (unless ``overrides`` set :class:`Tolerance` fields);
+    a float: that minimum output cosine on top of the int8 signal floors; a mapping:
+    :class:`Tolerance` fields replacing those floors; a callable ``(reference outputs,
     candidate outputs) -> bool``: a task-level check (Python API only).
     """
     if callable(budget):
         return budget
+    fields_given = {k for k in (overrides or {}) if k in Tolerance.__dataclass_fields__}
+    if budget is None and not fields_given:
+        return TASK_BUDGET
     tolerance = DEFAULT_BUDGET
     fields = set(Tolerance.__dataclass_fields__)
     if isinstance(budget, Mapping):
@@ -95,41 +153,83 @@ class HeldOutCheck:
     ) -> None:
         self.samples = list(samples)
         self.fitted = list(Dataset(list(fitted)).spaced(FITTED_SAMPLES))
-        self.budget = budget
         with Session(model, label="input model") as session:
             started = time.perf_counter()
             self.reference: Outputs = [session.run(s) for s in self.samples]
             #: the input model's run time per held-out sample, for callers that budget their own runs
             self.seconds_per_run = (time.perf_counter() - started) / max(len(self.samples), 1)
             self.fitted_reference: Outputs = [session.run(s) for s in self.fitted]
+        task = getattr(budget, "task", None) if not isinstance(budget, TaskBudget) else budget
+        if isinstance(task, TaskBudget):  # bind the task metrics to this model (int8's Target carries one)
+            seen = self.reference + self.fitted_reference
+            budget = TaskJudge(tuple(infer_metrics(model, seen, profile=task.profile, declared=task.declared)))
+        self.budget = budget
+        #: the last held-out verdict of the task metrics (None for other budgets)
+        self.last: Judgement | None = None
         self.evaluations = 0
 
     def __call__(self, candidate: onnx.ModelProto, budget: Budget | None = None) -> tuple[bool, str]:
         """Return whether ``candidate`` is within budget (or a stricter ``budget``), and a one-line summary."""
         self.evaluations += 1
+        chosen = self.budget if budget is None else budget
         with Session(candidate, label="candidate") as session:
-            passed, summary = _judge(
-                self.reference, [session.run(s) for s in self.samples], self.budget if budget is None else budget
-            )
+            outputs = [session.run(s) for s in self.samples]
+            if isinstance(chosen, TaskJudge):
+                self.last = chosen.verdict(self.reference, outputs, self.samples)
+                passed, summary = self.last.passed, self.last.summary()
+            else:
+                passed, summary = _judge(self.reference, outputs, chosen, self.samples)
             if passed and self.fitted:
                 fitted_passed, fitted_summary = _judge(
-                    self.fitted_reference, [session.run(s) for s in self.fitted], self.budget
+                    self.fitted_reference, [session.run(s) for s in self.fitted], self.budget, self.fitted
                 )
                 if not fitted_passed:
                     return False, f"held-out passed; on the calibration samples {fitted_summary}"
         return passed, summary
 
 
-def _judge(reference: Outputs, outputs: Outputs, budget: Budget) -> tuple[bool, str]:
+def _judge(reference: Outputs, outputs: Outputs, budget: Budget, inputs: Sequence[Sample] = ()) -> tuple[bool, str]:
+    if isinstance(budget, TaskJudge):
+        return budget.judge(reference, outputs, list(inputs))
     if isinstance(budget, Judge):
         return budget.judge(reference, outputs)
     if callable(budget):
         passed = bool(budget(reference, outputs))
         return passed, "task check " + ("passed" if passed else "failed")
+    assert isinstance(budget, Tolerance), f"unbound budget {budget!r}"
     result = compare_outputs(reference, outputs, profile=budget)
     floats = [o for o in result.outputs if o.elements]
     summary = ", ".join(f"{o.name}: cosine {o.cosine:.5f} SQNR {o.sqnr_db:.1f} dB" for o in floats[:3])
     return result.passed, summary
+
+
+def judgement_notes(check: HeldOutCheck) -> list[str]:
+    """Return notes on the task metrics of ``check``'s last verdict: what judged, interval, resolution."""
+    if check.last is None:
+        return []
+    notes = []
+    for r in check.last.results:
+        line = (
+            f"task metric {r.output}:{r.metric} ({r.reason}): {r.value:.4f}, 95 % interval "
+            f"[{r.low:.4f}, {r.high:.4f}] on {r.items} held-out items, floor {r.floor:g}"
+        )
+        if not r.resolved:
+            line += "; these samples cannot resolve the floor" + (
+                f" (about {r.needed} items would)" if r.needed else ""
+            )
+        notes.append(line)
+    return notes
+
+
+def final_verdict(check: HeldOutCheck, model: onnx.ModelProto) -> tuple[dict[str, Any], list[str]]:
+    """Judge the pass's result once more; return its stats (worst task metric) and notes (every metric)."""
+    passed, summary = check(model)
+    stats: dict[str, Any] = {"within_budget": int(passed)}
+    if check.last is not None and check.last.results:
+        worst = min(check.last.results, key=lambda r: r.value - r.floor)
+        stats.update(task_metric=f"{worst.output}:{worst.metric}", task_agreement=worst.value)
+        stats.update(task_interval=[worst.low, worst.high])
+    return stats, [f"result on the held-out samples: {summary}", *judgement_notes(check)]
 
 
 def relative_output_error(reference: Outputs, candidate: Outputs) -> float:
@@ -213,4 +313,6 @@ def describe_budget(budget: Tolerance | Acceptance | Any) -> str:
             f"top-1 ≥ {budget.min_top1}" if budget.min_top1 is not None else "",
         ]
         return "held-out " + ", ".join(p for p in parts if p)
+    if isinstance(budget, TaskJudge):
+        return "held-out task metrics: " + budget.describe()
     return "held-out task check"

@@ -19,6 +19,7 @@ from onnxopt.passes.common.budget import (
     HeldOutCheck,
     budget_tolerance,
     describe_budget,
+    final_verdict,
     search_largest,
     search_smallest,
 )
@@ -182,7 +183,9 @@ class SplitLowRank(Pass):
         result = apply_ranks(model, plan, ranks)
         stats, lines = _layer_rows(plan, ranks)
         if check is not None:
-            stats["checks"] = check.evaluations
+            verdict, verdict_notes = final_verdict(check, result)
+            stats.update(verdict, checks=check.evaluations)
+            lines += verdict_notes
         return PassResult(result, True, stats, notes + lines)
 
     def _head_notes(self, model: onnx.ModelProto, plan: SplitPlan, allocate: bool) -> list[str]:

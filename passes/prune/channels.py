@@ -19,6 +19,7 @@ from onnxopt.passes.common.budget import (
     HeldOutCheck,
     budget_tolerance,
     describe_budget,
+    final_verdict,
     search_largest,
 )
 from onnxopt.passes.prune.channel_plan import ChannelPlan, build_channel_plan
@@ -108,8 +109,9 @@ class PruneChannels(Pass):
             return PassResult(model, False, {"macs_removed": 0.0}, [*notes, "no channel removal fits the budget"])
         result = plan.apply(model, counts)
         stats, lines = channel_report(plan, counts)
-        stats["checks"] = check.evaluations
-        return PassResult(result, True, stats, notes + lines)
+        verdict, verdict_notes = final_verdict(check, result)
+        stats.update(verdict, checks=check.evaluations)
+        return PassResult(result, True, stats, notes + lines + verdict_notes)
 
     def _choose(self, plan: ChannelPlan, model: onnx.ModelProto, check: HeldOutCheck, notes: list[str]) -> list[int]:
         def fits(fraction: float) -> bool:

@@ -22,8 +22,10 @@ from onnxopt.passes.common.budget import (
     Budget,
     BudgetSpec,
     HeldOutCheck,
+    TaskJudge,
     budget_tolerance,
     describe_budget,
+    final_verdict,
     search_largest,
     search_smallest,
 )
@@ -54,6 +56,8 @@ def tightened(budget: Budget, margin: float) -> Budget:
     the result within the real budget on samples it has not seen. A task check (callable
     or judge) is returned as is.
     """
+    if isinstance(budget, TaskJudge):
+        return budget.tightened(margin)
     if not isinstance(budget, Tolerance) or margin >= 1:
         return budget
 
@@ -182,7 +186,9 @@ class PruneMagnitude(Pass):
         result = plan.apply(model, matrices)
         stats, lines = _report(plan, matrices)
         if check is not None:
-            stats["checks"] = check.evaluations
+            verdict, verdict_notes = final_verdict(check, result)
+            stats.update(verdict, checks=check.evaluations)
+            lines += verdict_notes
         if self.sparse_storage:
             moved = store_sparse(result)
             stats["sparse_initializers"] = len(moved)

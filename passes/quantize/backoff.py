@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnxopt.passes.common.budget import HeldOutCheck, search_smallest
+from onnxopt.passes.common.budget import HeldOutCheck, judgement_notes, search_smallest
 from onnxopt.passes.quantize.fallback import Target, depthwise_groups, measure_latency, rank_by_removal
 from onnxopt.passes.quantize.placement import ANCHOR_OPS, Placement
 
@@ -161,6 +161,8 @@ def accuracy_fallback(
     notes.append(
         f"accuracy on {len(held)} held-out samples: {summary} (target {target.text}: {'met' if met else 'NOT met'})"
     )
+    judge(current.model)  # the final verdict, for its metrics and intervals
+    notes += judgement_notes(judge)
     computed = [n for n in returned if n not in float_weights]
     if computed:
         notes.append(

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import onnx
+from onnxopt.passes.common.estimate import DEFAULT_FOLDS, cross_fitted_verdict, estimate_notes
 from onnxopt.passes.common.graphs import opset_version, upgrade_opset
 from onnxopt.passes.quantize.backoff import Built, Variant, accuracy_fallback, latency_probes
 from onnxopt.passes.quantize.fallback import DEFAULT_TARGET, Target, measure_latency, parse_target
@@ -32,6 +33,7 @@ from onnxopt.passes.quantize.gptq import round_weights
 from onnxopt.passes.quantize.placement import ANCHOR_OPS, DEFAULT_OP_TYPES, Placement, place
 from onnxopt.passes.quantize.rewrite import QDQPlan, Rounded, apply_plan
 from onnxopt.passes.quantize.saturation import saturation_bounds
+from onnxopt.passes.quantize.timing import latency_verdict
 
 from onnxopt.calibration import (
     METHODS,
@@ -102,12 +104,12 @@ class QuantizeInt8(Pass):
     non-finite values, Concats of mismatched ranges, nodes the user excludes. Without
     calibration data it refuses with :class:`CalibrationDataError`.
 
-    ``target`` (default ``"cosine>=0.995,sqnr>=20"``, the gate's int8 signal floors,
-    on every float output, against the float model on the held-out ``holdout`` fraction
-    of the calibration data; ``@name`` scopes it to the outputs that matter, e.g. a
-    sentence encoder's pooled embedding rather than its per-token states) drives the
-    fallback: the most sensitive nodes return to float compute, then (ranked together) the
-    weights of float nodes to float, at most ``max_fallback`` of them (default: no limit).
+    ``target`` (default ``"task"``: the judge's task metrics inferred for each output,
+    against the float model on the held-out ``holdout`` fraction of the calibration data;
+    a string such as ``"cosine>=0.995,sqnr>=20@name"`` sets signal floors, scoped to some
+    outputs with ``@``) drives the fallback: the most sensitive nodes return to float
+    compute, then (ranked together) the weights of float nodes to float, at most
+    ``max_fallback`` of them (default: no limit).
     ``weight_only`` (default True): a layer kept float (by a rule or by the fallback) still
     stores its weight as int8, read through Cast and Mul that onnxruntime folds when the
     session starts (MiniLM: file 0.44 -> 0.26 of float at the same accuracy; PP-OCR det
@@ -128,7 +130,10 @@ class QuantizeInt8(Pass):
     0.928 against minmax 0.897, percentile 0.904 and entropy 0.833. ``saturation_aware``
     (default True) chooses the range of a tensor read only by HardSwish/Relu/HardSigmoid/Clip
     on its values clamped to what those readers distinguish (PP-OCR det, no fallback: IoU
-    0.858 -> 0.904).
+    0.858 -> 0.904). With the task target, ``estimate_folds`` (default 4; 0: off) refits
+    the chosen model's statistics once per fold without it and reports the task metric
+    over every calibration sample, each judged by a model that did not see it, with an
+    interval (see ``passes/common/estimate.py``).
     """
 
     name: ClassVar[str] = "quantize_int8"
@@ -156,6 +161,7 @@ class QuantizeInt8(Pass):
         weight_rounding: str = "gptq",
         depthwise: bool = False,
         latency_reference: str = "source",
+        estimate_folds: int = DEFAULT_FOLDS,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
@@ -186,6 +192,7 @@ class QuantizeInt8(Pass):
         self.weight_rounding = weight_rounding
         self.depthwise = depthwise
         self.latency_reference = latency_reference
+        self.estimate_folds = estimate_folds
 
     # ------------------------------------------------------------------ steps
 
@@ -359,11 +366,24 @@ class QuantizeInt8(Pass):
         stats["weight_only_nodes"] = len(placement.weight_only)
         stats["bytes_after"] = serialized_size(quantized)
         reference = ctx.reference if self.latency_reference == "source" else None
-        kept = self._latency(work, quantized, ctx.calibration[0], reference, stats, notes)
+        kept = latency_verdict(
+            self.check_latency, self.threads, work, quantized, ctx.calibration[0], reference, stats, notes
+        )
         notes += _kept_float_notes(placement.float_reasons)
         if not kept:
             reason = "the int8 model was slower than the float one on this machine; the float model is kept"
             return PassResult(model, False, stats, _float_notes(notes, model), NOT_APPLIED, reason)
+        if target is not None and target.task is not None and self.estimate_folds:
+            verdict = cross_fitted_verdict(
+                work,
+                list(ctx.calibration),
+                lambda fit: self._refit(work, first.observed, fit, ctx, built.variant, bool(per_channel_ok)),
+                target.task,
+                self.estimate_folds,
+            )
+            more_stats, more_notes = estimate_notes(verdict, self.estimate_folds)
+            stats.update(more_stats)
+            notes += more_notes
         if placement.float_reasons or returned:
             float_count = len(placement.float_reasons)
             reason = f"{len(placement.nodes)} node(s) quantized, {float_count} kept float"
@@ -371,6 +391,22 @@ class QuantizeInt8(Pass):
                 reason += f" ({len(returned)} returned to float by the accuracy fallback)"
             return PassResult(quantized, True, stats, notes, PARTLY_APPLIED, reason)
         return PassResult(quantized, True, stats, notes, APPLIED, f"{len(placement.nodes)} node(s) quantized")
+
+    def _refit(
+        self,
+        work: onnx.ModelProto,
+        observed: list[str],
+        data: Dataset,
+        ctx: Context,
+        variant: Variant,
+        per_channel: bool,
+    ) -> onnx.ModelProto:
+        """Return ``variant`` built from statistics of ``data`` alone (ranges and rounded weights)."""
+        ranges, blocked = self._calibrate(work, observed, data, ctx, {})
+        rounded: Rounded = {}
+        if self.weight_rounding == "gptq":
+            rounded, _ = round_weights(work, list(data), per_channel=per_channel, progress=ctx.progress)
+        return self._build(work, _Calibrated(ranges, blocked, rounded), variant).model
 
     def _latency_budget(self, work: onnx.ModelProto, ctx: Context) -> Callable[[onnx.ModelProto], str | None] | None:
         """Return the check the accuracy fallback must keep passing: no slower than the latency reference."""
@@ -390,52 +426,6 @@ class QuantizeInt8(Pass):
     def wants_reference(self) -> bool:
         """Return True when the latency check compares with the pipeline's starting model."""
         return self.check_latency and self.latency_reference == "source"
-
-    def _latency(
-        self,
-        float_model: onnx.ModelProto,
-        quantized: onnx.ModelProto,
-        sample: dict[str, np.ndarray],
-        reference: onnx.ModelProto | None,
-        stats: dict[str, Any],
-        notes: list[str],
-    ) -> bool:
-        """Time the models; return False when int8 is slower than the model it must not lose to.
-
-        That model is the pipeline's starting model (``latency_reference="source"``, when the
-        pipeline kept it) or this pass's float input (``"input"``, e.g. after fusion).
-        """
-        if not self.check_latency:
-            return True
-        models = [float_model, quantized] + ([reference] if reference is not None else [])
-        timings = measure_latency(models, sample, threads=self.threads)
-        float_s, int8_s = timings[0], timings[1]
-        stats["latency_float_ms"] = round(float_s * 1e3, 3)
-        stats["latency_int8_ms"] = round(int8_s * 1e3, 3)
-        text = (
-            f"latency on the first calibration sample: float input of this pass {float_s * 1e3:.2f} ms, "
-            f"int8 {int8_s * 1e3:.2f} ms ({int8_s / float_s:.2f}x)"
-        )
-        against, label = float_s, "this pass's float input"
-        if reference is not None:
-            source_s = timings[2]
-            stats["latency_source_ms"] = round(source_s * 1e3, 3)
-            text += f", pipeline's starting model {source_s * 1e3:.2f} ms ({int8_s / source_s:.2f}x)"
-            against, label = source_s, "the pipeline's starting model"
-        notes.append(text)
-        if int8_s > 1.03 * against:
-            notes.append(
-                f"the int8 model is slower than {label} on this machine; kept the float model "
-                "(set check_latency=false to keep int8 anyway)"
-            )
-            return False
-        if int8_s > 1.03 * float_s:
-            notes.append(
-                f"kept int8: {int8_s / float_s:.2f}x the time of this pass's float input (the passes before "
-                f"it made float faster) but {int8_s / against:.2f}x {label}'s, at a smaller file; set "
-                "latency_reference='input' to keep the faster float model instead"
-            )
-        return True
 
 
 def _float_notes(notes: list[str], model: onnx.ModelProto) -> list[str]:
