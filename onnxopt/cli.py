@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 a check failed (or a pass broke equivalence under --ver
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -151,6 +152,7 @@ def optimize(
 ) -> None:
     """Run a pipeline on MODEL and write the result to OUTPUT."""
     from onnxopt.data import load_dataset
+    from onnxopt.external import Spill, has_lazy_tensors
     from onnxopt.harness import Verifier
     from onnxopt.model import load_model, save_model
     from onnxopt.pipeline import CheckerInstrument, Context, load_recipe
@@ -170,42 +172,47 @@ def optimize(
     spec = load_recipe(pipeline)
     if overrides:
         spec = spec.with_overrides(overrides)
-    ctx = Context(
-        calibration=load_dataset(calib, loaded) if calib is not None else None,
-        progress=NullProgress() if quiet else RichProgress(),
-    )
     verifier = Verifier(synthesize=_synthesis(shape, int_range, 2, 0)) if verify else None
     manager = spec.build(instruments=[CheckerInstrument()], verify=verifier)
-    result = manager.run(loaded, ctx)
-    written: dict[str, int] = {}
-
-    def write_model(path: Path) -> None:
-        saved = save_model(result.model, path)
-        data_file = saved.with_name(saved.name + ".data")
-        written["bytes"] = saved.stat().st_size + (data_file.stat().st_size if data_file.exists() else 0)
-
-    input_bytes = _file_bytes(model, loaded_graph)
-    outputs = [Output(output, "-o", write_model)]
-    if report is not None:
-        outputs.append(
-            Output(
-                report,
-                "--report",
-                _json_writer(
-                    lambda: {
-                        "status": result.to_dict()["status"],
-                        "model": str(model),
-                        "output": str(output),
-                        "pipeline": spec.name,
-                        "output_bytes": written["bytes"],
-                        "input_bytes": input_bytes,
-                        **result.to_dict(),
-                    }
-                ),
-            )
+    # New large tensors of a model kept in external data go to a scratch file beside the output
+    # (or in the temporary folder when the output's folder does not exist yet).
+    spill_folder = output.parent if output.parent.is_dir() else None
+    with Spill(spill_folder) if has_lazy_tensors(loaded) else contextlib.nullcontext() as spill:
+        ctx = Context(
+            calibration=load_dataset(calib, loaded) if calib is not None else None,
+            progress=NullProgress() if quiet else RichProgress(),
+            spill=spill,
         )
-    write_outputs(outputs)
-    size = written["bytes"]
+        result = manager.run(loaded, ctx)
+        written: dict[str, int] = {}
+
+        def write_model(path: Path) -> None:
+            saved = save_model(result.model, path)
+            data_file = saved.with_name(saved.name + ".data")
+            written["bytes"] = saved.stat().st_size + (data_file.stat().st_size if data_file.exists() else 0)
+
+        input_bytes = _file_bytes(model, loaded_graph)
+        outputs = [Output(output, "-o", write_model)]
+        if report is not None:
+            outputs.append(
+                Output(
+                    report,
+                    "--report",
+                    _json_writer(
+                        lambda: {
+                            "status": result.to_dict()["status"],
+                            "model": str(model),
+                            "output": str(output),
+                            "pipeline": spec.name,
+                            "output_bytes": written["bytes"],
+                            "input_bytes": input_bytes,
+                            **result.to_dict(),
+                        }
+                    ),
+                )
+            )
+        write_outputs(outputs)
+        size = written["bytes"]
     if not quiet:
         from onnxopt.display import render_pipeline
 
@@ -429,6 +436,68 @@ def passes() -> None:
     }
     presets = {name: (desc, build().stages) for name, (desc, build) in sorted(_PRESETS.items())}
     render_passes(out, table, presets)
+
+
+@app.command()
+def tune(
+    model: Annotated[Path, typer.Argument(help="The ONNX model to tune (never modified).")],
+    calib: Annotated[
+        Path, typer.Option("--calib", help="Real inputs: .npz or folder of .npz (split to calibrate and judge).")
+    ],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the chosen model.")],
+    target: Annotated[
+        str | None,
+        typer.Option(help="Accuracy target, e.g. 'cosine>=0.995' or 'top1>=0.99@probs' (default: int8 floors)."),
+    ] = None,
+    objective: Annotated[str, typer.Option(help="What to minimize: latency, size or balanced.")] = "latency",
+    budget_minutes: Annotated[float, typer.Option("--budget-minutes", help="Time budget of the whole search.")] = 15.0,
+    threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads for the latency figures.")] = 1,
+    jobs: Annotated[int, typer.Option("--jobs", help="Build and judge candidates in N worker processes.")] = 1,
+    ray: Annotated[
+        str | None, typer.Option("--ray", help="Run candidates on this Ray cluster (needs the ray extra).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the data split and the passes.")] = 0,
+    only: Annotated[
+        str | None, typer.Option("--only", help="Try only these candidates (comma-separated names).")
+    ] = None,
+    report: Annotated[Path | None, typer.Option("--report", help="Write the JSON report (and the chart) here.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table, no progress.")] = False,
+) -> None:
+    """Try recipes on MODEL; write the fastest (or smallest) that meets the target, with its recipe."""
+    from onnxopt.progress import NullProgress, RichProgress
+    from onnxopt.tune import tune as run_tune
+    from onnxopt.tune_report import replay_files, report_dict, table_lines, write_chart
+
+    if output.resolve() == model.resolve():
+        raise OnnxoptError(f"-o {output} is the input model; write the result to another file")
+    result = run_tune(
+        model,
+        calib,
+        output=output,
+        target=target,
+        objective=objective,
+        budget_minutes=budget_minutes,
+        threads=threads,
+        jobs=jobs,
+        ray=ray,
+        seed=seed,
+        progress=NullProgress() if quiet else RichProgress(),
+        only=[name.strip() for name in only.split(",") if name.strip()] if only else None,
+    )
+    replay = replay_files(result, output)
+    chart = write_chart(result, (report or output).with_suffix(".pareto.png"))
+    if report is not None:
+        report_data = report_dict(result, model=str(model), output=str(output))
+        write_outputs([Output(report, "--report", _json_writer(lambda: report_data))])
+    if not quiet:
+        for line in table_lines(result):
+            out.print(line, highlight=False, markup=False, soft_wrap=True)
+        out.print(f"wrote {output}" + (f", {replay[0]} and {replay[1]}" if replay else ""), highlight=False)
+        if chart is not None:
+            out.print(f"chart: {chart}", highlight=False)
+    if result.interrupted:
+        err.print("onnxopt: interrupted; kept the best candidate measured so far", highlight=False)
+        raise typer.Exit(130)
 
 
 def main(argv: list[str] | None = None) -> int:

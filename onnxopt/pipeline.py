@@ -20,6 +20,8 @@ import onnx
 
 from onnxopt.data import Dataset, check_calibration
 from onnxopt.errors import OnnxoptError, RecipeError
+from onnxopt.external import Spill
+from onnxopt.external import check_model as check_lazy_model
 from onnxopt.graph import drop_shape_annotations, iter_graphs, remove_unused
 from onnxopt.model import ModelStats, exceeds_protobuf_limit, model_stats
 from onnxopt.params import coerce_param
@@ -84,7 +86,9 @@ class Context:
     ``calibration`` holds representative inputs (lossy passes split off a held-out
     part to check their budget); ``budget`` overrides a lossy pass's default error
     target; ``progress`` reports long work (a no-op unless the CLI installs one);
-    ``reference`` is the pipeline's starting model when a pass wants it.
+    ``reference`` is the pipeline's starting model when a pass wants it; ``spill``,
+    when set, is where a pass writes the large tensors it produces
+    (``onnxopt.external.replace_initializer(..., spill=ctx.spill)``) instead of holding them.
     """
 
     calibration: Dataset | None = None
@@ -94,6 +98,7 @@ class Context:
     #: pass asks for it (:meth:`Pass.wants_reference`): e.g. int8 times itself against it
     reference: onnx.ModelProto | None = None
     progress: Progress = field(default_factory=NullProgress)
+    spill: Spill | None = None
 
 
 class Pass:
@@ -442,7 +447,7 @@ class CheckerInstrument:
         from onnxopt.errors import VerificationError
 
         try:
-            onnx.checker.check_model(model)
+            check_lazy_model(model)
         except onnx.checker.ValidationError as exc:
             first = str(exc).strip().splitlines()[0]
             raise VerificationError(

@@ -30,7 +30,7 @@ def test_ppocr_cls_agreement_and_size(real_model):
     agreement = real_inputs.task_agreement(
         "ppocr_cls", run_model(model, held), run_model(quantized, held, optimization="default"), held
     )
-    assert agreement >= 0.99
+    assert agreement >= 0.99  # measured 1.0 on these 8 unseen lines (and on 32); one flip fails
     assert record.stats["bytes_after"] < 0.6 * record.stats["bytes_before"]
 
 
@@ -45,5 +45,6 @@ def test_ppocr_det_small_input(real_model):
     agreement = real_inputs.task_agreement(
         "ppocr_det", run_model(model, held), run_model(quantized, held, optimization="default"), held
     )
-    assert agreement >= 0.8  # measured 0.96 at 480x640 (benchmarks/quantize.py); the 0.99 goal is not reached
+    # measured 0.954 on these two unseen 160x224 images (0.949 on six more); 0.02 of margin
+    assert agreement >= 0.93
     assert record.stats["bytes_after"] < 0.35 * record.stats["bytes_before"]

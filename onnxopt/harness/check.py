@@ -100,14 +100,14 @@ def check(
                 f"{exc} (the inputs were synthesized: pass real inputs with --data, or fit them to the model "
                 "with --shape NAME:DIMS and --int-range NAME:LOW:HIGH)"
             ) from exc
-    synthesized = data.source == "synthesized"
-    for name, what in vacuous_outputs(reference_outputs).items():
-        notes.append(f"warning: {vacuous_warning(name, what, synthesized)}")
     if infer is None:
         infer = profile == "int8"
     judged = list(metrics)
     if infer:
         judged = infer_metrics(ref_model if ref_model is not None else cand_model, reference_outputs, declared=judged)
+    synthesized = data.source == "synthesized"
+    for name, what in vacuous_outputs(reference_outputs).items():
+        notes.append(f"warning: {vacuous_warning(name, what, synthesized)}")
     results: list[LevelResult] = []
     for level in levels:
         with Session(cand_source, optimization=level, label="candidate") as session:

@@ -72,12 +72,12 @@ class Verifier:
         with Session(model, label="input model") as session:
             self._original = [session.run(s) for s in samples]
         self._previous = self._original
+        self._judged = infer_metrics(model, self._original, declared=self.metrics)
         self.checked = []
         self.warnings = [
             vacuous_warning(name, what, samples.source == "synthesized")
             for name, what in vacuous_outputs(self._original).items()
         ]
-        self._judged = infer_metrics(model, self._original, declared=self.metrics)
 
     def after_pass(self, pass_: Any, record: Any, model: onnx.ModelProto, ctx: Any) -> None:
         """Compare the pass's output; raise VerificationError if it broke equivalence."""

@@ -86,8 +86,8 @@ class FuseLayerNorm(Fusion):
             bias = affine.get("Add", np.zeros(shape)).astype(dtype)
             inputs = [
                 x,
-                add_weight(graph, names, f"{last.output[0]}_scale", scale),
-                add_weight(graph, names, f"{last.output[0]}_bias", bias),
+                add_weight(m, names, f"{last.output[0]}_scale", scale),
+                add_weight(m, names, f"{last.output[0]}_bias", bias),
             ]
             fused = helper.make_node(
                 "LayerNormalization",

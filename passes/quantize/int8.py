@@ -56,6 +56,8 @@ __all__ = ["QuantizeInt8"]
 log = logging.getLogger(__name__)
 
 _MIN_OPSET = 13  # per-channel DequantizeLinear (axis) needs opset 13
+#: counts of apply_plan that mean the model changed (int8 weights, tables, Q/DQ pairs)
+_INSERTED = ("weights_quantized", "biases_quantized", "tables_quantized", "activations_quantized", "lookup_tables")
 
 
 def _name_nodes(model: onnx.ModelProto) -> None:
@@ -372,6 +374,11 @@ class QuantizeInt8(Pass):
         notes += _kept_float_notes(placement.float_reasons)
         if not kept:
             reason = "the int8 model was slower than the float one on this machine; the float model is kept"
+            return PassResult(model, False, stats, _float_notes(notes, model), NOT_APPLIED, reason)
+        if not any(counts.get(key, 0) for key in _INSERTED):
+            # every candidate went back to float: the rewrite inserted nothing, so the model is unchanged
+            notes.append("nothing was quantized (every candidate node was kept float); kept the input model")
+            reason = "every candidate node was kept float"
             return PassResult(model, False, stats, _float_notes(notes, model), NOT_APPLIED, reason)
         if target is not None and target.task is not None and self.estimate_folds:
             verdict = cross_fitted_verdict(
