@@ -37,6 +37,7 @@ __all__ = [
     "DEFAULT_TARGET",
     "Target",
     "depthwise_groups",
+    "latency_rounds",
     "measure_latency",
     "output_noise",
     "parse_target",
@@ -194,10 +195,30 @@ def measure_latency(
 ) -> list[float]:
     """Return the median seconds per run of each model, runs interleaved (A, B, A, B, ...).
 
+    See :func:`latency_rounds` for the rounds; this keeps only each model's median.
+    """
+    times = latency_rounds(
+        models, sample, rounds=rounds, threads=threads, budget_seconds=budget_seconds, min_seconds=min_seconds
+    )
+    return [statistics.median(t) for t in times]
+
+
+def latency_rounds(
+    models: Sequence[onnx.ModelProto],
+    sample: Sample,
+    *,
+    rounds: int = 15,
+    threads: int | None = None,
+    budget_seconds: float = 20.0,
+    min_seconds: float = 0.5,
+) -> list[list[float]]:
+    """Return every timed run's seconds, per model, runs interleaved (A, B, A, B, ...).
+
     At least ``rounds`` rounds and, for fast models, as many as fill ``min_seconds`` (15
     rounds of a 25 us model decided int8 vs float on noise), stopping after ``budget_seconds``.
-    Models are timed without their ``value_info``, as the pipeline writes a model whose
-    input had none (onnxruntime's shape-dependent fusions differ with it).
+    Round ``i`` of every model ran back to back, so ratios of round ``i`` cancel slow drifts
+    of the machine. Models are timed without their ``value_info``, as the pipeline writes a
+    model whose input had none (onnxruntime's shape-dependent fusions differ with it).
     """
     sessions = [_bare_session(m, threads) for m in models]
     try:
@@ -213,7 +234,7 @@ def measure_latency(
                 times[i].append(time.perf_counter() - t0)
             if time.perf_counter() - started > budget_seconds and len(times[0]) >= 5:
                 break
-        return [statistics.median(t) for t in times]
+        return times
     finally:
         for session in sessions:
             session.close()
