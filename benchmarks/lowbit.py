@@ -12,7 +12,7 @@
 
 for ``onnxopt optimize --pipeline int4`` (variants via ``--param``) and onnxruntime's
 quantizer with RTN, GPTQ and HQQ, all at 4 bits, block 32, with zero points. Rows land in
-``benchmarks/results/lowbit.json``.
+``benchmarks/results/lowbit-<part>.json``.
 """
 
 from __future__ import annotations
@@ -224,18 +224,16 @@ def run_latency(tmp: Path) -> list[dict[str, Any]]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Run the chosen parts and write ``benchmarks/results/lowbit.json``."""
+    """Run the chosen parts; each writes ``benchmarks/results/lowbit-<part>.json``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="encoder,decoder,latency")
     args = parser.parse_args(argv)
     parts = {"encoder": run_encoder, "decoder": run_decoder, "latency": run_latency}
-    out = HERE / "results" / "lowbit.json"
-    results: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
     for name in args.only.split(","):
         with tempfile.TemporaryDirectory() as tmp:
-            results[name] = parts[name](Path(tmp))
-        out.write_text(json.dumps(results, indent=1))
-        for row in results[name]:
+            rows = parts[name](Path(tmp))
+        (HERE / "results" / f"lowbit-{name}.json").write_text(json.dumps(rows, indent=1))
+        for row in rows:
             print(json.dumps(row))
 
 
