@@ -38,12 +38,14 @@ from onnxopt.pipeline import (
     register_pass,
     register_preset,
 )
+from onnxopt.tune import CandidateResult, TuneResult, tune
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PROFILES",
     "CalibrationDataError",
+    "CandidateResult",
     "Context",
     "Dataset",
     "ExternalDataError",
@@ -57,6 +59,7 @@ __all__ = [
     "Report",
     "Stage",
     "Tolerance",
+    "TuneResult",
     "UnsupportedModelError",
     "VerificationError",
     "Verifier",
@@ -72,4 +75,5 @@ __all__ = [
     "register_preset",
     "save_model",
     "synthesize_inputs",
+    "tune",
 ]
