@@ -155,8 +155,9 @@ class QuantizeWeights(Pass):
     def _quantize(self, site: Site, bits: int, method: str, stats: InputStats | None, record: Record) -> Encoded:
         """Return the encoded weight of one site."""
         matrix = site.matrix
-        if site.op_type == "Gather" or (method == "hqq" and self.format == "qdq"):
-            method = "rtn"  # GatherBlockQuantized and DequantizeLinear take integer zero points only
+        if site.op_type == "Gather" or (method == "hqq" and (self.format == "qdq" or bits == 8)):
+            # integer zero points only: GatherBlockQuantized, DequantizeLinear, 8-bit MatMulNBits on CPU
+            method = "rtn"
         gram = stats.mean_gram[0] if stats is not None and stats.mean_gram is not None else None
         if gram is not None and not np.isfinite(gram).all():
             gram = None
