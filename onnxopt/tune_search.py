@@ -116,6 +116,9 @@ class Search:
         status, reason = ("accepted", "") if passed else ("rejected", "target not met")
         if passed and digest in self.digests:
             status, reason = "pruned", f"the same model as {self.digests[digest]}"
+            kept = next((n for n in outcome.notes if "kept the float model" in n), "")
+            if kept:  # say why the lossy pass changed nothing
+                reason += f" ({kept})"
         self.digests.setdefault(digest, candidate.name)
         self.rows.append(
             CandidateResult(

@@ -155,9 +155,10 @@ def peak_memory(model_path: str, data_dir: str, threads: int = 1, timeout: float
 
 
 def _pass_notes(records: list[Any]) -> tuple[str, ...]:
-    """Return the notes of the lossy passes (what they kept, why they backed off), first ones first."""
-    notes = [f"{r.name}: {note}" for r in records if r.notes for note in r.notes[:3]]
-    return tuple(notes[:6])
+    """Return the passes' notes that say what they kept or why they backed off, decisions first."""
+    notes = [f"{r.name}: {note}" for r in records for note in r.notes]
+    decisions = [n for n in notes if "kept the float model" in n or "not met" in n]
+    return tuple(dict.fromkeys([*decisions, *notes]))[:8]
 
 
 def _prefix_path(cache_dir: str, stages: tuple[Any, ...]) -> Path:
