@@ -6,13 +6,13 @@ Exit codes: 0 success, 1 a check failed (or a pass broke equivalence under --ver
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import os
 import re
 import sys
-import tempfile
-from collections.abc import Iterable
+import traceback
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,6 +20,8 @@ import typer
 from rich.console import Console
 
 from onnxopt.errors import CalibrationDataError, OnnxoptError, RecipeError, VerificationError
+from onnxopt.outputs import Output, check_location, write_outputs
+from onnxopt.params import ParamText
 
 __all__ = ["app", "main"]
 
@@ -52,17 +54,13 @@ def parse_named_values(items: Iterable[str], what: str) -> dict[str, str]:
     return parsed
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON atomically (temp file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".onnxopt-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _json_writer(data: Callable[[], dict[str, Any]]) -> Callable[[Path], None]:
+    """Return a writer of the JSON document ``data()`` (built when written, after the files before it)."""
+
+    def write(path: Path) -> None:
+        path.write_text(json.dumps(data(), indent=2, default=str))
+
+    return write
 
 
 def _parse_shapes(items: list[str]) -> dict[str, list[int]]:
@@ -112,10 +110,7 @@ def _parse_overrides(params: list[str]) -> dict[str, Any]:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise RecipeError(f"--param {item!r}: expected NAME=VALUE")
-        try:
-            overrides[key] = json.loads(text)
-        except json.JSONDecodeError:
-            overrides[key] = text
+        overrides[key] = ParamText(text)  # parsed against each pass's declared type (onnxopt.params)
     return overrides
 
 
@@ -150,9 +145,14 @@ def optimize(
     shape: ShapeOpt = [],  # noqa: B006
     int_range: IntRangeOpt = [],  # noqa: B006
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table, no progress bars.")] = False,
+    require_applied: Annotated[
+        bool,
+        typer.Option("--require-applied", help="Exit 1 when a lossy pass was not applied (the model is written)."),
+    ] = False,
 ) -> None:
     """Run a pipeline on MODEL and write the result to OUTPUT."""
     from onnxopt.data import load_dataset
+    from onnxopt.external import Spill, has_lazy_tensors
     from onnxopt.harness import Verifier
     from onnxopt.model import load_model, save_model
     from onnxopt.pipeline import CheckerInstrument, Context, load_recipe
@@ -160,7 +160,11 @@ def optimize(
 
     if output.resolve() == model.resolve():
         raise OnnxoptError(f"-o {output} is the input model; write the result to another file")
+    check_location(output, "-o")
+    if report is not None:
+        check_location(report, "--report")
     loaded = load_model(model)
+    loaded_graph = load_model(model, load_external_data=False)
     overrides = _parse_overrides(param)
     for key, value in (("sparsity", sparsity), ("rank", rank), ("energy", energy), ("target", target)):
         if value is not None:
@@ -168,35 +172,112 @@ def optimize(
     spec = load_recipe(pipeline)
     if overrides:
         spec = spec.with_overrides(overrides)
-    ctx = Context(
-        calibration=load_dataset(calib, loaded) if calib is not None else None,
-        progress=NullProgress() if quiet else RichProgress(),
-    )
     verifier = Verifier(synthesize=_synthesis(shape, int_range, 2, 0)) if verify else None
     manager = spec.build(instruments=[CheckerInstrument()], verify=verifier)
-    result = manager.run(loaded, ctx)
-    saved = save_model(result.model, output)
-    size = saved.stat().st_size
-    data_file = saved.with_name(saved.name + ".data")
-    if data_file.exists():
-        size += data_file.stat().st_size
+    # New large tensors of a model kept in external data go to a scratch file beside the output
+    # (or in the temporary folder when the output's folder does not exist yet).
+    spill_folder = output.parent if output.parent.is_dir() else None
+    with Spill(spill_folder) if has_lazy_tensors(loaded) else contextlib.nullcontext() as spill:
+        ctx = Context(
+            calibration=load_dataset(calib, loaded) if calib is not None else None,
+            progress=NullProgress() if quiet else RichProgress(),
+            spill=spill,
+        )
+        result = manager.run(loaded, ctx)
+        written: dict[str, int] = {}
+
+        def write_model(path: Path) -> None:
+            saved = save_model(result.model, path)
+            data_file = saved.with_name(saved.name + ".data")
+            written["bytes"] = saved.stat().st_size + (data_file.stat().st_size if data_file.exists() else 0)
+
+        input_bytes = _file_bytes(model, loaded_graph)
+        outputs = [Output(output, "-o", write_model)]
+        if report is not None:
+            outputs.append(
+                Output(
+                    report,
+                    "--report",
+                    _json_writer(
+                        lambda: {
+                            "status": result.to_dict()["status"],
+                            "model": str(model),
+                            "output": str(output),
+                            "pipeline": spec.name,
+                            "output_bytes": written["bytes"],
+                            "input_bytes": input_bytes,
+                            **result.to_dict(),
+                        }
+                    ),
+                )
+            )
+        write_outputs(outputs)
+        size = written["bytes"]
     if not quiet:
         from onnxopt.display import render_pipeline
 
         render_pipeline(out, result, output_bytes=size)
-        out.print(f"wrote {output} ({size:,} bytes; input {model.stat().st_size:,} bytes)")
-    if report is not None:
-        _write_json(
-            report,
-            {
-                "model": str(model),
-                "output": str(output),
-                "pipeline": spec.name,
-                "output_bytes": size,
-                "input_bytes": model.stat().st_size,
-                **result.to_dict(),
-            },
+        for record in result.outcomes():
+            out.print(f"{record.name}: {record.status}" + (f": {record.reason}" if record.reason else ""), markup=False)
+        out.print(f"wrote {output} ({size:,} bytes; input {input_bytes:,} bytes)")
+    if verifier is not None:
+        if not quiet:
+            out.print(
+                f"verified {len(verifier.checked)} changed pass run(s) on {verifier.sample_count} sample(s): every "
+                "output matched",
+                markup=False,
+            )
+        for warning in verifier.warnings:
+            err.print(f"onnxopt: warning: {warning}", highlight=False, soft_wrap=True, markup=False)
+    if size > input_bytes:
+        err.print(
+            f"onnxopt: warning: {_growth(result, size, input_bytes)}", highlight=False, soft_wrap=True, markup=False
         )
+    blocked = [r for r in result.outcomes() if r.status == "not applied"]
+    if require_applied and blocked:
+        first = blocked[0]
+        err.print(
+            f"onnxopt: {first.name} was not applied ({first.reason}); --require-applied makes this exit 1 "
+            f"(the model was written to {output})",
+            highlight=False,
+            soft_wrap=True,
+            markup=False,
+        )
+        raise typer.Exit(1)
+
+
+def _file_bytes(path: Path, graph: Any) -> int:
+    """Return the bytes of a model file plus the external data files it references."""
+    import onnx
+
+    from onnxopt.graph import iter_tensors
+
+    files = {
+        entry.value
+        for tensor in iter_tensors(graph)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    return path.stat().st_size + sum((path.parent / f).stat().st_size for f in files if (path.parent / f).is_file())
+
+
+def _growth(result: Any, size: int, input_bytes: int) -> str:
+    """Say that the output is larger than the input, and which pass added the most bytes."""
+    message = f"the output ({size:,} bytes) is larger than the input ({input_bytes:,} bytes)"
+    grown = [r for r in result.records if r.changed and r.after.bytes > r.before.bytes]
+    if grown:
+        worst = max(grown, key=lambda r: r.after.bytes - r.before.bytes)
+        message += f": pass {worst.name} added the most ({worst.after.bytes - worst.before.bytes:,} bytes)"
+        if not worst.exact or worst.name.startswith("fold"):
+            message += (
+                ", e.g. weights folded into a copy while the original stays read elsewhere"
+                if worst.exact
+                else " (see its notes)"
+            )
+    else:
+        message += " (normalization or serialization, not a pass: see the notes)"
+    return message
 
 
 def _declared_metrics(texts: list[str], path: Path | None) -> list[Any]:
@@ -247,6 +328,9 @@ def check(
     from onnxopt.harness import load_golden, load_tolerances, save_golden
     from onnxopt.runtime import run_model
 
+    for option, location in (("--save-outputs", save_outputs), ("--report", report), ("--junit", junit)):
+        if location is not None:
+            check_location(location, option)
     if len(models) == 2:
         ref_path, cand_path = models
     elif len(models) == 1 and load_outputs is not None:
@@ -265,6 +349,7 @@ def check(
                 raise OnnxoptError(f"--{flag} {name}:{value}: the value must be a number") from None
     golden_outputs = None
     dataset = None
+    outputs: list[Output] = []
     if load_outputs is not None:
         dataset, golden_outputs = load_golden(load_outputs)
     if data is not None:
@@ -278,7 +363,8 @@ def check(
 
             dataset = synthesize_inputs(ref_model, **synth)
         golden_outputs = run_model(str(ref_path), dataset, label="reference")
-        save_golden(save_outputs, dataset, golden_outputs)
+        golden = (dataset, golden_outputs)
+        outputs.append(Output(save_outputs, "--save-outputs", lambda path: save_golden(path, *golden)))
     result = run_check(
         ref_path,
         cand_path,
@@ -295,11 +381,13 @@ def check(
     result.reference = str(models[0]) if ref_model is not None else str(load_outputs)
     from onnxopt.display import render_check
 
-    render_check(out, result)
     if report is not None:
-        _write_json(report, result.to_dict())
+        outputs.append(Output(report, "--report", _json_writer(result.to_dict)))
     if junit is not None:
-        junit.write_text(result.to_junit())
+        junit_text = result.to_junit()
+        outputs.append(Output(junit, "--junit", lambda path: path.write_text(junit_text)))
+    write_outputs(outputs)
+    render_check(out, result)
     if not result.passed:
         raise typer.Exit(1)
 
@@ -308,11 +396,24 @@ def check(
 def inspect(
     model: Annotated[Path, typer.Argument(help="The ONNX model to describe.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Refuse (exit 2) what optimize and check would refuse.")
+    ] = False,
 ) -> None:
     """Describe MODEL: opsets, inputs/outputs, ops, parameters and where its weights live."""
     from onnxopt.describe import describe_model
+    from onnxopt.errors import ExternalDataError
 
     description = describe_model(model)
+    if description.external_outside:
+        where = ", ".join(repr(f) for f in description.external_outside)
+        message = (
+            f"{model}: external data {where} lies outside the model's folder; optimize and check refuse it "
+            "(move the data file next to the model)"
+        )
+        if strict:
+            raise ExternalDataError(message)
+        err.print(f"onnxopt: warning: {message}", highlight=False, soft_wrap=True, markup=False)
     if as_json:
         out.print_json(data=description.to_dict())
         return
@@ -384,7 +485,8 @@ def tune(
     replay = replay_files(result, output)
     chart = write_chart(result, (report or output).with_suffix(".pareto.png"))
     if report is not None:
-        _write_json(report, report_dict(result, model=str(model), output=str(output)))
+        report_data = report_dict(result, model=str(model), output=str(output))
+        write_outputs([Output(report, "--report", _json_writer(lambda: report_data))])
     if not quiet:
         for line in table_lines(result):
             out.print(line, highlight=False, markup=False, soft_wrap=True)
@@ -404,14 +506,18 @@ def main(argv: list[str] | None = None) -> int:
         args = ["--debug", *[a for a in args if a != "--debug"]]
     try:
         code = app(args=args, prog_name="onnxopt", standalone_mode=False)
+        if code == 130:  # typer turns Ctrl-C into a returned 130; no command of ours returns it
+            err.print("onnxopt: interrupted; nothing was written", highlight=False, markup=False)
     except typer.Exit as exc:
         return exc.exit_code
+    except KeyboardInterrupt:
+        err.print("onnxopt: interrupted; nothing was written", highlight=False, markup=False)
+        return 130
     except typer.Abort:
         err.print("onnxopt: aborted")
         return 2
     except typer.TyperException as exc:  # usage errors: unknown option, missing argument, bad value
-        if debug:
-            raise
+        _traceback(debug)
         show = getattr(exc, "show", None)
         if callable(show):
             show()
@@ -419,21 +525,15 @@ def main(argv: list[str] | None = None) -> int:
             err.print(f"onnxopt: error: {exc.format_message()}", highlight=False, markup=False)
         return 2
     except VerificationError as exc:
-        if debug:
-            raise
+        _traceback(debug)
         err.print(f"onnxopt: verification failed: {exc} (nothing was written)", highlight=False, markup=False)
         return 1
     except OnnxoptError as exc:
-        if debug:
-            raise
+        _traceback(debug)
         err.print(f"onnxopt: error: {exc}", highlight=False, soft_wrap=True, markup=False)
         return exc.exit_code
-    except KeyboardInterrupt:
-        err.print("onnxopt: interrupted")
-        return 130
     except Exception as exc:
-        if debug:
-            raise
+        _traceback(debug)
         err.print(
             f"onnxopt: internal error: {type(exc).__name__}: {exc}. Rerun with --debug for the traceback "
             "and report it.",
@@ -443,6 +543,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 3
     return code if isinstance(code, int) else 0
+
+
+def _traceback(debug: bool) -> None:
+    """Under ``--debug``, print the traceback of the exception being handled (the exit code stays the same)."""
+    if debug:
+        traceback.print_exc(file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -162,6 +162,11 @@ def _unstack(arrays: dict[str, np.ndarray], specs: dict[str, InputSpec] | None, 
             f"{source}: arrays hold different numbers of samples {counts}; stack the same N for each"
         )
     n = next(iter(counts.values()))
+    if n == 0:
+        raise CalibrationDataError(
+            f"{source} holds 0 samples (every array has length 0 on its first axis); stack at least one "
+            "representative input per array"
+        )
     return [{name: per_input[name][i] for name in per_input} for i in range(n)]
 
 

@@ -35,6 +35,8 @@ class ModelDescription:
     external_files: list[str] = field(default_factory=list)
     functions: list[str] = field(default_factory=list)
     file_bytes: int | None = None
+    #: external data locations that resolve outside the model's folder (optimize and check refuse them)
+    external_outside: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dictionary."""
@@ -63,10 +65,12 @@ def describe_model(source: ModelSource) -> ModelDescription:
     initializer_count = sum(len(g.initializer) for g in iter_graphs(model.graph))
     constant_nodes = stats.ops.get("Constant", 0)
     file_bytes = None
+    outside: list[str] = []
     if isinstance(source, str | Path):
-        file_bytes = Path(source).stat().st_size + sum(
-            (Path(source).parent / f).stat().st_size for f in files if (Path(source).parent / f).is_file()
-        )
+        base = Path(source).parent.resolve()
+        outside = sorted(f for f in files if not f or base not in (base / f).resolve().parents)
+        inside = [f for f in files if f not in outside and (base / f).is_file()]
+        file_bytes = Path(source).stat().st_size + sum((base / f).stat().st_size for f in inside)
     return ModelDescription(
         path=path,
         ir_version=model.ir_version,
@@ -89,4 +93,5 @@ def describe_model(source: ModelSource) -> ModelDescription:
         external_files=sorted(files),
         functions=[f"{f.domain}::{f.name}" for f in model.functions],
         file_bytes=file_bytes,
+        external_outside=outside,
     )

@@ -10,6 +10,7 @@ __all__ = [
     "ExternalDataError",
     "ModelLoadError",
     "OnnxoptError",
+    "OutputLocationError",
     "RecipeError",
     "UnsupportedModelError",
     "VerificationError",
@@ -28,6 +29,10 @@ class ModelLoadError(OnnxoptError):
 
 class ExternalDataError(ModelLoadError):
     """External tensor data is missing, unreadable or points outside the model's folder."""
+
+
+class OutputLocationError(OnnxoptError):
+    """An output (model, report, JUnit or golden file) cannot be written where it was asked."""
 
 
 class UnsupportedModelError(OnnxoptError):

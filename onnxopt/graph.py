@@ -11,11 +11,14 @@ import collections
 import heapq
 import itertools
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+if TYPE_CHECKING:
+    from onnxopt.external import Spill
 
 __all__ = [
     "SHAPE_ONLY_OPS",
@@ -204,7 +207,9 @@ class GraphIndex:
         """Return the value of ``name`` when it is an initializer or a Constant output."""
         tensor = self.initializers.get(name)
         if tensor is not None and name not in self.inputs:
-            return numpy_helper.to_array(tensor)
+            from onnxopt.external import tensor_array  # external imports this module
+
+            return tensor_array(tensor)
         sparse = self.sparse_initializers.get(name)
         if sparse is not None and name not in self.inputs:
             return _densify(sparse)
@@ -248,14 +253,15 @@ def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
     return None
 
 
-def set_initializer(graph: onnx.GraphProto, name: str, array: np.ndarray) -> None:
-    """Add initializer ``name`` holding ``array``, or replace the one with that name."""
-    tensor = numpy_helper.from_array(np.asarray(array), name)
-    for i, existing in enumerate(graph.initializer):
-        if existing.name == name:
-            graph.initializer[i].CopyFrom(tensor)
-            return
-    graph.initializer.append(tensor)
+def set_initializer(graph: onnx.GraphProto, name: str, array: np.ndarray, *, spill: Spill | None = None) -> None:
+    """Add initializer ``name`` holding ``array``, or replace the one with that name.
+
+    With ``spill`` a large array is written to that file instead of held (see
+    :func:`onnxopt.external.replace_initializer`).
+    """
+    from onnxopt.external import replace_initializer  # external imports this module
+
+    replace_initializer(graph, name, array, spill=spill)
 
 
 def drop_shape_annotations(model: onnx.ModelProto) -> int:

@@ -18,10 +18,19 @@ from typing import Any
 
 import numpy as np
 import onnx
-from google.protobuf.message import DecodeError
-from onnx import numpy_helper
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError, Message
 
 from onnxopt.errors import ExternalDataError, ModelLoadError
+from onnxopt.external import (
+    has_lazy_tensors,
+    is_lazy,
+    lazy_bytes,
+    lazy_source,
+    make_lazy,
+    materialize,
+    write_external_data,
+)
 from onnxopt.graph import iter_graphs, iter_tensors
 
 __all__ = [
@@ -40,17 +49,18 @@ log = logging.getLogger(__name__)
 
 #: Protobuf refuses to serialize a message of 2 GiB or more.
 PROTOBUF_LIMIT = 2**31 - 1
-#: Tensors at least this large go to the external data file when one is written.
-EXTERNAL_TENSOR_MIN_BYTES = 1024
 
 ModelSource = str | os.PathLike | bytes | onnx.ModelProto
 
 
-def load_model(source: ModelSource, *, load_external_data: bool = True) -> onnx.ModelProto:
+def load_model(source: ModelSource, *, load_external_data: bool = True, lazy: bool = True) -> onnx.ModelProto:
     """Load a model from a path, serialized bytes or a ModelProto (which is copied).
 
-    External data is read from the model's folder; a location that resolves outside
-    that folder is refused. Every failure raises a specific :class:`ModelLoadError`.
+    External data is found in the model's folder; a location that resolves outside
+    that folder is refused. With ``lazy`` (the default) external tensors stay in their
+    files, checked but not read, and are memory-mapped when a pass reads them
+    (:func:`onnxopt.external.tensor_array`); ``lazy=False`` reads them into memory.
+    Every failure raises a specific :class:`ModelLoadError`.
     """
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
@@ -76,7 +86,7 @@ def load_model(source: ModelSource, *, load_external_data: bool = True) -> onnx.
     model = _parse(data, str(path))
     _check_structure(model, str(path))
     if load_external_data:
-        _load_external_data(model, path.parent.resolve(), str(path))
+        _load_external_data(model, path.parent.resolve(), str(path), lazy=lazy)
     return model
 
 
@@ -96,6 +106,16 @@ def _check_structure(model: onnx.ModelProto, label: str) -> None:
     """Catch files that parse as protobuf but are not (whole) ONNX models."""
     if model.ir_version <= 0 or not model.HasField("graph"):
         raise ModelLoadError(f"{label} is not an ONNX model (no IR version or graph); pass a .onnx file")
+    where = _invalid_text(model, "model")
+    if where is not None:
+        raise ModelLoadError(
+            f"{label}: {where} is not valid UTF-8 text (corrupt file); re-export or re-download the model"
+        )
+    for tensor in iter_tensors(model):
+        problem = _tensor_problem(tensor)
+        if problem is not None:
+            what = f"tensor {tensor.name!r}" if tensor.name else "an unnamed tensor (a Constant value or attribute)"
+            raise ModelLoadError(f"{label}: {what} {problem} (corrupt file); re-export or re-download the model")
     if not model.graph.output:
         raise ModelLoadError(f"{label} has a graph without outputs: the file looks truncated")
     defined = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
@@ -111,6 +131,71 @@ def _check_structure(model: onnx.ModelProto, label: str) -> None:
         defined.update(node.output)
     if any(o.name not in defined for o in model.graph.output):
         raise ModelLoadError(f"{label}: a graph output is never produced (truncated file?)")
+
+
+#: element types whose raw_data is whole bytes per element (4-bit and string types are left out)
+_BYTE_TYPES: dict[int, int] = {
+    onnx.TensorProto.FLOAT: 4,
+    onnx.TensorProto.DOUBLE: 8,
+    onnx.TensorProto.FLOAT16: 2,
+    onnx.TensorProto.BFLOAT16: 2,
+    onnx.TensorProto.INT8: 1,
+    onnx.TensorProto.UINT8: 1,
+    onnx.TensorProto.INT16: 2,
+    onnx.TensorProto.UINT16: 2,
+    onnx.TensorProto.INT32: 4,
+    onnx.TensorProto.UINT32: 4,
+    onnx.TensorProto.INT64: 8,
+    onnx.TensorProto.UINT64: 8,
+    onnx.TensorProto.BOOL: 1,
+    onnx.TensorProto.COMPLEX64: 8,
+    onnx.TensorProto.COMPLEX128: 16,
+}
+
+
+def _tensor_problem(tensor: onnx.TensorProto) -> str | None:
+    """Return what makes a tensor unreadable (undefined type, payload not matching its shape), or None."""
+    if tensor.data_type not in onnx.TensorProto.DataType.values() or tensor.data_type == onnx.TensorProto.UNDEFINED:
+        return f"has element type {tensor.data_type}, which is not an ONNX type"
+    if any(d < 0 for d in tensor.dims):
+        return f"has a negative dimension {list(tensor.dims)}"
+    itemsize = _BYTE_TYPES.get(tensor.data_type)
+    if itemsize is None or tensor.data_location == onnx.TensorProto.EXTERNAL or not tensor.HasField("raw_data"):
+        return None
+    expected = int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+    if len(tensor.raw_data) != expected:
+        return f"holds {len(tensor.raw_data)} bytes, its shape {list(tensor.dims)} needs {expected} (truncated?)"
+    return None
+
+
+def _invalid_text(message: Message, path: str) -> str | None:
+    """Return where a string field holds bytes that are not UTF-8, or None.
+
+    Protobuf parses such a field (it hands back ``bytes``), and the first pass or
+    runtime that reads it as text fails far from the cause; one walk at load time
+    names it instead. Only string and message fields are read, never tensor payloads.
+    """
+    for descriptor in message.DESCRIPTOR.fields:
+        if descriptor.type not in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_MESSAGE):
+            continue
+        # protobuf 6 has ``is_repeated``; older releases only ``label``
+        repeated = getattr(descriptor, "is_repeated", None)
+        if repeated is None:
+            repeated = descriptor.label == FieldDescriptor.LABEL_REPEATED
+        if not repeated and not message.HasField(descriptor.name):
+            continue
+        value = getattr(message, descriptor.name)
+        if descriptor.type == FieldDescriptor.TYPE_STRING:
+            if any(isinstance(v, bytes) for v in (value if repeated else [value])):
+                return f"{path}.{descriptor.name}"
+            continue
+        items = list(enumerate(value)) if repeated else [(None, value)]
+        for index, item in items:
+            where = f"{path}.{descriptor.name}" + (f"[{index}]" if index is not None else "")
+            found = _invalid_text(item, where)
+            if found is not None:
+                return found
+    return None
 
 
 def _external_target(tensor: onnx.TensorProto, base_dir: Path, label: str) -> tuple[Path, int, int | None]:
@@ -151,14 +236,17 @@ def verify_external_data(model: onnx.ModelProto, path: str | os.PathLike) -> int
     return count
 
 
-def _load_external_data(model: onnx.ModelProto, base_dir: Path, label: str) -> None:
-    """Read external tensor data in place, refusing locations outside ``base_dir``."""
+def _load_external_data(model: onnx.ModelProto, base_dir: Path, label: str, *, lazy: bool) -> None:
+    """Check external references (refusing locations outside ``base_dir``); mark them lazy or read them."""
     opened: dict[Path, Any] = {}
     try:
         for tensor in iter_tensors(model):
             if tensor.data_location != onnx.TensorProto.EXTERNAL:
                 continue
             target, offset, length = _external_target(tensor, base_dir, label)
+            if lazy:
+                make_lazy(tensor, base_dir)
+                continue
             try:
                 handle = opened.get(target)
                 if handle is None:
@@ -170,7 +258,7 @@ def _load_external_data(model: onnx.ModelProto, base_dir: Path, label: str) -> N
                     f"{label}: cannot read external data of {tensor.name!r} ({exc.strerror})"
                 ) from exc
             tensor.raw_data = raw
-            tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.ClearField("data_location")
             del tensor.external_data[:]
     finally:
         for handle in opened.values():
@@ -215,15 +303,20 @@ def save_model(
 ) -> Path:
     """Write ``model`` to ``path`` atomically and return the path.
 
-    ``external_data=None`` chooses external data only when the protobuf would exceed
-    ``size_limit`` (default: the 2 GB protobuf limit). The data file is ``<name>.data``
-    next to the model. The in-memory model is left as it was.
+    ``external_data=None`` chooses external data when the model has lazy tensors or its
+    protobuf would exceed ``size_limit`` (default: the 2 GB protobuf limit). The data
+    file is ``<name>.data`` next to the model, written one tensor at a time (lazy
+    tensors are copied file to file). The in-memory model is left as it was, except
+    that lazy tensors whose data file was just replaced now point into the new one.
     """
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
     folder.mkdir(parents=True, exist_ok=True)
+    lazy = has_lazy_tensors(model)
     if external_data is not None:
         use_external = external_data
+    elif lazy:
+        use_external = True
     elif size_limit is not None:
         use_external = serialized_size(model) > size_limit
     else:
@@ -233,10 +326,17 @@ def save_model(
         tmp_model = tmpdir / target.name
         data_name = target.name + ".data"
         if use_external:
-            _write_with_external_data(model, tmp_model, data_name)
-            os.replace(tmpdir / data_name, folder / data_name)
+            final_data = (folder / data_name).resolve()
+            changed = write_external_data(model, tmpdir / data_name)
+            replaced = False
+            try:
+                tmp_model.write_bytes(model.SerializeToString())
+                os.replace(tmpdir / data_name, final_data)
+                replaced = True
+            finally:
+                _restore(changed, final_data if replaced else None)
         else:
-            tmp_model.write_bytes(model.SerializeToString())
+            tmp_model.write_bytes(_inlined(model).SerializeToString() if lazy else model.SerializeToString())
         os.replace(tmp_model, target)
     finally:
         for leftover in tmpdir.iterdir():
@@ -245,42 +345,23 @@ def save_model(
     return target
 
 
-def _write_with_external_data(model: onnx.ModelProto, model_path: Path, data_name: str) -> None:
-    """Move large tensors to ``data_name`` while serializing, then restore them in memory."""
-    moved: list[tuple[onnx.TensorProto, bytes]] = []
-    try:
-        with open(model_path.parent / data_name, "wb") as data_file:
-            for tensor in iter_tensors(model):
-                if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                    continue
-                if not tensor.HasField("raw_data"):
-                    if _typed_field_bytes(tensor) < EXTERNAL_TENSOR_MIN_BYTES:
-                        continue
-                    array = numpy_helper.to_array(tensor)
-                    replacement = numpy_helper.from_array(array, tensor.name)
-                    tensor.CopyFrom(replacement)
-                raw = tensor.raw_data
-                if len(raw) < EXTERNAL_TENSOR_MIN_BYTES:
-                    continue
-                offset = data_file.tell()
-                pad = (-offset) % 4096
-                if pad:
-                    data_file.write(b"\0" * pad)
-                    offset += pad
-                data_file.write(raw)
-                moved.append((tensor, raw))
-                tensor.ClearField("raw_data")
-                tensor.data_location = onnx.TensorProto.EXTERNAL
-                for key, value in (("location", data_name), ("offset", offset), ("length", len(raw))):
-                    entry = tensor.external_data.add()
-                    entry.key, entry.value = key, str(value)
-        with open(model_path, "wb") as model_file:
-            model_file.write(model.SerializeToString())
-    finally:
-        for tensor, raw in moved:
-            del tensor.external_data[:]
-            tensor.data_location = onnx.TensorProto.DEFAULT
-            tensor.raw_data = raw
+def _restore(changed: list[tuple[onnx.TensorProto, onnx.TensorProto]], replaced: Path | None) -> None:
+    """Put the saved tensors back as they were; rebind lazy ones whose file was replaced."""
+    for tensor, original in changed:
+        if replaced is not None and is_lazy(original) and lazy_source(original)[0].resolve() == replaced:
+            make_lazy(tensor, replaced.parent)  # same bytes, at their offset in the new file
+        else:
+            tensor.CopyFrom(original)
+
+
+def _inlined(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Return a copy of ``model`` with every lazy tensor read into memory."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for tensor in iter_tensors(copy):
+        if is_lazy(tensor):
+            materialize(tensor)
+    return copy
 
 
 def _typed_field_bytes(tensor: onnx.TensorProto) -> int:
@@ -347,7 +428,7 @@ def model_stats(model: onnx.ModelProto) -> ModelStats:
     return ModelStats(
         nodes=sum(ops.values()),
         params=params,
-        bytes=serialized_size(model),
+        bytes=serialized_size(model) + lazy_bytes(model),
         subgraphs=len(graphs) - 1,
         ops=dict(ops.most_common()),
         param_bytes_by_dtype=dict(by_dtype),

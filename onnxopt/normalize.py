@@ -17,7 +17,7 @@ import onnx
 from onnxopt.graph import constant_node_value, is_default_domain, iter_graphs, replace_repeated
 from onnxopt.model import exceeds_protobuf_limit
 
-__all__ = ["NormalizeResult", "infer_shapes", "lift_constants", "normalize"]
+__all__ = ["NormalizeResult", "declare_initializers", "infer_shapes", "lift_constants", "normalize"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,27 @@ class NormalizeResult:
     lifted_constants: int = 0
     shapes_inferred: bool = False
     notes: list[str] = field(default_factory=list)
+
+
+def declare_initializers(model: onnx.ModelProto) -> int:
+    """List every initializer as a graph input too when the IR version requires it; return how many.
+
+    Before IR version 4 an initializer is the default value of a graph input and must
+    be one (onnx.checker refuses the model otherwise). Passes add initializers freely
+    (quantization scales, an opset upgrade turning ``Pad``'s ``pads`` attribute into a
+    tensor), so the pipeline declares the new ones after each pass on such models.
+    """
+    if model.ir_version >= 4:
+        return 0
+    added = 0
+    for graph in iter_graphs(model.graph):
+        declared = {i.name for i in graph.input}
+        for tensor in graph.initializer:
+            if tensor.name not in declared:
+                graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+                declared.add(tensor.name)
+                added += 1
+    return added
 
 
 def lift_constants(model: onnx.ModelProto) -> int:

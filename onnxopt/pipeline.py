@@ -20,8 +20,11 @@ import onnx
 
 from onnxopt.data import Dataset, check_calibration
 from onnxopt.errors import OnnxoptError, RecipeError
-from onnxopt.graph import drop_shape_annotations, iter_graphs
+from onnxopt.external import Spill
+from onnxopt.external import check_model as check_lazy_model
+from onnxopt.graph import drop_shape_annotations, iter_graphs, remove_unused
 from onnxopt.model import ModelStats, exceeds_protobuf_limit, model_stats
+from onnxopt.params import coerce_param
 from onnxopt.progress import NullProgress, Progress
 
 try:
@@ -30,6 +33,9 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 __all__ = [
+    "APPLIED",
+    "NOT_APPLIED",
+    "PARTLY_APPLIED",
     "Context",
     "Instrument",
     "Pass",
@@ -51,14 +57,26 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+#: What a lossy pass did, shown at the end of a run and at the top of the JSON report.
+APPLIED, PARTLY_APPLIED, NOT_APPLIED = "applied", "partly applied", "not applied"
+STATUSES = (APPLIED, PARTLY_APPLIED, NOT_APPLIED)
+
+
 @dataclass
 class PassResult:
-    """What a pass returns: the model, whether it changed, counts and notes."""
+    """What a pass returns: the model, whether it changed, counts and notes.
+
+    A lossy pass also says whether it was ``applied``, ``partly applied`` (``reason``
+    says what stayed float or dense) or ``not applied`` (``reason`` says what blocked
+    it); when it says nothing the manager infers it from ``changed`` and the last note.
+    """
 
     model: onnx.ModelProto
     changed: bool
     stats: dict[str, int | float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    status: str | None = None
+    reason: str = ""
 
 
 @dataclass
@@ -68,7 +86,9 @@ class Context:
     ``calibration`` holds representative inputs (lossy passes split off a held-out
     part to check their budget); ``budget`` overrides a lossy pass's default error
     target; ``progress`` reports long work (a no-op unless the CLI installs one);
-    ``reference`` is the pipeline's starting model when a pass wants it.
+    ``reference`` is the pipeline's starting model when a pass wants it; ``spill``,
+    when set, is where a pass writes the large tensors it produces
+    (``onnxopt.external.replace_initializer(..., spill=ctx.spill)``) instead of holding them.
     """
 
     calibration: Dataset | None = None
@@ -78,6 +98,7 @@ class Context:
     #: pass asks for it (:meth:`Pass.wants_reference`): e.g. int8 times itself against it
     reference: onnx.ModelProto | None = None
     progress: Progress = field(default_factory=NullProgress)
+    spill: Spill | None = None
 
 
 class Pass:
@@ -174,6 +195,7 @@ def create_pass(name: str, **params: Any) -> Pass:
         raise RecipeError(
             f"pass {name!r} has no parameter {unknown[0]!r}; valid parameters: {', '.join(valid) or '(none)'}"
         )
+    params = {key: coerce_param(name, cls, key, value) for key, value in params.items()}
     try:
         return cls(**params)
     except (TypeError, ValueError) as exc:
@@ -323,6 +345,9 @@ class PassRecord:
     stats: dict[str, int | float]
     notes: list[str]
     checks: dict[str, Any] = field(default_factory=dict)
+    exact: bool = True
+    status: str | None = None  # lossy passes only: applied / partly applied / not applied
+    reason: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dictionary."""
@@ -331,6 +356,9 @@ class PassRecord:
             "round": self.round,
             "seconds": round(self.seconds, 4),
             "changed": self.changed,
+            "exact": self.exact,
+            "status": self.status,
+            "reason": self.reason,
             "before": self.before.to_dict(),
             "after": self.after.to_dict(),
             "stats": self.stats,
@@ -356,9 +384,32 @@ class PipelineResult:
     notes: list[str] = field(default_factory=list)
     source: ModelStats | None = None  # the input as given, before normalization
 
+    def outcomes(self) -> list[PassRecord]:
+        """Return one record per lossy pass: its last applied run, else its last run."""
+        chosen: dict[str, PassRecord] = {}
+        for record in self.records:
+            if record.exact:
+                continue
+            previous = chosen.get(record.name)
+            if previous is None or record.status != NOT_APPLIED or previous.status == NOT_APPLIED:
+                chosen[record.name] = record
+        return list(chosen.values())
+
+    @property
+    def status(self) -> str:
+        """Return the run's status: ``exact`` (no lossy pass), else the worst lossy pass's."""
+        statuses = {r.status for r in self.outcomes()}
+        if not statuses:
+            return "exact"
+        return next(s for s in (NOT_APPLIED, PARTLY_APPLIED, APPLIED) if s in statuses)
+
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dictionary."""
         return {
+            "status": {
+                "result": self.status,
+                "passes": [{"pass": r.name, "status": r.status, "reason": r.reason} for r in self.outcomes()],
+            },
             "rounds": self.rounds,
             "converged": self.converged,
             "source": (self.source or self.initial).to_dict(),
@@ -396,7 +447,7 @@ class CheckerInstrument:
         from onnxopt.errors import VerificationError
 
         try:
-            onnx.checker.check_model(model)
+            check_lazy_model(model)
         except onnx.checker.ValidationError as exc:
             first = str(exc).strip().splitlines()[0]
             raise VerificationError(
@@ -412,7 +463,8 @@ class PassManager:
     ``fixed_point`` repeats them until a round changes nothing (at most ``max_rounds``).
     ``verify`` is an instrument (usually :class:`onnxopt.harness.Verifier`) called only
     after passes that changed the model; it raises to stop the pipeline and names the
-    pass that broke equivalence.
+    pass that broke equivalence. With ``clean`` (the default) the run ends by removing
+    nodes and initializers nothing reads, so no recipe writes dead weights.
     """
 
     def __init__(
@@ -425,6 +477,7 @@ class PassManager:
         verify: Instrument | None = None,
         normalize: bool = True,
         isolate_failures: bool = True,
+        clean: bool = True,
     ) -> None:
         if max_rounds < 1:
             raise ValueError("max_rounds must be at least 1")
@@ -433,6 +486,7 @@ class PassManager:
         self.verify = verify
         self.normalize = normalize
         self.isolate_failures = isolate_failures
+        self.clean = clean
 
     def _run_pass(self, pass_: PassProtocol, model: onnx.ModelProto, ctx: Context) -> PassResult:
         """Run one pass; with ``isolate_failures`` a crashing pass is undone and reported.
@@ -469,6 +523,7 @@ class PassManager:
     def run(self, model: onnx.ModelProto, ctx: Context | None = None) -> PipelineResult:
         """Optimize a copy of ``model``; the argument itself is never modified."""
         from onnxopt.model import load_model
+        from onnxopt.normalize import declare_initializers
         from onnxopt.normalize import normalize as normalize_model
 
         ctx = ctx or Context()
@@ -476,6 +531,12 @@ class PassManager:
             check_calibration(ctx.calibration)
         working = load_model(model)
         source = model_stats(working)
+        # Before IR 4 every initializer must also be a graph input, which makes it an overridable
+        # input rather than a constant. The passes run under IR 4's rules (what they add is a
+        # constant); the run ends by restoring the version and declaring what they added.
+        legacy_ir = working.ir_version if working.ir_version < 4 else None
+        if legacy_ir is not None:
+            working.ir_version = 4
         had_shapes = any(len(g.value_info) for g in iter_graphs(working.graph))
         notes: list[str] = []
         if self.normalize:
@@ -514,6 +575,9 @@ class PassManager:
                         stats=dict(result.stats),
                         notes=list(result.notes),
                     )
+                    if not getattr(pass_, "exact", True):
+                        record.exact = False
+                        record.status, record.reason = _lossy_status(result)
                     records.append(record)
                     log.info("pass %s round %d: changed=%s in %.3fs", pass_.name, rounds, result.changed, seconds)
                     for instrument in instruments:
@@ -530,13 +594,29 @@ class PassManager:
                 notes.append(
                     f"stopped at the round limit ({max_rounds}) while passes still changed the model ({names})"
                 )
+        if self.clean:
+            removed = remove_unused(working.graph)
+            if removed:
+                current = model_stats(working)
+                notes.append(
+                    f"removed {removed} unused node(s) and initializer(s) the passes left behind (the pipeline "
+                    "ends with dead-code clean-up)"
+                )
+        if legacy_ir is not None:
+            working.ir_version = legacy_ir
+            declared = declare_initializers(working)
+            if declared:
+                current = model_stats(working)
+                notes.append(
+                    f"IR version {legacy_ir}: declared the {declared} initializer(s) the pipeline added as graph "
+                    "inputs too, as that IR version requires (onnxruntime then treats them as overridable inputs)"
+                )
         if self.normalize and not had_shapes:
             dropped = drop_shape_annotations(working)
             if dropped:
                 notes.append(
                     f"dropped the {dropped} shape annotations (value_info) that normalization added for the "
-                    "passes: the input had none, and onnxruntime fuses differently with them (MiniLM: "
-                    "SkipLayerNormalization, 5 % slower on one thread)"
+                    "passes: the input had none, and onnxruntime can fuse differently with them"
                 )
         return PipelineResult(
             model=working,
@@ -548,3 +628,14 @@ class PassManager:
             notes=notes,
             source=source,
         )
+
+
+def _lossy_status(result: PassResult) -> tuple[str, str]:
+    """Return (status, reason) of a lossy pass's result, inferred when the pass gave none."""
+    if result.status is not None:
+        if result.status not in STATUSES:
+            raise ValueError(f"unknown pass status {result.status!r}; use one of {', '.join(STATUSES)}")
+        return result.status, result.reason
+    if result.changed:
+        return APPLIED, result.reason
+    return NOT_APPLIED, result.reason or (result.notes[-1] if result.notes else "it changed nothing")

@@ -13,6 +13,7 @@ import onnxruntime as ort
 
 from onnxopt.data import Sample
 from onnxopt.errors import UnsupportedModelError
+from onnxopt.external import has_lazy_tensors, session_parts
 from onnxopt.model import exceeds_protobuf_limit, save_model
 
 __all__ = [
@@ -56,9 +57,17 @@ class Session:
         if threads:
             options.intra_op_num_threads = threads
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._arrays: list[np.ndarray] = []
         try:
             if isinstance(model, str | Path):  # onnxruntime reads the file and its external data itself
                 self.session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+            elif has_lazy_tensors(model):  # weights memory-mapped from their files, not copied
+                serialized, names, self._arrays = session_parts(model)
+                if names:
+                    options.add_external_initializers(
+                        names, [ort.OrtValue.ortvalue_from_numpy(a) for a in self._arrays]
+                    )
+                self.session = ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
             elif exceeds_protobuf_limit(model):
                 self._tmp = tempfile.TemporaryDirectory(prefix="onnxopt-session-")
                 path = Path(self._tmp.name) / "model.onnx"

@@ -11,9 +11,21 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxopt.data import Dataset
 from onnxopt.graph import iter_graphs
 from onnxopt.harness import Report, check, synthesize_inputs
+from onnxopt.harness.judge import parse_metric
 from onnxopt.pipeline import Context, PassResult, create_pass
 
-__all__ = ["FLOAT", "assert_equivalent", "init", "make_model", "ops", "parse_model", "run_check", "run_pass", "vi"]
+__all__ = [
+    "FLOAT",
+    "assert_equivalent",
+    "init",
+    "make_model",
+    "ops",
+    "parse_model",
+    "run_check",
+    "run_pass",
+    "unseen_inputs",
+    "vi",
+]
 
 FLOAT = TensorProto.FLOAT
 
@@ -58,11 +70,18 @@ def run_check(
     profile: str = "exact",
     data: Dataset | None = None,
     iterations: int = 3,
+    overrides: Mapping[str, Mapping[str, float]] | None = None,
+    metrics: Sequence[str] = (),
     **synth: object,
 ) -> Report:
-    """Run the harness on two in-memory models."""
+    """Run the harness on two in-memory models.
+
+    ``overrides``: per-output tolerance fields (``*`` for all); ``metrics``: declared task
+    metrics (``OUTPUT:NAME>=FLOOR``), which replace the judge's inferred ones on their outputs.
+    """
     data = data or synthesize_inputs(reference, iterations=iterations, **synth)  # type: ignore[arg-type]
-    return check(reference, candidate, data, profile=profile)
+    declared = [parse_metric(text) for text in metrics]
+    return check(reference, candidate, data, profile=profile, overrides=overrides, metrics=declared)
 
 
 def assert_equivalent(
@@ -71,14 +90,25 @@ def assert_equivalent(
     *,
     profile: str = "exact",
     data: Dataset | None = None,
+    overrides: Mapping[str, Mapping[str, float]] | None = None,
+    metrics: Sequence[str] = (),
     **synth: object,
 ) -> Report:
     """Assert the harness judges ``candidate`` equivalent to ``reference``."""
     # onnx's shape inference cannot read sparse initializers: check the structure only then.
     onnx.checker.check_model(candidate, full_check=not any(g.sparse_initializer for g in [candidate.graph]))
-    report = run_check(reference, candidate, profile=profile, data=data, **synth)
+    report = run_check(reference, candidate, profile=profile, data=data, overrides=overrides, metrics=metrics, **synth)
     assert report.passed, "\n".join(report.failures())
     return report
+
+
+def unseen_inputs(model: onnx.ModelProto, n: int = 16) -> Dataset:
+    """Return ``n`` synthesized inputs the pass under test never saw (calibration uses other seeds).
+
+    Budget tests judge on these rather than on the held-out quarter a lossy pass tuned
+    itself on, which would only restate the pass's own verdict.
+    """
+    return synthesize_inputs(model, iterations=n, seed=99)
 
 
 def run_pass(name: str, model: onnx.ModelProto, **params: object) -> PassResult:

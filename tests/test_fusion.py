@@ -403,7 +403,7 @@ def hardswish_nodes(form: str, *, add=3.0, high=6.0, divisor=6.0, other_x=False)
 def test_fuse_hardswish(form, opset, expected):
     nodes, inits = hardswish_nodes(form)
     model = make_model(nodes, [vi("x", [2, 3, 4, 4])], [vi("y", [2, 3, 4, 4])], inits, opset=opset)
-    result = run("fuse_hardswish", model)
+    result = run("fuse_hardswish", model, allow_opset_upgrade=True)
     assert ops(result.model) == expected
     if opset < 14 and expected == ["HardSwish"]:
         assert any("opset 12 to 14" in n for n in result.notes)
@@ -411,12 +411,13 @@ def test_fuse_hardswish(form, opset, expected):
     assert_equivalent(model, result.model, float_range=(-8.0, 8.0))
 
 
-def test_fuse_hardswish_without_upgrade_writes_hardsigmoid_product():
+def test_fuse_hardswish_keeps_the_opset_by_default_and_writes_hardsigmoid_product():
     nodes, inits = hardswish_nodes("product_first")
     model = make_model(nodes, [vi("x", [2, 3, 4, 4])], [vi("y", [2, 3, 4, 4])], inits, opset=12)
-    result = run("fuse_hardswish", model, upgrade=False)
+    result = run("fuse_hardswish", model)
     assert ops(result.model) == ["HardSigmoid", "Mul"]
     assert result.model.opset_import[0].version == 12
+    assert any("kept opset 12" in n and "allow_opset_upgrade=true" in n for n in result.notes)
     assert_equivalent(model, result.model, float_range=(-8.0, 8.0))
 
 

@@ -9,6 +9,7 @@ from onnx import TensorProto, helper
 
 import onnxopt.model as model_module
 from onnxopt.errors import ExternalDataError, ModelLoadError
+from onnxopt.external import is_lazy, tensor_array
 from onnxopt.graph import GraphIndex, NameGenerator, control_tensors, outer_references, remove_unused, toposort
 from onnxopt.harness import check
 from onnxopt.model import load_model, model_stats, save_model
@@ -82,7 +83,10 @@ def test_external_data_roundtrip_and_threshold(tmp_path, monkeypatch):
     assert path.stat().st_size < 10_000
     # The in-memory model is unchanged by saving.
     assert model.graph.initializer[0].HasField("raw_data")
-    assert load_model(path) == model
+    assert load_model(path, lazy=False) == model
+    lazy = load_model(path)  # the default: the weight stays in the data file until read
+    assert is_lazy(lazy.graph.initializer[0])
+    np.testing.assert_array_equal(tensor_array(lazy.graph.initializer[0]), tensor_array(model.graph.initializer[0]))
     assert not list(tmp_path.glob(".onnxopt-*"))
     small = save_model(_linear(32), tmp_path / "small.onnx")  # 4 KB of weights: stays one file
     assert not (tmp_path / "small.onnx.data").exists() and load_model(small) == _linear(32)

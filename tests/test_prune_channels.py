@@ -8,10 +8,9 @@ from onnxopt.passes.prune.channel_groups import describe_types, find_channel_gro
 from onnxopt.passes.prune.channel_math import ConsumerSystem, refit, relative_error, removal_order
 from onnxopt.passes.prune.channels import PruneChannels
 
-from onnxopt.data import Dataset
 from onnxopt.harness import synthesize_inputs
 from onnxopt.pipeline import Context
-from tests.builders import assert_equivalent, init, make_model, vi
+from tests.builders import assert_equivalent, init, make_model, unseen_inputs, vi
 
 LOOSE = {"min_cosine": 0.9, "min_sqnr_db": 5.0, "min_top1": 0.0}
 
@@ -102,7 +101,7 @@ def test_dead_channels_are_removed_in_both_residual_producers():
     assert shapes["W1"][0] == shapes["W2"][0] == shapes["Wd"][0] == shapes["W3"][1] == 8
     assert shapes["g"] == (8,)
     # the removed channels were constant: their effect moved into the consumer's bias
-    assert_equivalent(model, result.model, profile="fp16", data=Dataset(list(data)[12:]))
+    assert_equivalent(model, result.model, profile="fp16", data=unseen_inputs(model))
 
 
 @pytest.mark.parametrize("variant", ["output_tap", "concat", "shared"])
@@ -120,7 +119,7 @@ def test_budget_search_holds_under_the_harness():
     data = synthesize_inputs(model, iterations=16, seed=2)
     result = PruneChannels(multiple=2)(model, Context(calibration=data))
     assert result.changed and result.stats["channels_removed"] >= 2
-    assert_equivalent(model, result.model, profile="int8", data=Dataset(list(data)[12:]))
+    assert_equivalent(model, result.model, profile="int8", data=unseen_inputs(model))
 
 
 # --------------------------------------------------------------------------- Resize, Concat (FPN heads)
@@ -182,7 +181,7 @@ def test_concat_consumer_reads_each_group_at_its_offset():
     assert shapes["WA"][0] == 5 and shapes["WB"][0] == 5 and shapes["WC"][1] == 5 + 4 + 5
     # B loses its 3 dead channels only if the re-fit happened at B's offset (12), not at A's
     assert sorted(int(c) for c in plan.groups[1].order[:3]) == [5, 6, 7]
-    assert_equivalent(model, pruned, profile="fp16", data=Dataset(list(data)[12:]))
+    assert_equivalent(model, pruned, profile="fp16", data=unseen_inputs(model))
 
 
 @pytest.mark.parametrize(

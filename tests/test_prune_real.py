@@ -13,14 +13,19 @@ pytestmark = pytest.mark.real
 
 
 def test_ppocr_cls_default_budget_search(real_model):
-    from benchmarks.inputs import ppocr_cls_inputs
+    from benchmarks.inputs import ppocr_cls_inputs, task_agreement
+    from onnxopt.runtime import run_model
 
     model = normalize(onnx.load(str(real_model("ppocr_cls")))).model
-    calibration = Dataset(ppocr_cls_inputs(32))
+    lines = ppocr_cls_inputs(56)
+    calibration, unseen = Dataset(lines[:32]), lines[32:]
     result = PruneMagnitude(min_size=1024)(model, Context(calibration=calibration))
-    assert result.changed and result.stats["sparsity"] > 0.05
-    # the budget holds on the held-out quarter the pass (and the pipeline's verifier) checks
-    assert_equivalent(model, result.model, profile="int8", data=calibration.split()[1])
+    assert result.changed and result.stats["sparsity"] > 0.20  # measured 0.253
+    # judged on 24 text lines the pass never saw (not the held-out quarter it tuned on):
+    # measured cosine 0.99927, SQNR 28.3 dB (int8 floors 0.995 / 20 dB) and direction
+    # agreement 1.0; one flipped line in 24 (0.958) is the margin allowed
+    assert_equivalent(model, result.model, profile="int8", data=Dataset(unseen))
+    assert task_agreement("ppocr_cls", run_model(model, unseen), run_model(result.model, unseen), unseen) >= 0.95
 
 
 def test_ppocr_det_channel_pruning_shrinks_the_convs_and_keeps_the_text_masks(real_model):
@@ -38,6 +43,6 @@ def test_ppocr_det_channel_pruning_shrinks_the_convs_and_keeps_the_text_masks(re
     # groups behind Resize + Concat (the DB head's input) are pruned, not left alone
     assert any(n.startswith("conv2d_494.tmp_0: removed") for n in result.notes)
     assert not any("Concat" in n or "Resize" in n for n in result.notes)
-    assert_equivalent(model, result.model, profile="int8", data=calibration.split()[1])
-    unseen = images[48:]
+    unseen = images[48:]  # 24 images the pass never saw; the held-out quarter it tuned on is not judged
+    assert_equivalent(model, result.model, profile="int8", data=Dataset(unseen))
     assert task_agreement("ppocr_det", run_model(model, unseen), run_model(result.model, unseen), unseen) >= 0.98

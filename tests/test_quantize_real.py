@@ -30,7 +30,7 @@ def test_ppocr_cls_agreement_and_size(real_model):
     agreement = real_inputs.task_agreement(
         "ppocr_cls", run_model(model, held), run_model(quantized, held, optimization="default"), held
     )
-    assert agreement >= 0.99
+    assert agreement >= 0.99  # measured 1.0 on these 8 unseen lines (and on 32); one flip fails
     assert record.stats["bytes_after"] < 0.6 * record.stats["bytes_before"]
 
 
@@ -39,11 +39,12 @@ def test_ppocr_det_small_input(real_model):
     # no accuracy target: this checks the rewrite (a target the fallback cannot meet keeps float)
     model, quantized, record = _quantize(real_model("ppocr_det"), feeds[:8], target=None)
     assert record.changed, record.notes
-    # the fuse stage upgraded opset 12 to 14 for HardSwish, which per-channel weights (13) need too
+    # per-channel weights need opset 13: int8 upgrades the model (fuse keeps opset 12 since #17)
     assert next(o.version for o in quantized.opset_import if o.domain in ("", "ai.onnx")) >= 13
     held = feeds[8:]
     agreement = real_inputs.task_agreement(
         "ppocr_det", run_model(model, held), run_model(quantized, held, optimization="default"), held
     )
-    assert agreement >= 0.8  # measured 0.96 at 480x640 (benchmarks/quantize.py); the 0.99 goal is not reached
+    # measured 0.954 on these two unseen 160x224 images (0.949 on six more); 0.02 of margin
+    assert agreement >= 0.93
     assert record.stats["bytes_after"] < 0.35 * record.stats["bytes_before"]

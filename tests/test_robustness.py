@@ -141,8 +141,22 @@ def _lossy(preset: str, model: onnx.ModelProto, data):
     return spec.build().run(model, Context(calibration=data))
 
 
+LOSSY_PASS = {"int8": "quantize_int8", "prune": "prune_magnitude", "lowrank": "split_lowrank"}
+
+
+def _lossy_pass_changed(preset: str, result) -> bool:
+    """Return whether the preset's lossy pass reported a change (the fusions before it do not count)."""
+    return any(r.changed for r in result.records if r.name == LOSSY_PASS[preset])
+
+
+def _decaying(rng: np.random.Generator, rows: int, cols: int, scale: float) -> np.ndarray:
+    """Return a trained-like weight: a decaying singular spectrum, so a low-rank split can fit."""
+    u, _, vt = np.linalg.svd(rng.standard_normal((rows, cols)), full_matrices=False)
+    return (u * np.exp(-np.arange(min(rows, cols)) / 6.0)) @ vt * scale
+
+
 def _conv_matmul(opset: int) -> onnx.ModelProto:
-    """Two wide convs and a MatMul: large enough for every lossy pass to act."""
+    """Two wide convs and a MatMul with a decaying spectrum: every lossy pass has work."""
     rng = np.random.default_rng(opset)
     nodes = [
         helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
@@ -156,7 +170,7 @@ def _conv_matmul(opset: int) -> onnx.ModelProto:
         init("w", rng.standard_normal((32, 16, 3, 3)) * 0.1),
         init("w2", rng.standard_normal((32, 32, 3, 3)) * 0.1),
         init("shape", [1, 32 * 16], np.int64),
-        init("fc", rng.standard_normal((32 * 16, 64)) * 0.05),
+        init("fc", _decaying(rng, 32 * 16, 64, 2.0)),
         init("fc_b", rng.standard_normal(64)),
     ]
     model = make_model(nodes, [vi("x", [1, 16, 4, 4])], [vi("y", [1, 64])], inits, opset=opset)
@@ -172,6 +186,7 @@ def test_lossy_presets_write_valid_models_within_budget_on_every_opset(preset, o
     result = _lossy(preset, model, data)
     onnx.checker.check_model(result.model, full_check=True)
     assert check(model, result.model, data, profile="int8").passed
+    assert _lossy_pass_changed(preset, result), [(r.name, r.notes) for r in result.records]
     if preset == "int8":  # per-channel weights need opset 13: older models are upgraded, newer kept
         assert result.final.ops.get("QuantizeLinear", 0) > 0
         version = next(o.version for o in result.model.opset_import if o.domain == "")
@@ -222,20 +237,21 @@ def test_lossy_presets_keep_custom_domain_nodes():
         helper.make_node("MatMul", ["f", "w3"], ["g"]),
         helper.make_node("Normalizer", ["g"], ["y"], domain="ai.onnx.ml", norm="L2"),
     ]
-    model = make_model(
+    model = make_model(  # 128x128 weights: at split_lowrank's default min_params
         nodes,
-        [vi("x", [2, 64])],
-        [vi("y", [2, 64])],
+        [vi("x", [2, 128])],
+        [vi("y", [2, 128])],
         [
-            init("w", rng.standard_normal((64, 64))),
-            init("w2", rng.standard_normal((64, 64))),
-            init("w3", rng.standard_normal((64, 64))),
+            init("w", _decaying(rng, 128, 128, 8.0)),
+            init("w2", rng.standard_normal((128, 128)) / 8),
+            init("w3", _decaying(rng, 128, 128, 8.0)),
         ],
         extra_opsets={"com.microsoft": 1, "ai.onnx.ml": 3},
     )
     data = synthesize_inputs(model, iterations=12)
     for preset in LOSSY:
         result = _lossy(preset, model, data)
+        assert _lossy_pass_changed(preset, result), (preset, [(r.name, r.notes) for r in result.records])
         ops = result.final.ops
         assert ops["com.microsoft::FusedMatMul"] == 1 and ops["ai.onnx.ml::Normalizer"] == 1, preset
         assert {o.domain for o in result.model.opset_import} >= {"", "com.microsoft", "ai.onnx.ml"}, preset

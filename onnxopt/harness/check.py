@@ -18,6 +18,7 @@ from onnxopt.harness.inputs import synthesize_inputs
 from onnxopt.harness.judge import MetricSpec
 from onnxopt.harness.layers import compare_layers
 from onnxopt.harness.report import Report
+from onnxopt.harness.vacuous import vacuous_outputs, vacuous_warning
 from onnxopt.model import ModelSource, load_model, verify_external_data
 from onnxopt.runtime import Session
 
@@ -104,6 +105,9 @@ def check(
     judged = list(metrics)
     if infer:
         judged = infer_metrics(ref_model if ref_model is not None else cand_model, reference_outputs, declared=judged)
+    synthesized = data.source == "synthesized"
+    for name, what in vacuous_outputs(reference_outputs).items():
+        notes.append(f"warning: {vacuous_warning(name, what, synthesized)}")
     results: list[LevelResult] = []
     for level in levels:
         with Session(cand_source, optimization=level, label="candidate") as session:

@@ -54,7 +54,10 @@ def compare_layers(
     """Compare intermediate tensors of two models on one sample, in reference order.
 
     Tensors are matched by name where the name survived, otherwise by producer (the
-    same op type at the same position among nodes of that type, with equal shape).
+    same op type at the same position among nodes of that type, with equal shape) --
+    but never to a candidate tensor whose name the reference also has: that name means
+    the reference's tensor. (A Conv+BatchNorm fold makes the Conv write the BatchNorm's
+    output; the folded Conv is compared with that output, not with the Conv before it.)
     """
     ref_prod = _producers(reference)
     cand_prod = _producers(candidate)
@@ -62,7 +65,8 @@ def compare_layers(
         ref_values = s.run(sample)
     with Session(expose_tensors(candidate, [t for t, _, _ in cand_prod]), label="candidate") as s:
         cand_values = s.run(sample)
-    cand_by_slot = {(op, pos): t for t, op, pos in cand_prod}
+    ref_names = {t for t, _, _ in ref_prod} | {i.name for i in reference.graph.input}
+    cand_by_slot = {(op, pos): t for t, op, pos in cand_prod if t not in ref_names}
     tolerance = PROFILES[profile]
     rows = []
     for tensor, op_type, pos in ref_prod:

@@ -15,6 +15,7 @@ from onnxopt.harness.compare import compare_outputs, json_number
 from onnxopt.harness.inference import infer_metrics
 from onnxopt.harness.inputs import synthesize_inputs
 from onnxopt.harness.judge import MetricSpec
+from onnxopt.harness.vacuous import vacuous_outputs, vacuous_warning
 from onnxopt.runtime import Session
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,14 @@ class Verifier:
         self._samples: Dataset | None = None
         self._original: list[dict[str, np.ndarray]] = []
         self._previous: list[dict[str, np.ndarray]] = []
+        #: what the last run found: passes verified (in order) and vacuous reference outputs
+        self.checked: list[str] = []
+        self.warnings: list[str] = []
+
+    @property
+    def sample_count(self) -> int:
+        """Return how many samples the last run compared on."""
+        return len(self._samples) if self._samples is not None else 0
 
     def before_pipeline(self, model: onnx.ModelProto, ctx: Any) -> None:
         """Run the model as it enters the pipeline; its outputs are the references."""
@@ -64,6 +73,11 @@ class Verifier:
             self._original = [session.run(s) for s in samples]
         self._previous = self._original
         self._judged = infer_metrics(model, self._original, declared=self.metrics)
+        self.checked = []
+        self.warnings = [
+            vacuous_warning(name, what, samples.source == "synthesized")
+            for name, what in vacuous_outputs(self._original).items()
+        ]
 
     def after_pass(self, pass_: Any, record: Any, model: onnx.ModelProto, ctx: Any) -> None:
         """Compare the pass's output; raise VerificationError if it broke equivalence."""
@@ -95,3 +109,4 @@ class Verifier:
                 report=result,
             )
         self._previous = outputs
+        self.checked.append(pass_.name)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 
 import onnx
-from onnx import numpy_helper
 from onnxopt.passes.common.graphs import (
     NONDETERMINISTIC,
     Scope,
@@ -13,14 +12,42 @@ from onnxopt.passes.common.graphs import (
     walk_scopes,
 )
 
+from onnxopt.external import tensor_digest, tensor_fingerprint
 from onnxopt.graph import is_default_domain
 from onnxopt.pipeline import Context, Pass, PassResult, register_pass
 
 __all__ = ["Deduplicate"]
 
 
-def _content_key(tensor: onnx.TensorProto) -> tuple[object, ...]:
-    return (tensor.data_type, tuple(tensor.dims), numpy_helper.to_array(tensor).tobytes())
+def _quick_key(tensor: onnx.TensorProto) -> tuple[object, ...]:
+    # dtype, shape and a few sampled blocks: only tensors that agree on it are hashed in
+    # full, so a large model's weights are not all read (each round) to find no duplicate.
+    return (tensor.data_type, tuple(tensor.dims), tensor_fingerprint(tensor))
+
+
+def _merge_map(
+    outer: list[tuple[str, onnx.TensorProto]], own: list[onnx.TensorProto]
+) -> tuple[dict[str, str], list[onnx.TensorProto]]:
+    """Return (duplicate name -> kept name, duplicate tensors) over outer constants, then own initializers."""
+    groups: dict[tuple[object, ...], list[tuple[str, onnx.TensorProto, bool]]] = collections.defaultdict(list)
+    for name, tensor in outer:
+        groups[_quick_key(tensor)].append((name, tensor, False))
+    for tensor in own:
+        groups[_quick_key(tensor)].append((tensor.name, tensor, True))
+    mapping: dict[str, str] = {}
+    duplicates: list[onnx.TensorProto] = []
+    for members in groups.values():
+        if len(members) < 2 or not any(is_own for _, _, is_own in members):
+            continue
+        first: dict[bytes, str] = {}
+        for name, tensor, is_own in members:
+            digest = tensor_digest(tensor)  # a digest, not the bytes: no copy of the model in the keys
+            if digest not in first:
+                first[digest] = name
+            elif is_own:
+                mapping[name] = first[digest]
+                duplicates.append(tensor)
+    return mapping, duplicates
 
 
 @register_pass
@@ -44,23 +71,16 @@ class Deduplicate(Pass):
         def visit(scope: Scope) -> None:
             graph = scope.graph
             protected = {i.name for i in graph.input} | {o.name for o in graph.output}
-            first: dict[tuple[object, ...], str] = {}
-            mapping: dict[str, str] = {}
-            duplicates = []
             own = [t for t in graph.initializer if t.name not in protected]
             layouts = {(t.data_type, tuple(t.dims)) for t in own}
             # a body's initializer equal to an outer one reads the outer one instead
             shadowed = {t.name for t in graph.initializer} | protected
-            for name, tensor in scope.outer_constants.items():
-                if name not in shadowed and (tensor.data_type, tuple(tensor.dims)) in layouts:
-                    first.setdefault(_content_key(tensor), name)
-            for tensor in own:
-                key = _content_key(tensor)
-                if key in first:
-                    mapping[tensor.name] = first[key]
-                    duplicates.append(tensor)
-                else:
-                    first[key] = tensor.name
+            outer = [
+                (name, tensor)
+                for name, tensor in scope.outer_constants.items()
+                if name not in shadowed and (tensor.data_type, tuple(tensor.dims)) in layouts
+            ]
+            mapping, duplicates = _merge_map(outer, own)
             for tensor in duplicates:
                 graph.initializer.remove(tensor)
             rename_uses(graph, mapping)

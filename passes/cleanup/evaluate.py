@@ -11,7 +11,9 @@ import logging
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper, numpy_helper
+from onnx import helper
+
+from onnxopt.external import is_lazy, materialize, tensor_array
 
 __all__ = ["EvaluationError", "evaluate_node", "predicted_bytes", "tensor_bytes"]
 
@@ -26,7 +28,9 @@ def _tiny_model(
     node: onnx.NodeProto, inputs: dict[str, onnx.TensorProto], opsets: list[onnx.OperatorSetIdProto], ir_version: int
 ) -> onnx.ModelProto:
     outputs = [onnx.ValueInfoProto(name=o) for o in node.output if o]
-    graph = helper.make_graph([node], "fold", [], outputs, list(inputs.values()))
+    # The tiny model is serialized: lazy inputs are read into it (only this node's inputs).
+    tensors = [materialize(t, copy=True) if is_lazy(t) else t for t in inputs.values()]
+    graph = helper.make_graph([node], "fold", [], outputs, tensors)
     model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = max(ir_version, 4)
     return model
@@ -64,7 +68,7 @@ def evaluate_node(
 
 
 def _array(tensor: onnx.TensorProto) -> np.ndarray:
-    return numpy_helper.to_array(tensor)
+    return tensor_array(tensor)
 
 
 def predicted_bytes(node: onnx.NodeProto, inputs: dict[str, onnx.TensorProto]) -> int | None:

@@ -27,6 +27,7 @@ from onnxopt.passes.common.graphs import (
     walk_scopes,
 )
 
+from onnxopt.external import tensor_array
 from onnxopt.graph import GraphIndex, NameGenerator, is_default_domain, node_attribute, remove_unused, subgraphs
 from onnxopt.pipeline import Context, Pass, PassResult, register_pass
 
@@ -82,7 +83,7 @@ class FoldConstants(Pass):
             for node in list(scope.graph.node):
                 inputs = [n for n in node.input if n]
                 if node.op_type == "If" and is_default_domain(node) and node.input[0] in constants:
-                    condition = bool(numpy_helper.to_array(constants[node.input[0]]).reshape(-1)[0])
+                    condition = bool(tensor_array(constants[node.input[0]]).reshape(-1)[0])
                     inline_if(scope.graph, node, condition, names, counts)
                     stats["if_inlined"] += 1
                     return True
@@ -165,7 +166,7 @@ class SimplifyShapes(Pass):
 
             def constant(name: str) -> np.ndarray | None:
                 tensor = constants.get(name)
-                return None if tensor is None else numpy_helper.to_array(tensor)
+                return None if tensor is None else tensor_array(tensor)
 
             for node in list(scope.graph.node):
                 if not is_default_domain(node) or not node.input or not node.output:
@@ -271,12 +272,17 @@ class RemoveIdentities(Pass):
                 if source.startswith("skip: "):
                     skipped[f"kept {node.op_type}: {source[6:]}"] += 1
                     continue
+                renames_producer = node.output[0] in index.outputs
                 reason = bypass_node(graph, index, node, source)
                 if reason:
                     skipped[f"kept {reason}"] += 1
                     continue
                 stats[f"{node.op_type.lower()}_removed"] += 1
-                index = GraphIndex(graph)
+                # Only a graph-output bypass renames a producer's output; otherwise every reader
+                # of the removed output now reads ``source``, whose producer entry still holds,
+                # and re-indexing after each removal would make the pass quadratic in nodes.
+                if renames_producer:
+                    index = GraphIndex(graph)
 
         walk_scopes(model, visit)
         notes = [f"{reason} (x{count})" for reason, count in sorted(skipped.items()) if count]

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper, version_converter
+from onnx import version_converter
 
+from onnxopt.external import tensor_array
 from onnxopt.graph import GraphIndex, iter_graphs, subgraphs
 from onnxopt.normalize import infer_shapes
 
@@ -276,7 +277,7 @@ class Scope:
     def constant(self, name: str) -> np.ndarray | None:
         """Return the value of a visible constant, or None."""
         tensor = self.constants().get(name)
-        return None if tensor is None else numpy_helper.to_array(tensor)
+        return None if tensor is None else tensor_array(tensor)
 
 
 def walk_scopes(model: onnx.ModelProto, visit: Callable[[Scope], None]) -> None:

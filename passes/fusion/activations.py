@@ -86,8 +86,8 @@ class FuseLayerNorm(Fusion):
             bias = affine.get("Add", np.zeros(shape)).astype(dtype)
             inputs = [
                 x,
-                add_weight(graph, names, f"{last.output[0]}_scale", scale),
-                add_weight(graph, names, f"{last.output[0]}_bias", bias),
+                add_weight(m, names, f"{last.output[0]}_scale", scale),
+                add_weight(m, names, f"{last.output[0]}_bias", bias),
             ]
             fused = helper.make_node(
                 "LayerNormalization",
@@ -174,24 +174,31 @@ class FuseHardSwish(Fusion):
     divided first, ``Mul(x, Div(Clip, 6))`` (both orders of every commutative op). Without
     the product by the same ``x`` the Clip/Div pair alone becomes ``HardSigmoid(alpha=1/6,
     beta=0.5)``. Every intermediate must have one reader and not be a graph output; ``x``
-    may have others. HardSwish needs opset 14: below it, when the model has the pattern,
-    ``upgrade`` (default True) converts the model with ``onnx.version_converter`` and says
-    so in the notes; when that is off or fails, the product becomes ``x * HardSigmoid(x)``
-    (two ops instead of four, any opset). Must not fire for other constants (Add 3, Clip
-    0..6, divisor 6), a Clip whose input is not ``x + 3``, or a product by another tensor.
+    may have others. HardSwish needs opset 14: below it the product becomes
+    ``x * HardSigmoid(x)`` (two ops instead of four, any opset) and the model keeps its
+    opset, which runtimes pinned to it need; ``allow_opset_upgrade=True`` instead converts
+    the model with ``onnx.version_converter`` when it has the pattern, saying so in the
+    notes. Must not fire for other constants (Add 3, Clip 0..6, divisor 6), a Clip whose
+    input is not ``x + 3``, or a product by another tensor.
     """
 
     name = "fuse_hardswish"
     exact = True
     anchors = ("Clip",)
 
-    def __init__(self, *, upgrade: bool = True) -> None:
-        self.upgrade = upgrade
+    def __init__(self, *, allow_opset_upgrade: bool = False) -> None:
+        self.allow_opset_upgrade = allow_opset_upgrade
 
     def prepare(self, model: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:
-        """Upgrade to opset 14 when the model holds a HardSwish pattern and ``upgrade`` is set."""
+        """Upgrade to opset 14 when the model holds a HardSwish pattern and the upgrade is allowed."""
         opset = opset_version(model)
-        if not self.upgrade or opset >= _HARDSWISH_OPSET or not self._has_product(model):
+        if opset >= _HARDSWISH_OPSET or not self._has_product(model):
+            return model
+        if not self.allow_opset_upgrade:
+            notes.append(
+                f"kept opset {opset}: HardSwish needs opset {_HARDSWISH_OPSET}, so x * HardSigmoid(x) was written "
+                "instead (--param allow_opset_upgrade=true upgrades the model and fuses one op)"
+            )
             return model
         return upgrade_opset(
             model, _HARDSWISH_OPSET, needed_for="HardSwish", otherwise="wrote x * HardSigmoid(x) instead", notes=notes

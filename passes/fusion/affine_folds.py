@@ -78,8 +78,8 @@ class FoldBatchNorm(Fusion):
         def rewrite() -> str:
             new_weight = scale_output_channels(weight, scale, layout, group)
             new_bias = shift_bias(bias, scale, shift, channels, weight.dtype)
-            layer.input[1] = add_weight(graph, names, layer.input[1], new_weight)
-            bias_name = add_weight(graph, names, f"{layer.output[0]}_bias", new_bias)
+            layer.input[1] = add_weight(m, names, layer.input[1], new_weight)
+            bias_name = add_weight(m, names, f"{layer.output[0]}_bias", new_bias)
             if len(layer.input) > 2:
                 layer.input[2] = bias_name
             else:
@@ -145,13 +145,13 @@ class FoldConvAffine(Fusion):
         def rewrite() -> str:
             if scales:
                 conv.input[1] = add_weight(
-                    graph, names, conv.input[1], scale_output_channels(weight, vector, layout, group)
+                    m, names, conv.input[1], scale_output_channels(weight, vector, layout, group)
                 )
             if bias is not None or not scales:
                 new_bias = shift_bias(
                     bias, vector if scales else None, None if scales else sign * vector, channels, weight.dtype
                 )
-                bias_name = add_weight(graph, names, f"{conv.output[0]}_bias", new_bias)
+                bias_name = add_weight(m, names, f"{conv.output[0]}_bias", new_bias)
                 if len(conv.input) > 2:
                     conv.input[2] = bias_name
                 else:

@@ -13,6 +13,7 @@ from onnx import helper
 from onnxopt.passes.common.graphs import Scope, TypeMap, opset_version, walk_scopes
 from onnxopt.passes.fusion.match import Matcher, NoMatch
 
+from onnxopt.external import Spill
 from onnxopt.graph import NameGenerator, is_default_domain, set_initializer
 from onnxopt.pipeline import Context, Pass, PassResult
 
@@ -30,18 +31,21 @@ def set_attribute(node: onnx.NodeProto, name: str, value: object) -> None:
     node.attribute.append(helper.make_attribute(name, value))
 
 
-def add_weight(graph: onnx.GraphProto, names: NameGenerator, base: str, array: np.ndarray) -> str:
-    """Add ``array`` as a new initializer named after ``base`` and return its name."""
+def add_weight(m: Matcher, names: NameGenerator, base: str, array: np.ndarray) -> str:
+    """Add ``array`` as a new initializer of ``m``'s graph named after ``base`` and return its name.
+
+    A large array goes to the matcher's spill file when the pipeline has one.
+    """
     name = names.fresh(f"{base}_fused")
-    set_initializer(graph, name, array)
+    set_initializer(m.scope.graph, name, array, spill=m.spill)
     return name
 
 
 class ModelMatcher(Matcher):
     """A matcher that also knows the default-domain opset of the model being rewritten."""
 
-    def __init__(self, scope: Scope, types: TypeMap, opset: int) -> None:
-        super().__init__(scope, types)
+    def __init__(self, scope: Scope, types: TypeMap, opset: int, spill: Spill | None = None) -> None:
+        super().__init__(scope, types, spill)
         self.opset = opset
 
 
@@ -73,7 +77,7 @@ class Fusion(Pass):
 
         def visit(scope: Scope) -> None:
             nonlocal found_too_old
-            m = ModelMatcher(scope, types, opset)
+            m = ModelMatcher(scope, types, opset, ctx.spill)
             for node in list(scope.graph.node):
                 if node.op_type not in self.anchors or not is_default_domain(node):
                     continue

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 from onnxopt.passes.common.graphs import Scope, TypeMap
 
+from onnxopt.external import Spill, tensor_array
 from onnxopt.graph import GraphIndex, is_default_domain, node_attribute
 
 __all__ = ["Matcher", "NoMatch"]
@@ -22,9 +23,11 @@ class NoMatch(Exception):
 class Matcher:
     """Producers, sole consumers and constants of one graph, with checks that explain failures."""
 
-    def __init__(self, scope: Scope, types: TypeMap) -> None:
+    def __init__(self, scope: Scope, types: TypeMap, spill: Spill | None = None) -> None:
         self.scope = scope
         self.types = types
+        #: where rewrites write the large weights they produce (None: in memory)
+        self.spill = spill
         self.refresh()
 
     def refresh(self) -> None:
@@ -59,7 +62,7 @@ class Matcher:
         tensor = self._constants.get(name)
         if tensor is None:
             raise NoMatch(f"{name!r} is not a constant")
-        return onnx.numpy_helper.to_array(tensor)
+        return tensor_array(tensor)
 
     def optional_constant(self, node: onnx.NodeProto, position: int) -> np.ndarray | None:
         """Return input ``position`` of ``node`` as a constant, None when absent."""

@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxopt.external import tensor_array
 from onnxopt.graph import replace_repeated
 
 __all__ = ["store_sparse"]
@@ -25,7 +26,7 @@ def store_sparse(model: onnx.ModelProto) -> list[str]:
         if tensor.data_type != onnx.TensorProto.FLOAT or tensor.name in inputs:
             keep.append(tensor)
             continue
-        array = numpy_helper.to_array(tensor)
+        array = tensor_array(tensor)
         flat = array.ravel()
         nonzero = np.flatnonzero(flat)
         if array.size < 64 or nonzero.size * 12 >= array.size * 4:

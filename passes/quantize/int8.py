@@ -16,6 +16,7 @@ The pass is a short sequence of separate steps, each in its own module:
 from __future__ import annotations
 
 import logging
+import re
 import time
 import tracemalloc
 from collections.abc import Callable, Sequence
@@ -48,13 +49,15 @@ from onnxopt.errors import CalibrationDataError, OnnxoptError
 from onnxopt.graph import NameGenerator, nested_ops
 from onnxopt.model import serialized_size
 from onnxopt.normalize import infer_shapes
-from onnxopt.pipeline import Context, Pass, PassResult, register_pass
+from onnxopt.pipeline import APPLIED, NOT_APPLIED, PARTLY_APPLIED, Context, Pass, PassResult, register_pass
 
 __all__ = ["QuantizeInt8"]
 
 log = logging.getLogger(__name__)
 
 _MIN_OPSET = 13  # per-channel DequantizeLinear (axis) needs opset 13
+#: counts of apply_plan that mean the model changed (int8 weights, tables, Q/DQ pairs)
+_INSERTED = ("weights_quantized", "biases_quantized", "tables_quantized", "activations_quantized", "lookup_tables")
 
 
 def _name_nodes(model: onnx.ModelProto) -> None:
@@ -311,6 +314,11 @@ class QuantizeInt8(Pass):
             per_channel=bool(per_channel_ok),
             depthwise=self.depthwise,
         )
+        if not (first.nodes or first.weight_only or first.tables or first.lookups):
+            causes = sorted(set(first.float_reasons.values()))
+            reason = "no node can be quantized" + (f" ({'; '.join(causes[:3])})" if causes else "")
+            notes += _kept_float_notes(first.float_reasons)
+            return PassResult(model, False, stats, _float_notes(notes, model), NOT_APPLIED, reason)
         ranges, blocked = self._calibrate(work, first.observed, calib, ctx, stats)
         rounded: Rounded = {}
         if self.weight_rounding == "gptq":
@@ -347,7 +355,8 @@ class QuantizeInt8(Pass):
                     "kept the float model: the accuracy target was not met within the fallback's limits "
                     "(latency budget or max_fallback); loosen --target or set check_latency=false"
                 )
-                return PassResult(model, False, stats, notes)
+                reason = f"accuracy target {self.target} not met within the fallback's limits; the float model is kept"
+                return PassResult(model, False, stats, _float_notes(notes, model), NOT_APPLIED, reason)
 
         if self.check_latency:
             built = latency_probes(work, built, build, ctx.calibration[0], threads=self.threads, notes=notes)
@@ -362,14 +371,15 @@ class QuantizeInt8(Pass):
         kept = latency_verdict(
             self.check_latency, self.threads, work, quantized, ctx.calibration[0], reference, stats, notes
         )
-        reasons: dict[str, list[str]] = {}
-        for name, reason in placement.float_reasons.items():
-            reasons.setdefault(reason, []).append(name)
-        for reason, names in sorted(reasons.items(), key=lambda kv: -len(kv[1])):
-            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-            notes.append(f"kept float ({len(names)}): {reason}: {shown}")
+        notes += _kept_float_notes(placement.float_reasons)
         if not kept:
-            return PassResult(model, False, stats, notes)
+            reason = "the int8 model was slower than the float one on this machine; the float model is kept"
+            return PassResult(model, False, stats, _float_notes(notes, model), NOT_APPLIED, reason)
+        if not any(counts.get(key, 0) for key in _INSERTED):
+            # every candidate went back to float: the rewrite inserted nothing, so the model is unchanged
+            notes.append("nothing was quantized (every candidate node was kept float); kept the input model")
+            reason = "every candidate node was kept float"
+            return PassResult(model, False, stats, _float_notes(notes, model), NOT_APPLIED, reason)
         if target is not None and target.task is not None and self.estimate_folds:
             verdict = cross_fitted_verdict(
                 work,
@@ -381,7 +391,13 @@ class QuantizeInt8(Pass):
             more_stats, more_notes = estimate_notes(verdict, self.estimate_folds)
             stats.update(more_stats)
             notes += more_notes
-        return PassResult(quantized, True, stats, notes)
+        if placement.float_reasons or returned:
+            float_count = len(placement.float_reasons)
+            reason = f"{len(placement.nodes)} node(s) quantized, {float_count} kept float"
+            if returned:
+                reason += f" ({len(returned)} returned to float by the accuracy fallback)"
+            return PassResult(quantized, True, stats, notes, PARTLY_APPLIED, reason)
+        return PassResult(quantized, True, stats, notes, APPLIED, f"{len(placement.nodes)} node(s) quantized")
 
     def _refit(
         self,
@@ -417,3 +433,30 @@ class QuantizeInt8(Pass):
     def wants_reference(self) -> bool:
         """Return True when the latency check compares with the pipeline's starting model."""
         return self.check_latency and self.latency_reference == "source"
+
+
+def _float_notes(notes: list[str], model: onnx.ModelProto) -> list[str]:
+    """Return ``notes`` true of the float model the pass returns: opset upgrades were not kept."""
+    version = opset_version(model)
+    kept = []
+    for note in notes:
+        match = re.match(r"upgraded the model from opset (\d+) to (\d+) \((.*) needs it\)$", note)
+        if match:
+            note = (
+                f"the int8 model needed opset {match.group(2)} ({match.group(3)}); the float model written keeps "
+                f"opset {version}"
+            )
+        kept.append(note)
+    return kept
+
+
+def _kept_float_notes(float_reasons: dict[str, str]) -> list[str]:
+    """Return one note per reason a node stayed float, most frequent first, naming a few nodes."""
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in float_reasons.items():
+        by_reason.setdefault(reason, []).append(name)
+    notes = []
+    for reason, names in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        notes.append(f"kept float ({len(names)}): {reason}: {shown}")
+    return notes
