@@ -95,6 +95,8 @@ class BuildOutcome:
     error: str = ""
     host: str = field(default_factory=socket.gethostname)
     latency: Latency | None = None
+    #: each lossy pass's (name, status, reason): applied, partly applied or not applied
+    pass_statuses: tuple[tuple[str, str, str], ...] = ()
 
 
 def _alarm(_signum: int, _frame: Any) -> None:
@@ -222,6 +224,7 @@ def build_candidate(job: BuildJob) -> BuildOutcome:
             model, records = run_stages(job, calibration)
             save_model(model, job.output_path)
             notes = _pass_notes(records)
+            statuses = tuple((r.name, r.status, r.reason) for r in records if getattr(r, "status", None))
             del model
             evaluation = load_dataset(job.evaluation_dir)
             reference = run_model(job.model_path, evaluation, optimization="default")
@@ -256,6 +259,7 @@ def build_candidate(job: BuildJob) -> BuildOutcome:
         judgement=judgement,
         notes=notes,
         latency=latency,
+        pass_statuses=statuses,
     )
 
 
