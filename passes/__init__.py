@@ -60,3 +60,17 @@ def _lossy_preset(preset: str, pass_name: str) -> Callable[[], PipelineSpec]:
 
 for _preset, _pass_name, _description in _LOSSY_PRESETS:
     register_preset(_preset, _description, _lossy_preset(_preset, _pass_name))
+
+#: Weight-only presets: ``fuse``, then ``quantize_weights`` at a bit width (preset, bits, what it does).
+_WEIGHT_PRESETS = [
+    ("int4", 4, "fuse, then 4-bit block-wise weights (MatMulNBits; GPTQ with calibration data, HQQ without)"),
+    ("int8_weights", 8, "fuse, then 8-bit block-wise weights (MatMulNBits), activations float"),
+]
+
+
+def _weight_preset(preset: str, bits: int) -> Callable[[], PipelineSpec]:
+    return lambda: PipelineSpec([_fuse_stage(), Stage([("quantize_weights", {"bits": bits})])], name=preset)
+
+
+for _preset, _bits, _description in _WEIGHT_PRESETS:
+    register_preset(_preset, _description, _weight_preset(_preset, _bits))
