@@ -111,9 +111,9 @@ class Pass:
     name: ClassVar[str] = ""
     exact: ClassVar[bool] = True
 
-    def __call__(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
-        """Run the pass on ``model`` (which it may modify in place)."""
-        return self.run(model, ctx)
+    def __call__(self, model: onnx.ModelProto, ctx: Context | None = None) -> PassResult:
+        """Run the pass on ``model`` (which it may modify in place); no context means a default one."""
+        return self.run(model, ctx if ctx is not None else Context())
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         """Rewrite ``model`` and say what changed."""

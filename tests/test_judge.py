@@ -155,6 +155,15 @@ def test_inferred_scale_groups_without_a_concat_and_declared_metrics_win():
         infer_metrics(model, _samples(ref), declared=[parse_metric("z:cosine>=0.9")])
 
 
+def test_scale_groups_only_along_axes_every_sample_shares():
+    # samples of different sequence lengths (a dynamic axis): axis 1 holds different tokens per sample
+    model = make_model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", [1, "s", 4])], [vi("y", [1, "s", 4])])
+    rng = np.random.default_rng(0)
+    ref = [np.concatenate([rng.uniform(0, 500, (1, n, 1)), rng.uniform(0, 1, (1, n, 3))], axis=2) for n in (5, 7)]
+    specs = infer_metrics(model, _samples(ref))
+    assert {s.slice for s in specs} == {"[:, :, 0:1]", "[:, :, 1:4]"}  # split along the shared axis 2 only
+
+
 def test_unit_rows_get_no_top1_but_logit_rows_do():
     model = make_model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", [1, 4])], [vi("y", [1, 4])])
     unit = np.array([[0.5, 0.5, 0.5, 0.5]])
