@@ -33,7 +33,9 @@ ALL_IN_IF_BODIES = ("silero_vad", "silero_vad_op18")
 def _acted(record) -> bool:
     """Return what a lossy pass's record shows it did to the model, independent of its ``changed``."""
     if record.name == "quantize_int8":
-        return record.after.ops.get("DequantizeLinear", 0) > record.before.ops.get("DequantizeLinear", 0)
+        # Q/DQ inserted, or weights stored as int8 for float compute (Cast and Mul, no DequantizeLinear)
+        inserted = record.after.ops.get("DequantizeLinear", 0) > record.before.ops.get("DequantizeLinear", 0)
+        return inserted or record.stats.get("weight_only_nodes", 0) > 0
     if record.name == "prune_magnitude":
         return record.stats.get("sparsity", 0.0) > 0
     return record.stats.get("layers_split", 0) > 0  # split_lowrank

@@ -400,6 +400,8 @@ class QuantizeInt8(Pass):
         if placement.float_reasons or returned:
             float_count = len(placement.float_reasons)
             reason = f"{len(placement.nodes)} node(s) quantized, {float_count} kept float"
+            if placement.weight_only:
+                reason += f", the weights of {len(placement.weight_only)} float node(s) stored as int8"
             if returned:
                 reason += f" ({len(returned)} returned to float by the accuracy fallback)"
             return PassResult(quantized, True, stats, notes, PARTLY_APPLIED, reason)
