@@ -100,6 +100,14 @@ def _harness(quick: bool) -> list[dict[str, Any]]:
     return harness.run(["ppocr_cls"], repeats=1, samples={"ppocr_cls": 8}, int8=False) if quick else harness.run()
 
 
+def _gate(quick: bool) -> list[dict[str, Any]]:
+    from benchmarks import gate
+
+    if quick:
+        return [{"model": "-", "candidate": "-", "note": "no quick mode: run without --quick"}]
+    return gate.run(list(gate.MODELS), calibration=32, held_out=64)
+
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
@@ -111,6 +119,12 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset("lowrank", "Low-rank splitting", "plain truncated SVD at a uniform rank fraction", _lowrank),
         Preset("harness", "Equivalence check", "polygraphy run --onnxrt", _harness),
+        Preset(
+            "gate",
+            "The int8 gate's inferred task metrics vs task agreement (document models)",
+            "whole-tensor cosine/SQNR floors",
+            _gate,
+        ),
     ]
 }
 

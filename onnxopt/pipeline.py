@@ -561,7 +561,8 @@ class PassManager:
                 any_change = False
                 for pass_ in passes:
                     started = time.perf_counter()
-                    result = self._run_pass(pass_, working, ctx)
+                    with ctx.progress.task(f"{pass_.name} (round {rounds})", None):  # no phase is silent
+                        result = self._run_pass(pass_, working, ctx)
                     seconds = time.perf_counter() - started
                     working = result.model
                     after = model_stats(working) if result.changed else current

@@ -201,3 +201,12 @@ def test_cross_fitted_verdict_judges_every_sample_with_a_model_that_did_not_see_
     stats, notes = estimate_notes(verdict, 4)
     assert stats["cross_fitted_agreement"] == 0.5 and "NOT met" in notes[0]
     assert cross_fitted_verdict(model, samples[:7], refit, TaskBudget(), folds=4) is None
+
+
+def test_int8_noise_ranking_measures_each_scale_group_apart():
+    from onnxopt.passes.quantize.fallback import scale_groups
+
+    rng = np.random.default_rng(0)
+    out = np.concatenate([rng.uniform(0, 640, (1, 4, 40)), rng.uniform(0, 1, (1, 3, 40)) ** 3], axis=1)
+    assert scale_groups([out]) == [(slice(None), slice(0, 4)), (slice(None), slice(4, 7))]
+    assert scale_groups([out[:, 4:]]) == [(slice(None),)]

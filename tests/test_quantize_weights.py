@@ -303,3 +303,15 @@ def test_presets_int4_and_int8_weights_exist():
     from onnxopt.pipeline import available_presets
 
     assert {"int4", "int8_weights"} <= set(available_presets())
+
+
+def test_hqq_keeps_integer_zero_points_at_8_bits_which_the_cpu_kernel_needs():
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["logits"])]
+    model = make_model(
+        nodes, [vi("x", [2, K])], [vi("logits", [2, N])], [init("w1", _weight((K, K))), init("w2", _weight((K, N), 1))]
+    )
+    data = _samples((2, K))
+    result = _quantize(model, method="hqq", lm_head_bits=8)  # the 8-bit output projection falls back to RTN
+    zero_types = {t.data_type for t in result.model.graph.initializer if t.name == result.model.graph.node[1].input[3]}
+    assert zero_types == {onnx.TensorProto.UINT8}
+    _within_quantization_error(model, result.model, data, 0.15)  # onnxruntime loads and runs it

@@ -391,6 +391,12 @@ class QuantizeInt8(Pass):
             more_stats, more_notes = estimate_notes(verdict, self.estimate_folds)
             stats.update(more_stats)
             notes += more_notes
+            if more_stats.get("cross_fitted_met") == 0:  # never report the target met while a metric fails
+                stats["target_met"] = 0
+                notes.append(
+                    "target NOT met on the cross-fitted estimate (the held-out check passed on fewer samples); "
+                    "the int8 model is kept, but its task agreement is estimated below the floor"
+                )
         if placement.float_reasons or returned:
             float_count = len(placement.float_reasons)
             reason = f"{len(placement.nodes)} node(s) quantized, {float_count} kept float"
