@@ -133,7 +133,10 @@ def main() -> None:
     args = parser.parse_args()
     rows = run([k for k in args.only.split(",") if k], args.calibration, args.held_out)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(rows, indent=1, default=str))
+    previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+    measured = {row["model"] for row in rows}
+    kept = [row for row in previous if row.get("model") not in measured]
+    RESULTS.write_text(json.dumps(kept + rows, indent=1, default=str))
 
 
 if __name__ == "__main__":

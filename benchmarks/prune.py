@@ -32,7 +32,7 @@ from onnxopt.passes.prune.sparse_storage import store_sparse
 from benchmarks.lowrank import CALIBRATION, model_and_inputs
 from onnxopt.data import Dataset
 from onnxopt.model import serialized_size
-from onnxopt.pipeline import Context
+from onnxopt.pipeline import Context, load_recipe
 from onnxopt.runtime import Session, run_model
 
 __all__ = ["run"]
@@ -41,7 +41,8 @@ TARGET = 0.99
 MODELS = ("ppocr_cls", "ppocr_det", "encoder")
 #: The methods run (``PRUNE_METHODS``: a ";"-separated subset; also "ours (sequential)", slow).
 METHODS = os.environ.get(
-    "PRUNE_METHODS", "uniform per-layer L1;ours (one-shot);ours (one-shot, cv damping);pass, default budget, margin 0.5"
+    "PRUNE_METHODS",
+    "uniform per-layer L1;ours (one-shot);ours (one-shot, cv damping);pass, default budget, margin 0.5;preset",
 ).split(";")
 HELD_OUT = {"ppocr_det": 24, "ppocr_cls": 64, "encoder": 64}
 
@@ -86,13 +87,40 @@ def unpadded_encoder_inputs(n: int, offset: int = 0) -> list[dict]:
     return [encode_sentences([sentence]) for sentence in SENTENCES[offset : offset + n]]
 
 
+PRESET = "preset `prune` (CLI defaults: fuse, then prune_magnitude)"
+
+
+def _inputs(key: str) -> tuple[onnx.ModelProto, list, list]:
+    model, calib, held = model_and_inputs(key, HELD_OUT[key])
+    if key == "encoder":
+        calib, held = unpadded_encoder_inputs(CALIBRATION), unpadded_encoder_inputs(HELD_OUT[key], CALIBRATION)
+    return model, calib, held
+
+
+def preset_row(key: str) -> dict:
+    """Return the row of the ``prune`` preset exactly as the CLI runs it, judged on the unseen held-out inputs."""
+    from benchmarks.inputs import task_agreement
+
+    model, calib, held = _inputs(key)
+    started = time.perf_counter()
+    result = load_recipe("prune").build().run(model, Context(calibration=Dataset(calib)))
+    record = next(r for r in result.records if r.name == "prune_magnitude")
+    return {
+        "model": key,
+        "method": PRESET,
+        "sparsity": round(float(record.stats.get("sparsity", 0.0)), 4),
+        "agreement": round(task_agreement(key, run_model(model, held), run_model(result.model, held), held), 4),
+        "search_seconds": round(time.perf_counter() - started, 1),
+        "calibration_samples": len(calib),
+        "unseen_samples": len(held),
+    }
+
+
 def run_one(key: str, steps: int = 7) -> list[dict]:
     """Return the rows of one model: baseline and ours."""
     from benchmarks.inputs import task_agreement
 
-    model, calib, held = model_and_inputs(key, HELD_OUT[key])
-    if key == "encoder":
-        calib, held = unpadded_encoder_inputs(CALIBRATION), unpadded_encoder_inputs(HELD_OUT[key], CALIBRATION)
+    model, calib, held = _inputs(key)
     reference = run_model(model, held)
     started = time.perf_counter()
     uniform = build_plan(model, scoring="magnitude", repair=False, exclude=(), min_size=4096, samples=None)
@@ -168,6 +196,8 @@ def run_one(key: str, steps: int = 7) -> list[dict]:
                 "per_layer_sparsity": {},
             }
         )
+    if PRESET in METHODS or "preset" in METHODS:
+        rows.append(preset_row(key))
     for row in rows[1:]:
         row["ratio_vs_uniform"] = round(row["sparsity"] / max(rows[0]["sparsity"], 1e-9), 2)
     rows[-1]["prepare_seconds"] = round(prepare, 1)

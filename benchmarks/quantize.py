@@ -196,31 +196,11 @@ def run(keys: list[str] | None = None, threads: int = 1) -> list[dict[str, Any]]
     return rows
 
 
-def calibration_memory(samples: int) -> int:
-    """Return the peak RSS (bytes) of quantizing the encoder on ``samples`` samples, in a fresh process."""
-    code = (
-        "import resource, numpy as np, sys\n"
-        "from benchmarks.inputs import encoder_inputs\n"
-        "from benchmarks.encoder import encoder_model_path\n"
-        "from onnxopt.model import load_model\n"
-        "from onnxopt.data import Dataset\n"
-        "from onnxopt.pipeline import Context, create_pass\n"
-        "model = load_model(encoder_model_path())\n"
-        f"data = Dataset(encoder_inputs({samples}))\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "create_pass('quantize_int8', target=None, check_latency=False)(model, Context(calibration=data))\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env)
-    return int(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", default=["ppocr_det", "ppocr_cls", "encoder"])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--no-memory", action="store_true", help="skip the 32 vs 256 sample memory measurement")
+    parser.add_argument("--no-memory", action="store_true", help="skip the calibration memory rows")
     args = parser.parse_args()
     rows = run(args.models, args.threads)
     header = f"{'model':10s} {'method':12s} {'agree':>7s} {'size':>6s} {'latency':>10s} {'ratio':>6s} {'time s':>7s}"
@@ -235,11 +215,10 @@ def main() -> None:
             + (f"  pre_process {r['pre_process']}" if "pre_process" in r else "")
         )
     if "encoder" in args.models and not args.no_memory:
-        small, large = calibration_memory(32), calibration_memory(256)
-        print(
-            f"encoder quantization peak RSS: 32 samples {small / 2**20:.0f} MiB, 256 samples "
-            f"{large / 2**20:.0f} MiB ({large / small:.3f}x)"
-        )
+        from benchmarks import calibration_memory
+
+        for row in calibration_memory.run():
+            print(f"encoder calibration, {row['samples']} samples: own peak {row['own_mib']:.1f} MiB")
 
 
 if __name__ == "__main__":

@@ -85,10 +85,8 @@ def _applies(preset: str, ops: set[str]) -> bool:
 
 def run_model_key(key: str, budget: float | None, folder: Path) -> dict[str, Any]:
     """Tune one model and run every preset by hand; return its rows and checks."""
-    import onnx
-
     model = model_path(key)
-    calib, test = _inputs(key, CALIBRATION, 0), _inputs(key, TEST, 1)
+    calib = _inputs(key, CALIBRATION, 0)
     calib_file = folder / "calib.npz"
     np.savez(calib_file, **{name: np.stack([f[name] for f in calib]) for name in calib[0]})
     target = TARGETS.get(key)
@@ -100,26 +98,8 @@ def run_model_key(key: str, budget: float | None, folder: Path) -> dict[str, Any
         *target_args, *budget_args,
     )  # fmt: skip
     tune_report = json.loads(report.read_text())
-    chart = REPO / "benchmarks" / "charts" / f"tune_{key}.png"
-    if report.with_suffix(".pareto.png").exists():
-        shutil.copyfile(report.with_suffix(".pareto.png"), chart)
-    ops = {n.op_type for n in onnx.load(str(model), load_external_data=False).graph.node}
-    paths: dict[str, Path] = {"float": model}
     seconds: dict[str, float] = {"tune": tune_seconds}
-    errors: dict[str, str] = {}
-    for preset in available_presets():
-        if not _applies(preset, ops):
-            continue
-        out = folder / f"{preset}.onnx"
-        args = ["optimize", str(model), "-o", str(out), "--pipeline", preset, "--calib", str(calib_file), "-q"]
-        if target and preset in ("int8",):
-            args += target_args
-        try:
-            seconds[preset] = _cli(*args, timeout=1800)
-            paths[preset] = out
-        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-            errors[preset] = str(exc)[:200]
-    paths["tune"] = tuned
+    errors = _run_presets(model, folder, calib_file, target_args, seconds)
     replayed = folder / "replayed.onnx"
     if tune_report.get("replay"):
         stem = tuned.with_suffix("")
@@ -127,6 +107,47 @@ def run_model_key(key: str, budget: float | None, folder: Path) -> dict[str, Any
             "optimize", str(model), "-o", str(replayed), "--pipeline", f"{stem}.recipe.toml",
             "--calib", f"{stem}.calib", "-q",
         )  # fmt: skip
+    return evaluate(key, folder, seconds, errors)
+
+
+def _run_presets(
+    model: Path, folder: Path, calib_file: Path, target_args: list[str], seconds: dict[str, float]
+) -> dict[str, str]:
+    """Run every applicable preset by hand (``onnxopt optimize``) into ``folder/<preset>.onnx``."""
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(model), load_external_data=False).graph.node}
+    errors: dict[str, str] = {}
+    for preset in available_presets():
+        if not _applies(preset, ops):
+            continue
+        out = folder / f"{preset}.onnx"
+        args = ["optimize", str(model), "-o", str(out), "--pipeline", preset, "--calib", str(calib_file), "-q"]
+        if target_args and preset in ("int8",):
+            args += target_args
+        try:
+            seconds[preset] = _cli(*args, timeout=1800)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+            errors[preset] = str(exc)[:200]
+    return errors
+
+
+def evaluate(key: str, folder: Path, seconds: dict[str, float], errors: dict[str, str]) -> dict[str, Any]:
+    """Judge and time the float model, every preset built in ``folder`` and tune's choice on unseen inputs."""
+    import onnx
+
+    model = model_path(key)
+    test = _inputs(key, TEST, 1)
+    target = TARGETS.get(key)
+    tuned, report = folder / "tuned.onnx", folder / "tune.json"
+    tune_report = json.loads(report.read_text())
+    chart = REPO / "benchmarks" / "charts" / f"tune_{key}.png"
+    if report.with_suffix(".pareto.png").exists():
+        shutil.copyfile(report.with_suffix(".pareto.png"), chart)
+    paths: dict[str, Path] = {"float": model}
+    paths.update({p: folder / f"{p}.onnx" for p in available_presets() if (folder / f"{p}.onnx").exists()})
+    paths["tune"] = tuned
+    replayed = folder / "replayed.onnx"
     reference = run_model(str(model), test, optimization="default")
     graph = onnx.load(str(model), load_external_data=False)
     latency = _interleaved_ratios(paths, test[0])
@@ -204,9 +225,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", default=["ppocr_cls", "ppocr_det", "encoder"])
     parser.add_argument("--budget", type=float, default=None, help="tune's budget in minutes (default: tune's own)")
+    parser.add_argument("--evaluate", type=Path, default=None, help="only evaluate a folder a run left (one model)")
     args = parser.parse_args()
     results = []
     for key in args.models:
+        if args.evaluate is not None:
+            result = evaluate(key, args.evaluate, {}, {})
+            _print(result)
+            results.append(result)
+            _save(results)
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 result = run_model_key(key, args.budget, Path(tmp))
@@ -215,10 +243,14 @@ def main() -> None:
                 continue
         _print(result)
         results.append(result)
-        out = REPO / "benchmarks" / "results" / "tune.json"
-        previous = json.loads(out.read_text()) if out.exists() else []
-        kept = [r for r in previous if r.get("model") not in {x["model"] for x in results}]
-        out.write_text(json.dumps([*kept, *results], indent=1, default=str))
+        _save(results)
+
+
+def _save(results: list[dict[str, Any]]) -> None:
+    out = REPO / "benchmarks" / "results" / "tune.json"
+    previous = json.loads(out.read_text()) if out.exists() else []
+    kept = [r for r in previous if r.get("model") not in {x["model"] for x in results}]
+    out.write_text(json.dumps([*kept, *results], indent=1, default=str))
 
 
 if __name__ == "__main__":

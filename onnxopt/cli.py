@@ -216,10 +216,12 @@ def optimize(
     if not quiet:
         from onnxopt.display import render_pipeline
 
-        render_pipeline(out, result, output_bytes=size)
+        source_opset = next((o.version for o in loaded_graph.opset_import if o.domain in ("", "ai.onnx")), None)
+        render_pipeline(out, result, output_bytes=size, source_opset=source_opset)
         for record in result.outcomes():
-            out.print(f"{record.name}: {record.status}" + (f": {record.reason}" if record.reason else ""), markup=False)
-        out.print(f"wrote {output} ({size:,} bytes; input {input_bytes:,} bytes)")
+            line = f"{record.name}: {record.status}" + (f": {record.reason}" if record.reason else "")
+            out.print(line, markup=False, highlight=False)
+        out.print(f"wrote {output} ({size:,} bytes; input {input_bytes:,} bytes)", markup=False, highlight=False)
     if verifier is not None:
         if not quiet:
             out.print(

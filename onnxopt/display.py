@@ -32,38 +32,36 @@ def _num(x: float | None, fmt: str = ".3g") -> str:
     return format(x, fmt)
 
 
-def render_pipeline(console: Console, result: PipelineResult, output_bytes: int | None = None) -> None:
-    """Print one row per pass run that changed something (and a total)."""
-    table = Table(title="onnxopt optimize", show_lines=False)
-    for column in ("pass", "round", "time", "nodes", "params", "size", "what it did"):
-        table.add_column(column, justify="right" if column in ("round", "time") else "left")
-    for record in result.records:
-        if not record.changed:
-            continue
-        did = ", ".join(f"{k}={_num(v, 'g') if isinstance(v, float) else v}" for k, v in record.stats.items())
-        table.add_row(
-            record.name,
-            str(record.round),
-            f"{record.seconds:.2f}s",
-            f"{record.before.nodes} → {record.after.nodes}",
-            f"{record.before.params:,} → {record.after.params:,}",
-            f"{_size(record.before.bytes)} → {_size(record.after.bytes)}",
-            did or ("no change" if not record.changed else ""),
-        )
-    final = result.final
-    start = result.source or result.initial
-    table.add_row(
-        "[bold]total",
-        str(result.rounds),
-        f"{sum(r.seconds for r in result.records):.2f}s",
-        f"{start.nodes} → {final.nodes}",
-        f"{start.params:,} → {final.params:,}",
-        f"{_size(start.bytes)} → {_size(output_bytes if output_bytes is not None else final.bytes)}",
-        "from the input as given",
-    )
-    console.print(table)
-    notes = [f"{r.name}: {n}" for r in result.records for n in r.notes] + result.notes
-    for note in dict.fromkeys(notes):
+def render_pipeline(
+    console: Console, result: PipelineResult, output_bytes: int | None = None, source_opset: int | None = None
+) -> None:
+    """Print the before/after figures, one row per pass that changed something, then the notes (grouped)."""
+    from onnxopt.summary import grouped_notes, op_changes, pass_summaries
+
+    start, final = result.source or result.initial, result.final
+    output_opset = next((o.version for o in result.model.opset_import if o.domain in ("", "ai.onnx")), None)
+    figures = Table(title="onnxopt optimize", title_justify="left")
+    for column in ("", "input", "output"):
+        figures.add_column(column, justify="left" if not column else "right")
+    figures.add_row("nodes", f"{start.nodes:,}", f"{final.nodes:,}")
+    figures.add_row("parameters", f"{start.params:,}", f"{final.params:,}")
+    figures.add_row("size", _size(start.bytes), _size(output_bytes if output_bytes is not None else final.bytes))
+    if source_opset is not None:
+        figures.add_row("opset", str(source_opset), str(output_opset))
+    for op, before, after in op_changes(start, final):
+        figures.add_row(f"  {escape(op)}", str(before), str(after))
+    console.print(figures)
+    passes = Table(title=f"passes ({result.rounds} round(s), {sum(r.seconds for r in result.records):.2f}s)")
+    passes.add_column("pass", no_wrap=True)
+    passes.add_column("time", justify="right", no_wrap=True)
+    passes.add_column("nodes", no_wrap=True)
+    passes.add_column("what it changed", overflow="fold")
+    for row in pass_summaries(result):
+        text = f"{row.status}: {row.changes}" if row.status else row.changes
+        runs = f" ×{row.runs}" if row.runs > 1 else ""
+        passes.add_row(escape(row.name) + runs, f"{row.seconds:.2f}s", f"{row.nodes_added:+,}", escape(text))
+    console.print(passes)
+    for note in grouped_notes(result):
         console.print(f"  [dim]note[/dim] {escape(note)}", highlight=False)
 
 

@@ -111,9 +111,9 @@ class Pass:
     name: ClassVar[str] = ""
     exact: ClassVar[bool] = True
 
-    def __call__(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
-        """Run the pass on ``model`` (which it may modify in place)."""
-        return self.run(model, ctx)
+    def __call__(self, model: onnx.ModelProto, ctx: Context | None = None) -> PassResult:
+        """Run the pass on ``model`` (which it may modify in place); no context means a default one."""
+        return self.run(model, ctx if ctx is not None else Context())
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         """Rewrite ``model`` and say what changed."""
@@ -561,7 +561,8 @@ class PassManager:
                 any_change = False
                 for pass_ in passes:
                     started = time.perf_counter()
-                    result = self._run_pass(pass_, working, ctx)
+                    with ctx.progress.task(f"{pass_.name} (round {rounds})", None):  # no phase is silent
+                        result = self._run_pass(pass_, working, ctx)
                     seconds = time.perf_counter() - started
                     working = result.model
                     after = model_stats(working) if result.changed else current

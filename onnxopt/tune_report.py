@@ -94,16 +94,17 @@ def write_chart(result: TuneResult, path: str | Path, title: str = "") -> Path |
     rows = [r for r in result.candidates if r.latency is not None]
     figure, axes = plt.subplots(figsize=(7, 4.5))
     front = {id(r) for r in pareto_front(list(result.candidates))}
-    for row in rows:
+    for index, row in enumerate(rows):
         assert row.latency is not None
         agreement = 1.0 if row.judgement is None else row.judgement.agreement
         passed = row.status in ("baseline", "accepted", "chosen")
         colour = "tab:green" if row.status == "chosen" else ("tab:blue" if passed else "tab:grey")
         axes.scatter(row.latency.ratio, agreement, s=40 + 400 * row.size_ratio, c=colour, alpha=0.6, edgecolors="k")
         label = row.name + (" (Pareto)" if id(row) in front else "")
-        axes.annotate(label, (row.latency.ratio, agreement), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        offset = (4, 4 + 9 * (index % 3))  # stagger labels of neighbouring points
+        axes.annotate(label, (row.latency.ratio, agreement), fontsize=7, xytext=offset, textcoords="offset points")
     axes.set_xlabel("latency / float model (interleaved median)")
-    axes.set_ylabel(f"agreement with the float model ({_metric(result)})")
+    axes.set_ylabel("agreement with the float model\n(each candidate's weakest task metric)")
     axes.set_title(title or f"onnxopt tune: chose {result.winner.name}; marker area ∝ file size")
     axes.grid(alpha=0.3)
     figure.tight_layout()
@@ -112,10 +113,6 @@ def write_chart(result: TuneResult, path: str | Path, title: str = "") -> Path |
     figure.savefig(target, dpi=110)
     plt.close(figure)
     return target
-
-
-def _metric(result: TuneResult) -> str:
-    return next((r.judgement.metric for r in result.candidates if r.judgement is not None), "cosine")
 
 
 def replay_files(result: TuneResult, output: str | Path) -> tuple[Path, Path] | None:

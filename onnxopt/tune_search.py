@@ -44,6 +44,7 @@ class CandidateResult:
     path: str = ""
     host: str = ""
     notes: tuple[str, ...] = ()
+    pass_statuses: tuple[tuple[str, str, str], ...] = ()
 
     @property
     def measured(self) -> bool:
@@ -64,6 +65,7 @@ class CandidateResult:
             "seconds": round(self.seconds, 2),
             "host": self.host,
             "notes": list(self.notes),
+            "pass_statuses": [{"pass": n, "status": st, "reason": r} for n, st, r in self.pass_statuses],
             "recipe": self.recipe,
         }
 
@@ -100,6 +102,7 @@ class Search:
             "notes": outcome.notes,
             "judgement": outcome.judgement,
             "latency": outcome.latency,
+            "pass_statuses": outcome.pass_statuses,
         }
         if outcome.status != "built":
             reason = "stopped at the budget" if outcome.status == "stopped" else outcome.error
@@ -116,6 +119,9 @@ class Search:
         status, reason = ("accepted", "") if passed else ("rejected", "target not met")
         if passed and digest in self.digests:
             status, reason = "pruned", f"the same model as {self.digests[digest]}"
+        blocked = [f"{name} not applied: {why}" for name, state, why in outcome.pass_statuses if state == "not applied"]
+        if blocked:  # say why a lossy pass changed nothing
+            reason = "; ".join([reason, *blocked]) if reason else "; ".join(blocked)
         self.digests.setdefault(digest, candidate.name)
         self.rows.append(
             CandidateResult(

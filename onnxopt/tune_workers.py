@@ -95,6 +95,8 @@ class BuildOutcome:
     error: str = ""
     host: str = field(default_factory=socket.gethostname)
     latency: Latency | None = None
+    #: each lossy pass's (name, status, reason): applied, partly applied or not applied
+    pass_statuses: tuple[tuple[str, str, str], ...] = ()
 
 
 def _alarm(_signum: int, _frame: Any) -> None:
@@ -155,9 +157,10 @@ def peak_memory(model_path: str, data_dir: str, threads: int = 1, timeout: float
 
 
 def _pass_notes(records: list[Any]) -> tuple[str, ...]:
-    """Return the notes of the lossy passes (what they kept, why they backed off), first ones first."""
-    notes = [f"{r.name}: {note}" for r in records if r.notes for note in r.notes[:3]]
-    return tuple(notes[:6])
+    """Return the passes' notes that say what they kept or why they backed off, decisions first."""
+    notes = [f"{r.name}: {note}" for r in records for note in r.notes]
+    decisions = [n for n in notes if "kept the float model" in n or "not met" in n]
+    return tuple(dict.fromkeys([*decisions, *notes]))[:8]
 
 
 def _prefix_path(cache_dir: str, stages: tuple[Any, ...]) -> Path:
@@ -221,6 +224,7 @@ def build_candidate(job: BuildJob) -> BuildOutcome:
             model, records = run_stages(job, calibration)
             save_model(model, job.output_path)
             notes = _pass_notes(records)
+            statuses = tuple((r.name, r.status, r.reason) for r in records if getattr(r, "status", None))
             del model
             evaluation = load_dataset(job.evaluation_dir)
             reference = run_model(job.model_path, evaluation, optimization="default")
@@ -255,6 +259,7 @@ def build_candidate(job: BuildJob) -> BuildOutcome:
         judgement=judgement,
         notes=notes,
         latency=latency,
+        pass_statuses=statuses,
     )
 
 

@@ -223,6 +223,18 @@ def _layernorm_pattern(opset: int, dtype: np.dtype) -> Body:
     return nodes, weights, [2, 3, 4, 4]
 
 
+def _gelu_pattern(opset: int, dtype: np.dtype) -> Body:
+    consts = {"sqrt2": np.array(np.sqrt(2.0), dtype), "one": np.array(1, dtype), "half": np.array(0.5, dtype)}
+    nodes = [
+        helper.make_node("Div", ["x", "sqrt2"], ["d"]),
+        helper.make_node("Erf", ["d"], ["e"]),
+        helper.make_node("Add", ["e", "one"], ["a"]),
+        helper.make_node("Mul", ["x", "a"], ["m"]),
+        helper.make_node("Mul", ["m", "half"], ["y"]),
+    ]
+    return nodes, consts, [2, 3, 4, 4]
+
+
 #: name, builder, input shape, dtypes, first opset
 _OPS: list[tuple[str, Callable[[int, np.dtype], Body], tuple[int, ...], tuple[str, ...], int]] = [
     ("Relu", _unary("Relu"), (2, 3, 4, 4), (*FLOATS, "int32", "int64"), 7),
@@ -250,6 +262,7 @@ _OPS: list[tuple[str, Callable[[int, np.dtype], Body], tuple[int, ...], tuple[st
     ("MLP", _mlp, (2, 3, 4, 4), FLOATS, 7),
     ("HardSwish-pattern", _hardswish_pattern, (2, 3, 4, 4), FLOATS, 7),
     ("LayerNorm-pattern", _layernorm_pattern, (2, 3, 4, 4), FLOATS, 7),
+    ("Gelu-pattern", _gelu_pattern, (2, 3, 4, 4), FLOATS, 9),
 ]
 # Output shapes for unary ops that change them.
 _POOL_SHAPE = [2, 3, 3, 3]

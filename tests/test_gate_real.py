@@ -54,7 +54,7 @@ def test_gate_passes_a_batchnorm_fold(real_model, key):
 
     reference = _load(real_model, key)
     before = sum(n.op_type == "BatchNormalization" for n in reference.graph.node)
-    result = create_pass("fold_batchnorm")(load_model(reference), None)
+    result = create_pass("fold_batchnorm")(load_model(reference))
     folded = result.model
     after = sum(n.op_type == "BatchNormalization" for n in folded.graph.node)
     assert after < before, result.notes

@@ -155,6 +155,15 @@ def test_inferred_scale_groups_without_a_concat_and_declared_metrics_win():
         infer_metrics(model, _samples(ref), declared=[parse_metric("z:cosine>=0.9")])
 
 
+def test_scale_groups_only_along_axes_every_sample_shares():
+    # samples of different sequence lengths (a dynamic axis): axis 1 holds different tokens per sample
+    model = make_model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", [1, "s", 4])], [vi("y", [1, "s", 4])])
+    rng = np.random.default_rng(0)
+    ref = [np.concatenate([rng.uniform(0, 500, (1, n, 1)), rng.uniform(0, 1, (1, n, 3))], axis=2) for n in (5, 7)]
+    specs = infer_metrics(model, _samples(ref))
+    assert {s.slice for s in specs} == {"[:, :, 0:1]", "[:, :, 1:4]"}  # split along the shared axis 2 only
+
+
 def test_unit_rows_get_no_top1_but_logit_rows_do():
     model = make_model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", [1, 4])], [vi("y", [1, 4])])
     unit = np.array([[0.5, 0.5, 0.5, 0.5]])
@@ -192,3 +201,12 @@ def test_cross_fitted_verdict_judges_every_sample_with_a_model_that_did_not_see_
     stats, notes = estimate_notes(verdict, 4)
     assert stats["cross_fitted_agreement"] == 0.5 and "NOT met" in notes[0]
     assert cross_fitted_verdict(model, samples[:7], refit, TaskBudget(), folds=4) is None
+
+
+def test_int8_noise_ranking_measures_each_scale_group_apart():
+    from onnxopt.passes.quantize.fallback import scale_groups
+
+    rng = np.random.default_rng(0)
+    out = np.concatenate([rng.uniform(0, 640, (1, 4, 40)), rng.uniform(0, 1, (1, 3, 40)) ** 3], axis=1)
+    assert scale_groups([out]) == [(slice(None), slice(0, 4)), (slice(None), slice(4, 7))]
+    assert scale_groups([out[:, 4:]]) == [(slice(None),)]

@@ -86,3 +86,19 @@ def test_fuse_keeps_the_opset_unless_the_upgrade_is_allowed():
     upgraded = load_recipe("fuse").with_overrides({"allow_opset_upgrade": True}).build().run(model)
     assert opset_version(upgraded.model) == 14
     assert [n.op_type for n in upgraded.model.graph.node] == ["HardSwish"]
+
+
+def test_fusions_do_not_write_ops_onnxruntime_cannot_run_in_float64():
+    # found by the sweep: HardSigmoid/HardSwish/Gelu have no float64 kernel in onnxruntime's CPU provider
+    from tests.sweep_models import sweep_cases
+
+    cases = [c for c in sweep_cases() if c.dtype == "float64" and c.opset == 20 and c.ir_version == 10]
+    for case in (c for c in cases if c.name in ("HardSwish-pattern", "Gelu-pattern")):
+        model = case.build()
+        result = load_recipe("fuse").build().run(model)
+        ops = {n.op_type for n in result.model.graph.node}
+        assert not ops & {"HardSwish", "HardSigmoid", "Gelu"}, case.id
+        notes = [n for r in result.records for n in r.notes]
+        assert any("no" in n and "kernel for double inputs" in n for n in notes), case.id
+        if case.name == "HardSwish-pattern":  # (Erf has no float64 kernel either: that model never ran)
+            ort.InferenceSession(result.model.SerializeToString())

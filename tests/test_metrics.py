@@ -113,6 +113,8 @@ def test_split_by_scale_separates_boxes_from_scores():
     assert m.split_by_scale([out], axis=1) == [(0, 4), (4, 10)]
     assert m.split_by_scale([out[:, 4:]], axis=1) == [(0, 6)]
     assert m.split_by_scale([np.ones((1, 1, 5))], axis=1) == [(0, 1)]
+    ragged = [out, np.concatenate([out, out[:, :1]], axis=1)]  # variable sizes along the axis
+    assert m.split_by_scale(ragged, axis=1) == [(0, 10)]
 
 
 @settings(max_examples=30, deadline=None)

@@ -325,13 +325,6 @@ def test_int8_activations():
     assert_equivalent(model, q, profile="int8", data=data)
 
 
-def test_latency_check_reports_both_timings():
-    model, _, _ = _conv_model()
-    data = _data([1, 3, 8, 8], n=4)
-    result = _quantize(model, data, check_latency=True)
-    assert result.stats["latency_float_ms"] > 0 and result.stats["latency_int8_ms"] > 0
-
-
 def _matmul_chain():
     w1 = RNG.normal(size=(16, 32)).astype(np.float32)
     w2 = RNG.normal(size=(32, 8)).astype(np.float32)

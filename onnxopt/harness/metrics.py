@@ -303,9 +303,12 @@ def split_by_scale(reference: Arrays, axis: int, span: float = SCALE_SPAN) -> li
 
     One group when the per-slice RMS (over all samples) spans at most ``span`` (max/min);
     otherwise the axis is cut between neighbours whose RMS differs by more than
-    ``sqrt(span)``. All-zero slices join their neighbour's group.
+    ``sqrt(span)``. All-zero slices join their neighbour's group. Samples whose sizes
+    along ``axis`` differ (variable-length inputs) give one group.
     """
     size = reference[0].shape[axis]
+    if any(np.ndim(r) != np.ndim(reference[0]) or np.shape(r)[axis] != size for r in reference):
+        return [(0, size)]
     sums = np.zeros(size)
     counts = 0
     for r in reference:

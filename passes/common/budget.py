@@ -17,7 +17,17 @@ import numpy as np
 import onnx
 
 from onnxopt.data import Dataset, Sample
-from onnxopt.harness import PROFILES, Judgement, MetricSpec, Tolerance, compare_outputs, infer_metrics, judge
+from onnxopt.harness import (
+    PROFILES,
+    Judgement,
+    MetricError,
+    MetricSpec,
+    Tolerance,
+    compare_outputs,
+    infer_metrics,
+    judge,
+    parse_metric,
+)
 from onnxopt.progress import NullProgress, Progress
 from onnxopt.runtime import Session
 
@@ -33,7 +43,7 @@ Outputs = list[dict[str, np.ndarray]]
 Acceptance = Callable[[Outputs, Outputs], bool]
 
 
-BudgetSpec = Union[float, Mapping[str, float], Acceptance, None]  # noqa: UP007  (runtime alias, py3.10)
+BudgetSpec = Union[float, str, Mapping[str, float], Acceptance, None]  # noqa: UP007  (runtime alias, py3.10)
 
 
 @runtime_checkable
@@ -105,12 +115,22 @@ DEFAULT_BUDGET: Tolerance = PROFILES["int8"]
 TASK_BUDGET = TaskBudget()
 
 
+def declared_budget(text: str) -> TaskBudget:
+    """Return the task budget of metric specs joined by ``;`` (see :func:`onnxopt.harness.parse_metric`)."""
+    specs = tuple(parse_metric(part) for part in text.split(";") if part.strip())
+    if not specs:
+        raise MetricError(f"budget {text!r}: expected OUTPUT[SLICE]:NAME[@ARG]>=FLOOR, joined by ';'")
+    return TaskBudget(declared=specs)
+
+
 def budget_tolerance(
     budget: BudgetSpec, overrides: Mapping[str, float] | None = None
 ) -> Tolerance | Acceptance | TaskBudget:
     """Resolve a pass's ``budget`` parameter (and ``ctx.budget`` overrides) to a check.
 
     ``None``: :data:`TASK_BUDGET` (unless ``overrides`` set :class:`Tolerance` fields);
+    a string: declared task metrics ``OUTPUT[SLICE]:NAME[@ARG]>=FLOOR`` joined by ``;``
+    (inferred ones judge the other outputs);
     a float: that minimum output cosine on top of the int8 signal floors; a mapping:
     :class:`Tolerance` fields replacing those floors; a callable ``(reference outputs,
     candidate outputs) -> bool``: a task-level check (Python API only).
@@ -120,6 +140,8 @@ def budget_tolerance(
     fields_given = {k for k in (overrides or {}) if k in Tolerance.__dataclass_fields__}
     if budget is None and not fields_given:
         return TASK_BUDGET
+    if isinstance(budget, str):
+        return declared_budget(budget)
     tolerance = DEFAULT_BUDGET
     fields = set(Tolerance.__dataclass_fields__)
     if isinstance(budget, Mapping):

@@ -129,6 +129,7 @@ class FuseGelu(Fusion):
         """Match a GELU around the Erf or Tanh ``node``."""
         read_argument, approximate = _GELU_FORMS[node.op_type]
         x, before = read_argument(m, node)
+        _require_kernel(m, x, "Gelu")
         one_plus = m.sole_consumer(node.output[0], "Add")
         m.scalar(m.other_input(one_plus, node.output[0]), 1.0)
         first = m.sole_consumer(one_plus.output[0], "Mul")
@@ -163,6 +164,15 @@ class FuseGelu(Fusion):
 
 
 _HARDSWISH_OPSET = 14
+#: element types onnxruntime's CPU provider has no kernel for (measured, onnxruntime 1.32; found by the sweep)
+_NO_CPU_KERNEL = {"HardSwish": (onnx.TensorProto.DOUBLE,), "Gelu": (onnx.TensorProto.DOUBLE,)}
+
+
+def _require_kernel(m: Matcher, x: str, op: str) -> None:
+    """Raise NoMatch when onnxruntime could not run ``op`` on ``x``'s element type."""
+    elem = m.types.elem_type(x)
+    if elem in _NO_CPU_KERNEL[op]:
+        raise NoMatch(f"onnxruntime has no {op} kernel for {onnx.TensorProto.DataType.Name(elem).lower()} inputs")
 
 
 @register_pass
@@ -214,7 +224,9 @@ class FuseHardSwish(Fusion):
             for node in scope.graph.node:
                 if node.op_type == "Clip" and is_default_domain(node) and not found:
                     try:
-                        found = hard_sigmoid_product(m, node).product is not None
+                        match = hard_sigmoid_product(m, node)
+                        _require_kernel(m, match.x, "HardSwish")
+                        found = match.product is not None
                     except NoMatch:
                         continue
 
@@ -224,6 +236,7 @@ class FuseHardSwish(Fusion):
     def match(self, node: onnx.NodeProto, m: Matcher, names: NameGenerator) -> Rewrite:
         """Match the hard-sigmoid around the Clip ``node`` and the product by its input, if any."""
         found = hard_sigmoid_product(m, node)
+        _require_kernel(m, found.x, "HardSwish")  # HardSigmoid has the same kernels
         opset = m.opset if isinstance(m, ModelMatcher) else 0
         graph = m.scope.graph
 

@@ -12,14 +12,16 @@ it into a :class:`Built` model (placement, rewrite) and these walks choose among
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnxopt.passes.common.budget import HeldOutCheck, judgement_notes, search_smallest
-from onnxopt.passes.quantize.fallback import Target, depthwise_groups, measure_latency, rank_by_removal
+from onnxopt.passes.quantize.fallback import Target, depthwise_groups, latency_rounds, rank_by_removal
 from onnxopt.passes.quantize.placement import ANCHOR_OPS, Placement
+from onnxopt.passes.quantize.timing import slowdown
 
 from onnxopt.data import Dataset, Sample
 from onnxopt.progress import Progress
@@ -184,10 +186,13 @@ def latency_probes(
     for label, names in depthwise_groups(work, current.placement.nodes).items():
         reason = f"latency: int8 {label} measured slower than float here"
         trial = build(current.variant.with_float(dict.fromkeys(names, reason)))
-        current_s, trial_s = measure_latency([current.model, trial.model], sample, threads=threads)
+        current_s, trial_s = latency_rounds([current.model, trial.model], sample, threads=threads)
+        # float for these only when int8 is measurably slower, beyond the timing noise
+        measured = slowdown(trial_s, current_s)
         notes.append(
-            f"latency probe, {len(names)} {label} in float: {trial_s * 1e3:.2f} ms against {current_s * 1e3:.2f} ms"
+            f"latency probe, {len(names)} {label} in float: {statistics.median(trial_s) * 1e3:.2f} ms against "
+            f"{statistics.median(current_s) * 1e3:.2f} ms with them in int8 ({measured.describe()})"
         )
-        if trial_s < 0.98 * current_s:
+        if measured.low > 1 / 0.98:
             current = trial
     return current

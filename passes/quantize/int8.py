@@ -28,12 +28,12 @@ import onnx
 from onnxopt.passes.common.estimate import DEFAULT_FOLDS, cross_fitted_verdict, estimate_notes
 from onnxopt.passes.common.graphs import opset_version, upgrade_opset
 from onnxopt.passes.quantize.backoff import Built, Variant, accuracy_fallback, latency_probes
-from onnxopt.passes.quantize.fallback import DEFAULT_TARGET, Target, measure_latency, parse_target
+from onnxopt.passes.quantize.fallback import DEFAULT_TARGET, Target, latency_rounds, parse_target
 from onnxopt.passes.quantize.gptq import round_weights
 from onnxopt.passes.quantize.placement import ANCHOR_OPS, DEFAULT_OP_TYPES, Placement, place
 from onnxopt.passes.quantize.rewrite import QDQPlan, Rounded, apply_plan
 from onnxopt.passes.quantize.saturation import saturation_bounds
-from onnxopt.passes.quantize.timing import latency_verdict
+from onnxopt.passes.quantize.timing import latency_verdict, slowdown
 
 from onnxopt.calibration import (
     METHODS,
@@ -391,6 +391,12 @@ class QuantizeInt8(Pass):
             more_stats, more_notes = estimate_notes(verdict, self.estimate_folds)
             stats.update(more_stats)
             notes += more_notes
+            if more_stats.get("cross_fitted_met") == 0:  # never report the target met while a metric fails
+                stats["target_met"] = 0
+                notes.append(
+                    "target NOT met on the cross-fitted estimate (the held-out check passed on fewer samples); "
+                    "the int8 model is kept, but its task agreement is estimated below the floor"
+                )
         if placement.float_reasons or returned:
             float_count = len(placement.float_reasons)
             reason = f"{len(placement.nodes)} node(s) quantized, {float_count} kept float"
@@ -424,9 +430,9 @@ class QuantizeInt8(Pass):
         sample = ctx.calibration[0]
 
         def too_slow(candidate: onnx.ModelProto) -> str | None:
-            reference_s, candidate_s = measure_latency([reference, candidate], sample, threads=self.threads)
-            ratio = candidate_s / reference_s if reference_s > 0 else 1.0
-            return f"{ratio:.2f}x as slow as {label}" if ratio > 1.03 else None
+            reference_s, candidate_s = latency_rounds([reference, candidate], sample, threads=self.threads)
+            measured = slowdown(reference_s, candidate_s)  # slower only beyond the timing noise
+            return f"{measured.describe()} as slow as {label}" if measured.slower() else None
 
         return too_slow
 

@@ -29,6 +29,8 @@ Methods (each returns a :class:`BlockQuant`):
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +44,7 @@ __all__ = [
     "output_error",
     "pack_blocks",
     "pack_zero_points",
+    "quantize_by_rows",
     "quantize_gptq",
     "quantize_hqq",
     "quantize_rtn",
@@ -306,3 +309,26 @@ def pack_zero_points(quant: BlockQuant) -> np.ndarray:
     if z.shape[1] % 2:  # the unused high nibble holds the default zero point, as onnxruntime writes it
         z = np.pad(z, ((0, 0), (0, 1)), constant_values=1 << (quant.bits - 1))
     return np.ascontiguousarray(z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8)
+
+
+#: Elements of one row chunk when a weight is rounded piece by piece (RTN and HQQ treat
+#: rows independently; each float64 temporary of a chunk stays near 32 MB).
+_CHUNK_ELEMENTS = 4 << 20
+
+
+def quantize_by_rows(quantize: Callable[[np.ndarray], BlockQuant], matrix: np.ndarray) -> BlockQuant:
+    """Apply a row-independent rounding ``quantize`` to ``matrix`` in row chunks and join the parts.
+
+    Bounds the temporaries to one chunk (a 262 MB embedding would otherwise need several
+    float64 copies of itself at once) and reads a memory-mapped weight chunk by chunk.
+    """
+    rows = max(1, _CHUNK_ELEMENTS // max(matrix.shape[1], 1))
+    if matrix.shape[0] <= rows:
+        return quantize(np.ascontiguousarray(matrix))
+    parts = [quantize(np.ascontiguousarray(matrix[i : i + rows])) for i in range(0, matrix.shape[0], rows)]
+    return dataclasses.replace(
+        parts[0],
+        integers=np.concatenate([p.integers for p in parts]),
+        scales=np.concatenate([p.scales for p in parts]),
+        zero_points=np.concatenate([p.zero_points for p in parts]),
+    )

@@ -33,16 +33,18 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 from onnxopt.passes.common.graphs import TypeMap
 from onnxopt.passes.quantize.nbits_math import BlockQuant, pack_blocks, pack_zero_points
 
+from onnxopt.external import Spill, replace_initializer
 from onnxopt.graph import GraphIndex, NameGenerator, control_tensors, is_default_domain, node_attribute
 
 __all__ = ["Encoded", "Site", "find_sites", "read_weight", "rewrite"]
 
 log = logging.getLogger(__name__)
 
+#: Written tensors at least this large go to the pipeline's spill file, when it has one.
+_SPILL_BYTES = 1 << 20
 #: Ops a logits tensor may pass through on its way to a graph output (the lm_head rule).
 _PASSTHROUGH = {"Reshape", "Transpose", "Identity", "Squeeze", "Unsqueeze", "Cast", "Flatten"}
 
@@ -101,7 +103,7 @@ def _reaches_output(name: str, index: GraphIndex) -> bool:
 def _matmul_site(node: onnx.NodeProto, value: np.ndarray, types: TypeMap) -> tuple[np.ndarray | None, str]:
     """Return the ``[N, K]`` matrix of a MatMul's B, or None and why not."""
     if value.ndim == 2:
-        return np.ascontiguousarray(value.T), ""
+        return value.T, ""  # a view: a memory-mapped weight is read when it is quantized, not here
     if value.ndim < 2:
         return None, "its weight is 1-D"
     if any(d != 1 for d in value.shape[:-2]):
@@ -109,7 +111,7 @@ def _matmul_site(node: onnx.NodeProto, value: np.ndarray, types: TypeMap) -> tup
     rank = types.rank(node.input[0])
     if rank is None or rank < value.ndim:
         return None, f"its weight is {value.ndim}-D and the input's rank is unknown or smaller"
-    return np.ascontiguousarray(value.reshape(value.shape[-2:]).T), ""
+    return value.reshape(value.shape[-2:]).T, ""
 
 
 def _gemm_site(node: onnx.NodeProto, value: np.ndarray, index: GraphIndex) -> tuple[np.ndarray | None, Any, str]:
@@ -189,24 +191,29 @@ def _int4_bytes(values: np.ndarray) -> bytes:
 class _Writer:
     """Adds the quantized tensors to a graph once per distinct :class:`BlockQuant`."""
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, spill: Spill | None = None) -> None:
         self.graph = model.graph
         self.names = NameGenerator(model)
-        self.written: dict[tuple[int, str], list[str]] = {}
+        self.spill = spill
+        # keyed by weight name, not id(quant): encodings made on demand are freed as the rewrite goes
+        self.written: dict[tuple[str, int, str], list[str]] = {}
 
     def add(self, base: str, array: np.ndarray) -> str:
         name = self.names.fresh(base)
-        self.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        replace_initializer(self.graph, name, np.ascontiguousarray(array), spill=self.spill, min_bytes=_SPILL_BYTES)
         return name
 
     def add_raw(self, base: str, data_type: int, dims: Sequence[int], data: bytes) -> str:
         name = self.names.fresh(base)
-        self.graph.initializer.append(onnx.helper.make_tensor(name, data_type, list(dims), data, raw=True))
+        tensor = onnx.helper.make_tensor(name, data_type, list(dims), data, raw=True)
+        if self.spill is not None and len(data) >= _SPILL_BYTES:
+            tensor = self.spill.adopt(tensor)
+        self.graph.initializer.append(tensor)
         return name
 
     def nbits(self, weight: str, quant: BlockQuant) -> list[str]:
         """Return [B, scales, zero points or ""] names for MatMulNBits (written on first use)."""
-        key = (id(quant), "nbits")
+        key = (weight, quant.bits, "nbits")
         if key not in self.written:
             names = [
                 self.add(f"{weight}_q{quant.bits}", pack_blocks(quant)),
@@ -223,7 +230,7 @@ class _Writer:
 
     def gather(self, weight: str, quant: BlockQuant) -> list[str]:
         """Return [data, scales, zero points or ""] names for GatherBlockQuantized."""
-        key = (id(quant), "gather")
+        key = (weight, quant.bits, "gather")
         if key not in self.written:
             q = quant.integers
             data = q if quant.bits == 8 else (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
@@ -234,7 +241,7 @@ class _Writer:
 
     def dequantized(self, weight: str, quant: BlockQuant, rows_first: bool) -> tuple[list[str], int]:
         """Return the DequantizeLinear inputs for the weight as stored ``[K, N]`` (or ``[V, D]``) and its axis."""
-        key = (id(quant), f"qdq{rows_first}")
+        key = (weight, quant.bits, f"qdq{rows_first}")
         axis = 1 if rows_first else 0
         if key not in self.written:
             q = quant.integers[:, : quant.columns].astype(np.int16)
@@ -269,10 +276,15 @@ def rewrite(
     *,
     form: str = "nbits",
     accuracy_level: int = 0,
+    spill: Spill | None = None,
 ) -> dict[str, int]:
-    """Replace each site with an ``encoded`` entry in place (``form`` ``"nbits"`` or ``"qdq"``); return counts."""
+    """Replace each site with an ``encoded`` entry in place (``form`` ``"nbits"`` or ``"qdq"``); return counts.
+
+    ``encoded`` is read once per site, in graph order, so it may encode on demand; with
+    ``spill`` the written tensors of 1 MB or more go to that file instead of the model.
+    """
     graph = model.graph
-    writer = _Writer(model)
+    writer = _Writer(model, spill)
     by_key = {site.key: site for site in sites}
     counts = {"matmul_nbits": 0, "gather_quantized": 0, "qdq_weights": 0, "lowrank_corrections": 0}
     new_nodes: list[onnx.NodeProto] = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -24,6 +24,7 @@ from onnxopt.passes.quantize.nbits_math import (
     BlockQuant,
     lowrank_correction,
     output_error,
+    quantize_by_rows,
     quantize_gptq,
     quantize_hqq,
     quantize_rtn,
@@ -32,6 +33,7 @@ from onnxopt.passes.quantize.nbits_rewrite import Encoded, Site, find_sites, rew
 
 from onnxopt.data import Dataset
 from onnxopt.errors import CalibrationDataError
+from onnxopt.external import lazy_bytes, release
 from onnxopt.graph import remove_unused
 from onnxopt.model import serialized_size
 from onnxopt.pipeline import Context, Pass, PassResult, register_pass
@@ -51,6 +53,30 @@ Record = dict[str, list[float]]
 
 def _median(values: Sequence[float]) -> float:
     return float(np.median(values)) if values else float("nan")
+
+
+class _OnDemand(Mapping[str, Encoded]):
+    """The encoded weight of each site, computed when the rewrite reaches it and not kept.
+
+    Only one site's float weight and temporaries are alive at a time, and a memory-mapped
+    weight's pages are released once it is encoded: layer by layer on a large model.
+    """
+
+    def __init__(self, sites: Sequence[Site], encode: Callable[[Site], Encoded]) -> None:
+        self._sites = {site.key: site for site in sites}
+        self._encode = encode
+
+    def __getitem__(self, key: str) -> Encoded:
+        site = self._sites[key]
+        encoded = self._encode(site)
+        release(site.matrix)
+        return encoded
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sites)
+
+    def __len__(self) -> int:
+        return len(self._sites)
 
 
 def _record() -> Record:
@@ -170,9 +196,11 @@ class QuantizeWeights(Pass):
                 quant = nearest
             record["gptq_vs_rtn"].append(after / before if before > 0 else 1.0)
         elif method == "hqq" and not self.symmetric:
-            quant = quantize_hqq(matrix, bits, self.block_size)
+            quant = quantize_by_rows(lambda rows: quantize_hqq(rows, bits, self.block_size), matrix)
         else:
-            quant = quantize_rtn(matrix, bits, self.block_size, symmetric=self.symmetric)
+            quant = quantize_by_rows(
+                lambda rows: quantize_rtn(rows, bits, self.block_size, symmetric=self.symmetric), matrix
+            )
         correction = None
         if self.lowrank > 0 and gram is not None and site.op_type != "Gather":
             n, k = matrix.shape
@@ -188,24 +216,36 @@ class QuantizeWeights(Pass):
         return Encoded(quant, correction)
 
     def _encode_all(
-        self, sites: list[Site], method: str, layer_stats: dict[str, InputStats], wide: set[str], record: Record
-    ) -> dict[str, Encoded]:
-        """Return the encoded weight of every site; sites in ``wide`` at 8 bits."""
+        self,
+        sites: list[Site],
+        method: str,
+        layer_stats: dict[str, InputStats],
+        wide: set[str],
+        record: Record,
+        *,
+        on_demand: bool = False,
+    ) -> Mapping[str, Encoded]:
+        """Return the encoded weight of every site; sites in ``wide`` at 8 bits.
+
+        ``on_demand``: encode each site only when the rewrite reads it (see :class:`_OnDemand`).
+        """
         readers: dict[str, int] = {}
         for site in sites:
             readers[site.weight] = readers.get(site.weight, 0) + 1
         shared: dict[tuple[str, str, int], BlockQuant] = {}
-        encoded: dict[str, Encoded] = {}
-        for site in sites:
+
+        def encode(site: Site) -> Encoded:
             bits = 8 if site.key in wide else self.lm_head_bits if site.lm_head else self.bits
             if readers[site.weight] > 1:  # one stored copy for every reader: no per-reader statistics
                 key = (site.weight, site.op_type, bits)
                 if key not in shared:
                     shared[key] = self._quantize(site, bits, "hqq" if method == "hqq" else "rtn", None, record).quant
-                encoded[site.key] = Encoded(shared[key])
-                continue
-            encoded[site.key] = self._quantize(site, bits, method, layer_stats.get(site.key), record)
-        return encoded
+                return Encoded(shared[key])
+            return self._quantize(site, bits, method, layer_stats.get(site.key), record)
+
+        if on_demand:
+            return _OnDemand(sites, encode)
+        return {site.key: encode(site) for site in sites}
 
     def _widen(
         self,
@@ -275,7 +315,7 @@ class QuantizeWeights(Pass):
         """Quantize ``model``'s weights; see the class docstring."""
         method = self._method(ctx)
         notes: list[str] = []
-        stats: dict[str, Any] = {"bytes_before": serialized_size(model)}
+        stats: dict[str, Any] = {"bytes_before": serialized_size(model) + lazy_bytes(model)}
         sites, site_notes = find_sites(model, embeddings=self.embeddings, block=self.block_size)
         notes += site_notes
         excluded = set(self.exclude)
@@ -291,7 +331,9 @@ class QuantizeWeights(Pass):
         needs_stats = method in _CALIBRATED or self.lowrank > 0 or self.target is not None
         layer_stats = self._stats(model, sites, layer_ctx) if needs_stats else {}
         record = _record()
-        encoded = self._encode_all(sites, method, layer_stats, set(), record)
+        # Without a target nothing is compared, so each weight is encoded when the rewrite
+        # reaches it and written (to the spill file on a large model) before the next is read.
+        encoded = self._encode_all(sites, method, layer_stats, set(), record, on_demand=self.target is None)
         work = model
         if self.format == "qdq" and opset_version(model) < _QDQ_OPSET:
             work = upgrade_opset(
@@ -301,23 +343,26 @@ class QuantizeWeights(Pass):
                 return PassResult(model, False, stats, notes)
         counts: dict[str, int] = {}
 
-        def build(chosen: dict[str, Encoded], in_place: bool = False) -> onnx.ModelProto:
+        def build(chosen: Mapping[str, Encoded], in_place: bool = False) -> onnx.ModelProto:
             quantized = work if in_place else copy.deepcopy(work)  # in place: no second copy of a large model
             counts.clear()
-            counts.update(rewrite(quantized, sites, chosen, form=self.format, accuracy_level=self.accuracy_level))
+            spill = ctx.spill if in_place else None  # candidates judged for the target stay in memory
+            counts.update(
+                rewrite(quantized, sites, chosen, form=self.format, accuracy_level=self.accuracy_level, spill=spill)
+            )
             remove_unused(quantized.graph)
             return quantized
 
         widened = 0
         if self.target is not None:
-            encoded, widened, met = self._widen(work, sites, encoded, layer_stats, build, held, fitted, notes)
+            encoded, widened, met = self._widen(work, sites, dict(encoded), layer_stats, build, held, fitted, notes)
             stats["target_met"] = int(met)
             if not met:
                 return PassResult(model, False, stats, notes)
         quantized = build(encoded, in_place=self.target is None)
         stats.update(counts)
         stats["layers_at_8_bits"] = widened
-        stats["bytes_after"] = serialized_size(quantized)
+        stats["bytes_after"] = serialized_size(quantized) + lazy_bytes(quantized)
         stats["lm_head_nodes"] = sum(1 for s in sites if s.lm_head)
         notes.append(
             f"{len(encoded)} weight(s) quantized to {self.bits} bits (block {self.block_size}, "
