@@ -271,7 +271,8 @@ def write_results(runs: dict[str, dict[str, Any]], target: Path) -> Path:
         lines += [
             f"## {preset.title} (`{name}`) vs {preset.competitor}",
             "",
-            f"`{saved['command']}` on {saved['date']}, {saved['seconds']:.0f} s.",
+            f"`{saved['command']}` on {saved['date']}"
+            + ("." if math.isnan(saved["seconds"]) else f", {saved['seconds']:.0f} s."),
             "",
         ]
         chart = target.parent / "charts" / f"{name}.png"
@@ -322,10 +323,25 @@ def main(argv: list[str] | None = None) -> int:
             (raw / f"{name}.json").write_text(json.dumps(saved, indent=1, default=str))
             progress.advance(task)
     # Presets not run this time keep their last saved rows, each labelled with its own command and date.
-    runs = {name: json.loads((raw / f"{name}.json").read_text()) for name in PRESETS if (raw / f"{name}.json").exists()}
+    runs = {name: _saved_run(raw / f"{name}.json", name) for name in PRESETS if (raw / f"{name}.json").exists()}
     target = write_results(runs, args.out / "RESULTS.md")
     console.print(f"wrote {target.relative_to(REPO) if target.is_relative_to(REPO) else target}")
     return 0
+
+
+def _saved_run(path: Path, name: str) -> dict[str, Any]:
+    """Return a saved run; a benchmark run on its own (``python -m benchmarks.NAME``) saves bare rows."""
+    data = json.loads(path.read_text())
+    if isinstance(data, list):
+        date = datetime.date.fromtimestamp(path.stat().st_mtime).isoformat()
+        return {
+            "preset": name,
+            "command": f"python -m benchmarks.{name}",
+            "date": date,
+            "seconds": float("nan"),
+            "rows": data,
+        }
+    return data
 
 
 if __name__ == "__main__":
