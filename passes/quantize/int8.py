@@ -16,7 +16,6 @@ The pass is a short sequence of separate steps, each in its own module:
 from __future__ import annotations
 
 import logging
-import re
 import time
 import tracemalloc
 from collections.abc import Callable, Sequence
@@ -30,7 +29,8 @@ from onnxopt.passes.common.graphs import opset_version, upgrade_opset
 from onnxopt.passes.quantize.backoff import Built, Variant, accuracy_fallback, latency_probes
 from onnxopt.passes.quantize.fallback import DEFAULT_TARGET, Target, latency_rounds, parse_target
 from onnxopt.passes.quantize.gptq import round_weights
-from onnxopt.passes.quantize.placement import ANCHOR_OPS, DEFAULT_OP_TYPES, Placement, place
+from onnxopt.passes.quantize.notes import float_model_notes, kept_float_notes, mixed_range_concats
+from onnxopt.passes.quantize.placement import ANCHOR_OPS, DEFAULT_OP_TYPES, place
 from onnxopt.passes.quantize.rewrite import QDQPlan, Rounded, apply_plan
 from onnxopt.passes.quantize.saturation import saturation_bounds
 from onnxopt.passes.quantize.timing import latency_verdict, slowdown
@@ -67,21 +67,6 @@ def _name_nodes(model: onnx.ModelProto) -> None:
         if not node.name or node.name in seen:
             node.name = names.fresh(node.name or node.op_type)
         seen.add(node.name)
-
-
-def _mixed_concats(placement: Placement, ranges: dict[str, tuple[float, float]], ratio: float) -> dict[str, str]:
-    """Return Concat nodes whose inputs' ranges differ by more than ``ratio`` (name → reason)."""
-    reasons = {}
-    for name, node in placement.nodes.items():
-        if node.op_type != "Concat":
-            continue
-        widths = [ranges[t][1] - ranges[t][0] for t in node.input if t in ranges]
-        if len(widths) >= 2 and min(widths) >= 0 and max(widths) > ratio * max(min(widths), 1e-12):
-            reasons[name] = (
-                f"its inputs mix very different ranges (widths {min(widths):.3g} to {max(widths):.3g}); "
-                "one int8 scale cannot serve both"
-            )
-    return reasons
 
 
 @dataclass(frozen=True)
@@ -248,7 +233,7 @@ class QuantizeInt8(Pass):
         }
         float_nodes = dict(variant.float_nodes)
         placement = place(model, float_nodes=float_nodes, blocked=blocked, **common)
-        mixed = _mixed_concats(placement, ranges, self.mixed_range_ratio)
+        mixed = mixed_range_concats(placement, ranges, self.mixed_range_ratio)
         if mixed:
             outputs = {placement.nodes[name].output[0]: reason for name, reason in mixed.items()}
             placement = place(model, float_nodes={**float_nodes, **mixed}, blocked={**blocked, **outputs}, **common)
@@ -317,8 +302,8 @@ class QuantizeInt8(Pass):
         if not (first.nodes or first.weight_only or first.tables or first.lookups):
             causes = sorted(set(first.float_reasons.values()))
             reason = "no node can be quantized" + (f" ({'; '.join(causes[:3])})" if causes else "")
-            notes += _kept_float_notes(first.float_reasons)
-            return PassResult(model, False, stats, _float_notes(notes, model), NOT_APPLIED, reason)
+            notes += kept_float_notes(first.float_reasons)
+            return PassResult(model, False, stats, float_model_notes(notes, model), NOT_APPLIED, reason)
         ranges, blocked = self._calibrate(work, first.observed, calib, ctx, stats)
         rounded: Rounded = {}
         if self.weight_rounding == "gptq":
@@ -356,7 +341,7 @@ class QuantizeInt8(Pass):
                     "(latency budget or max_fallback); loosen --target or set check_latency=false"
                 )
                 reason = f"accuracy target {self.target} not met within the fallback's limits; the float model is kept"
-                return PassResult(model, False, stats, _float_notes(notes, model), NOT_APPLIED, reason)
+                return PassResult(model, False, stats, float_model_notes(notes, model), NOT_APPLIED, reason)
 
         if self.check_latency:
             built = latency_probes(work, built, build, ctx.calibration[0], threads=self.threads, notes=notes)
@@ -371,15 +356,15 @@ class QuantizeInt8(Pass):
         kept = latency_verdict(
             self.check_latency, self.threads, work, quantized, ctx.calibration[0], reference, stats, notes
         )
-        notes += _kept_float_notes(placement.float_reasons)
+        notes += kept_float_notes(placement.float_reasons)
         if not kept:
             reason = "the int8 model was slower than the float one on this machine; the float model is kept"
-            return PassResult(model, False, stats, _float_notes(notes, model), NOT_APPLIED, reason)
+            return PassResult(model, False, stats, float_model_notes(notes, model), NOT_APPLIED, reason)
         if not any(counts.get(key, 0) for key in _INSERTED):
             # every candidate went back to float: the rewrite inserted nothing, so the model is unchanged
             notes.append("nothing was quantized (every candidate node was kept float); kept the input model")
             reason = "every candidate node was kept float"
-            return PassResult(model, False, stats, _float_notes(notes, model), NOT_APPLIED, reason)
+            return PassResult(model, False, stats, float_model_notes(notes, model), NOT_APPLIED, reason)
         if target is not None and target.task is not None and self.estimate_folds:
             verdict = cross_fitted_verdict(
                 work,
@@ -441,30 +426,3 @@ class QuantizeInt8(Pass):
     def wants_reference(self) -> bool:
         """Return True when the latency check compares with the pipeline's starting model."""
         return self.check_latency and self.latency_reference == "source"
-
-
-def _float_notes(notes: list[str], model: onnx.ModelProto) -> list[str]:
-    """Return ``notes`` true of the float model the pass returns: opset upgrades were not kept."""
-    version = opset_version(model)
-    kept = []
-    for note in notes:
-        match = re.match(r"upgraded the model from opset (\d+) to (\d+) \((.*) needs it\)$", note)
-        if match:
-            note = (
-                f"the int8 model needed opset {match.group(2)} ({match.group(3)}); the float model written keeps "
-                f"opset {version}"
-            )
-        kept.append(note)
-    return kept
-
-
-def _kept_float_notes(float_reasons: dict[str, str]) -> list[str]:
-    """Return one note per reason a node stayed float, most frequent first, naming a few nodes."""
-    by_reason: dict[str, list[str]] = {}
-    for name, reason in float_reasons.items():
-        by_reason.setdefault(reason, []).append(name)
-    notes = []
-    for reason, names in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
-        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-        notes.append(f"kept float ({len(names)}): {reason}: {shown}")
-    return notes
