@@ -34,8 +34,8 @@ def _acted(record) -> bool:
     """Return what a lossy pass's record shows it did to the model, independent of its ``changed``."""
     if record.name == "quantize_int8":
         # Q/DQ inserted, or weights stored as int8 for float compute (Cast and Mul, no DequantizeLinear)
-        inserted = record.after.ops.get("DequantizeLinear", 0) > record.before.ops.get("DequantizeLinear", 0)
-        return inserted or record.stats.get("weight_only_nodes", 0) > 0
+        before, after = record.before, record.after
+        return after.ops != before.ops or after.param_bytes_by_dtype != before.param_bytes_by_dtype
     if record.name == "prune_magnitude":
         return record.stats.get("sparsity", 0.0) > 0
     return record.stats.get("layers_split", 0) > 0  # split_lowrank
