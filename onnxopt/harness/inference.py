@@ -81,8 +81,6 @@ def _scale_groups(reference: list[np.ndarray]) -> tuple[int, list[tuple[int, int
     for axis in range(1, first.ndim):
         if first.shape[axis] < 2 or first.shape[axis] > 4096:
             continue
-        if any(r.ndim != first.ndim or r.shape[axis] != first.shape[axis] for r in reference):
-            continue  # a dynamic axis (e.g. sequence length): its slices are not the same channels
         groups = split_by_scale(reference, axis)
         if len(groups) > 1 and (best is None or len(groups) > len(best[1])):
             best = (axis, groups)

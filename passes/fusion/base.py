@@ -77,7 +77,7 @@ class Fusion(Pass):
 
         def visit(scope: Scope) -> None:
             nonlocal found_too_old
-            m = ModelMatcher(scope, types, opset, getattr(ctx, "spill", None))  # some callers pass no context
+            m = ModelMatcher(scope, types, opset, ctx.spill)
             for node in list(scope.graph.node):
                 if node.op_type not in self.anchors or not is_default_domain(node):
                     continue
