@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 from onnxopt.passes.common.budget import HeldOutCheck, judgement_notes, search_smallest
-from onnxopt.passes.quantize.fallback import Target, depthwise_groups, latency_rounds, rank_by_removal
+from onnxopt.passes.quantize.fallback import Target, depthwise_groups, rank_by_removal
 from onnxopt.passes.quantize.placement import ANCHOR_OPS, Placement
-from onnxopt.passes.quantize.timing import slowdown
+from onnxopt.passes.quantize.timing import latency_rounds, slowdown
 
 from onnxopt.data import Dataset, Sample
 from onnxopt.progress import Progress

@@ -27,13 +27,13 @@ import onnx
 from onnxopt.passes.common.estimate import DEFAULT_FOLDS, cross_fitted_verdict, estimate_notes
 from onnxopt.passes.common.graphs import opset_version, upgrade_opset
 from onnxopt.passes.quantize.backoff import Built, Variant, accuracy_fallback, latency_probes
-from onnxopt.passes.quantize.fallback import DEFAULT_TARGET, Target, latency_rounds, parse_target
+from onnxopt.passes.quantize.fallback import DEFAULT_TARGET, Target, parse_target
 from onnxopt.passes.quantize.gptq import round_weights
 from onnxopt.passes.quantize.notes import float_model_notes, kept_float_notes, mixed_range_concats
 from onnxopt.passes.quantize.placement import ANCHOR_OPS, DEFAULT_OP_TYPES, place
 from onnxopt.passes.quantize.rewrite import QDQPlan, Rounded, apply_plan
 from onnxopt.passes.quantize.saturation import saturation_bounds
-from onnxopt.passes.quantize.timing import latency_verdict, slowdown
+from onnxopt.passes.quantize.timing import SLOWER, latency_rounds, latency_verdict, slowdown
 
 from onnxopt.calibration import (
     METHODS,
@@ -419,7 +419,7 @@ class QuantizeInt8(Pass):
         def too_slow(candidate: onnx.ModelProto) -> str | None:
             reference_s, candidate_s = latency_rounds([reference, candidate], sample, threads=self.threads)
             measured = slowdown(reference_s, candidate_s)  # slower only beyond the timing noise
-            return f"{measured.describe()} as slow as {label}" if measured.slower() else None
+            return f"{measured.describe()} as slow as {label}" if measured.slower(SLOWER) else None
 
         return too_slow
 
