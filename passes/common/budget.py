@@ -1,7 +1,10 @@
 """The error budget of the lossy passes.
 
 Resolving a pass's ``budget`` parameter, judging candidates on held-out and fitted
-samples, measuring layer sensitivity, and the one back-off search.
+samples, measuring layer sensitivity, and the one back-off search. Candidates run as
+they deploy, at onnxruntime's default optimizations (an int8 model on its integer
+kernels, which can differ from the same QDQ graph computed in float: see
+``passes/quantize/kernels.py``); the reference runs with optimizations off.
 """
 
 from __future__ import annotations
@@ -194,7 +197,7 @@ class HeldOutCheck:
         """Return whether ``candidate`` is within budget (or a stricter ``budget``), and a one-line summary."""
         self.evaluations += 1
         chosen = self.budget if budget is None else budget
-        with Session(candidate, label="candidate") as session:
+        with Session(candidate, optimization="default", label="candidate") as session:
             outputs = [session.run(s) for s in self.samples]
             if isinstance(chosen, TaskJudge):
                 self.last = chosen.verdict(self.reference, outputs, self.samples)

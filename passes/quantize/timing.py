@@ -11,7 +11,7 @@ is wide and a noisy 1.05x no longer flips the result to float. The note gives th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,7 +20,7 @@ import onnx
 from onnxopt.data import Sample
 from onnxopt.timing import Slowdown, interleaved_times, slowdown
 
-__all__ = ["SLOWER", "Slowdown", "latency_rounds", "latency_verdict", "slowdown"]
+__all__ = ["SLOWER", "Slowdown", "latency_rounds", "latency_verdict", "not_slower_than", "slowdown"]
 
 #: int8 up to 3 % slower than its reference still counts as "not slower" (timing resolution)
 SLOWER = 1.03
@@ -35,6 +35,19 @@ def latency_rounds(models: Sequence[onnx.ModelProto], sample: Sample, *, threads
     return interleaved_times(
         models, sample, threads=threads, rounds=15, min_seconds=0.5, budget_seconds=20.0, min_rounds=5
     )
+
+
+def not_slower_than(
+    reference: onnx.ModelProto, label: str, sample: Sample, threads: int | None
+) -> Callable[[onnx.ModelProto], str | None]:
+    """Return a check of a candidate: why it is slower than ``reference`` beyond the noise, or None."""
+
+    def too_slow(candidate: onnx.ModelProto) -> str | None:
+        reference_s, candidate_s = latency_rounds([reference, candidate], sample, threads=threads)
+        measured = slowdown(reference_s, candidate_s)
+        return f"{measured.describe()} as slow as {label}" if measured.slower(SLOWER) else None
+
+    return too_slow
 
 
 def latency_verdict(
