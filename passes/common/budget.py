@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, Union, runtime_checkable
@@ -179,10 +178,7 @@ class HeldOutCheck:
         self.samples = list(samples)
         self.fitted = list(Dataset(list(fitted)).spaced(FITTED_SAMPLES))
         with Session(model, label="input model") as session:
-            started = time.perf_counter()
             self.reference: Outputs = [session.run(s) for s in self.samples]
-            #: the input model's run time per held-out sample, for callers that budget their own runs
-            self.seconds_per_run = (time.perf_counter() - started) / max(len(self.samples), 1)
             self.fitted_reference: Outputs = [session.run(s) for s in self.fitted]
         task = getattr(budget, "task", None) if not isinstance(budget, TaskBudget) else budget
         if isinstance(task, TaskBudget):  # bind the task metrics to this model (int8's Target carries one)
