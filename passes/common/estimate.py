@@ -60,7 +60,7 @@ def cross_fitted_verdict(
     for members in fold_members(len(samples), folds):
         chosen = set(members)
         candidate = refit(Dataset([s for i, s in enumerate(samples) if i not in chosen]))
-        with Session(candidate, label="cross-fitted candidate") as session:
+        with Session(candidate, optimization="default", label="cross-fitted candidate") as session:
             for i in members:
                 outputs[i] = session.run(samples[i])
     complete = [o for o in outputs if o is not None]

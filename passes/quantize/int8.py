@@ -16,8 +16,6 @@ The pass is a short sequence of separate steps, each in its own module:
 from __future__ import annotations
 
 import logging
-import time
-import tracemalloc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -27,23 +25,17 @@ import onnx
 from onnxopt.passes.common.estimate import DEFAULT_FOLDS, cross_fitted_verdict, estimate_notes
 from onnxopt.passes.common.graphs import opset_version, upgrade_opset
 from onnxopt.passes.quantize.backoff import Built, Variant, accuracy_fallback, latency_probes
-from onnxopt.passes.quantize.fallback import DEFAULT_TARGET, Target, latency_rounds, parse_target
+from onnxopt.passes.quantize.fallback import DEFAULT_TARGET, Target, parse_target
 from onnxopt.passes.quantize.gptq import round_weights
+from onnxopt.passes.quantize.kernels import weight_levels
 from onnxopt.passes.quantize.notes import float_model_notes, kept_float_notes, mixed_range_concats
 from onnxopt.passes.quantize.placement import ANCHOR_OPS, DEFAULT_OP_TYPES, place
+from onnxopt.passes.quantize.ranges import RangeSettings, calibrate_ranges
 from onnxopt.passes.quantize.rewrite import QDQPlan, Rounded, apply_plan
 from onnxopt.passes.quantize.saturation import saturation_bounds
-from onnxopt.passes.quantize.timing import latency_verdict, slowdown
+from onnxopt.passes.quantize.timing import latency_verdict, not_slower_than
 
-from onnxopt.calibration import (
-    METHODS,
-    QuantParams,
-    SaturatedObserver,
-    affine_qparams,
-    choose_range,
-    collect_statistics,
-    make_observer,
-)
+from onnxopt.calibration import METHODS, QuantParams, affine_qparams
 from onnxopt.data import Dataset
 from onnxopt.errors import CalibrationDataError, OnnxoptError
 from onnxopt.graph import NameGenerator, nested_ops
@@ -76,6 +68,7 @@ class _Calibrated:
     ranges: dict[str, tuple[float, float]]
     blocked: dict[str, str]
     rounded: Rounded = field(default_factory=dict)
+    levels: int = 127
 
 
 @register_pass
@@ -101,6 +94,9 @@ class QuantizeInt8(Pass):
     stores its weight as int8, read through Cast and Mul that onnxruntime folds when the
     session starts (MiniLM: file 0.44 -> 0.26 of float at the same accuracy; PP-OCR det
     with 50 such convs: 30.1 ms, against 42.5 ms with a DequantizeLinear there).
+    ``weight_range`` (default ``"auto"``): weights read by integer kernels on 7 bits where
+    onnxruntime's u8 x s8 kernels saturate on this CPU (x86 without VNNI, measured; see
+    ``kernels``), else the full int8 range; ``"reduced"``/``"full"`` force one.
     ``weight_rounding`` (default ``"gptq"``): weights are rounded to compensate each
     other's error on the calibration inputs (``gptq``; PP-OCR det, weights int8
     and activations float: IoU 0.968 nearest, 0.989 GPTQ); ``"nearest"`` rounds each alone.
@@ -149,6 +145,7 @@ class QuantizeInt8(Pass):
         depthwise: bool = False,
         latency_reference: str = "source",
         estimate_folds: int = DEFAULT_FOLDS,
+        weight_range: str = "auto",
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
@@ -156,6 +153,8 @@ class QuantizeInt8(Pass):
             raise ValueError(f"activation_type must be 'uint8' or 'int8', not {activation_type!r}")
         if weight_rounding not in ("gptq", "nearest"):
             raise ValueError(f"weight_rounding must be 'gptq' or 'nearest', not {weight_rounding!r}")
+        if weight_range not in ("auto", "full", "reduced"):
+            raise ValueError(f"weight_range must be 'auto', 'full' or 'reduced', not {weight_range!r}")
         if latency_reference not in ("source", "input"):
             raise ValueError(f"latency_reference must be 'source' or 'input', not {latency_reference!r}")
         if not 0 <= holdout < 1:
@@ -180,6 +179,7 @@ class QuantizeInt8(Pass):
         self.depthwise = depthwise
         self.latency_reference = latency_reference
         self.estimate_folds = estimate_folds
+        self.weight_range = weight_range
 
     # ------------------------------------------------------------------ steps
 
@@ -187,37 +187,10 @@ class QuantizeInt8(Pass):
         self, model: onnx.ModelProto, tensors: list[str], data: Dataset, ctx: Context, stats: dict[str, Any]
     ) -> tuple[dict[str, tuple[float, float]], dict[str, str]]:
         """Return calibrated ranges and the tensors blocked (tensor → reason)."""
-        dtype = np.dtype(self.activation_type)
-        started = time.perf_counter()
-        tracing = not tracemalloc.is_tracing()
-        if tracing:
-            tracemalloc.start()
-        tracemalloc.reset_peak()
         bounds = saturation_bounds(model, tensors) if self.saturation_aware else {}
-
-        def observer(name: str) -> Any:
-            inner = make_observer(self.method, averaging_constant=self.averaging_constant)
-            return SaturatedObserver(inner, *bounds[name]) if name in bounds else inner
-
-        try:
-            observers = collect_statistics(model, tensors, data, observer, progress=ctx.progress)
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            if tracing:
-                tracemalloc.stop()
-        ranges, blocked = {}, {}
-        for name, stats_of in observers.items():
-            if stats_of.nonfinite:
-                blocked[name] = f"holds {stats_of.nonfinite} non-finite values (e.g. an attention mask)"
-            elif stats_of.empty():
-                blocked[name] = "had no values during calibration"
-            else:
-                ranges[name] = choose_range(stats_of, self.method, dtype, percentile=self.percentile)
-        stats["calibration_seconds"] = round(time.perf_counter() - started, 3)
-        stats["calibration_peak_bytes"] = int(peak)
-        stats["calibration_samples"] = len(data)
         stats["ranges_saturation_clamped"] = len(bounds)
-        return ranges, blocked
+        observe = RangeSettings(self.method, np.dtype(self.activation_type), self.percentile, self.averaging_constant)
+        return calibrate_ranges(model, tensors, data, observe, bounds, stats, progress=ctx.progress)
 
     def _build(self, model: onnx.ModelProto, state: _Calibrated, variant: Variant) -> Built:
         """Return ``variant`` placed and rewritten."""
@@ -246,7 +219,7 @@ class QuantizeInt8(Pass):
                         low = min(ranges[t][0] for t in node.input if t in ranges)
                         high = max(ranges[t][1] for t in node.input if t in ranges)
                         params[tensor] = params[node.output[0]] = affine_qparams(low, high, dtype)
-        quantized, counts = apply_plan(model, QDQPlan(placement, params, state.rounded))
+        quantized, counts = apply_plan(model, QDQPlan(placement, params, state.rounded, state.levels))
         return Built(variant, placement, quantized, counts)
 
     # ------------------------------------------------------------------ run
@@ -305,13 +278,15 @@ class QuantizeInt8(Pass):
             notes += kept_float_notes(first.float_reasons)
             return PassResult(model, False, stats, float_model_notes(notes, model), NOT_APPLIED, reason)
         ranges, blocked = self._calibrate(work, first.observed, calib, ctx, stats)
+        levels, levels_note = weight_levels(self.weight_range)
+        stats["weight_levels"] = levels
         rounded: Rounded = {}
         if self.weight_rounding == "gptq":
             rounded, rounding_notes = round_weights(
-                work, list(calib), per_channel=bool(per_channel_ok), progress=ctx.progress
+                work, list(calib), per_channel=bool(per_channel_ok), levels=levels, progress=ctx.progress
             )
             notes += rounding_notes
-        state = _Calibrated(ranges, blocked, rounded)
+        state = _Calibrated(ranges, blocked, rounded, levels)
 
         def build(variant: Variant) -> Built:
             return self._build(work, state, variant)
@@ -365,11 +340,12 @@ class QuantizeInt8(Pass):
             notes.append("nothing was quantized (every candidate node was kept float); kept the input model")
             reason = "every candidate node was kept float"
             return PassResult(model, False, stats, float_model_notes(notes, model), NOT_APPLIED, reason)
+        notes.append(levels_note)
         if target is not None and target.task is not None and self.estimate_folds:
             verdict = cross_fitted_verdict(
                 work,
                 list(ctx.calibration),
-                lambda fit: self._refit(work, first.observed, fit, ctx, built.variant, bool(per_channel_ok)),
+                lambda fit: self._refit(work, first.observed, fit, ctx, built.variant, bool(per_channel_ok), levels),
                 target.task,
                 self.estimate_folds,
             )
@@ -400,28 +376,23 @@ class QuantizeInt8(Pass):
         ctx: Context,
         variant: Variant,
         per_channel: bool,
+        levels: int,
     ) -> onnx.ModelProto:
         """Return ``variant`` built from statistics of ``data`` alone (ranges and rounded weights)."""
         ranges, blocked = self._calibrate(work, observed, data, ctx, {})
         rounded: Rounded = {}
         if self.weight_rounding == "gptq":
-            rounded, _ = round_weights(work, list(data), per_channel=per_channel, progress=ctx.progress)
-        return self._build(work, _Calibrated(ranges, blocked, rounded), variant).model
+            rounded, _ = round_weights(work, list(data), per_channel=per_channel, levels=levels, progress=ctx.progress)
+        return self._build(work, _Calibrated(ranges, blocked, rounded, levels), variant).model
 
     def _latency_budget(self, work: onnx.ModelProto, ctx: Context) -> Callable[[onnx.ModelProto], str | None] | None:
         """Return the check the accuracy fallback must keep passing: no slower than the latency reference."""
         if not self.check_latency or ctx.calibration is None:
             return None
-        reference = ctx.reference if self.latency_reference == "source" and ctx.reference is not None else work
-        label = "the pipeline's starting model" if reference is not work else "this pass's float input"
-        sample = ctx.calibration[0]
-
-        def too_slow(candidate: onnx.ModelProto) -> str | None:
-            reference_s, candidate_s = latency_rounds([reference, candidate], sample, threads=self.threads)
-            measured = slowdown(reference_s, candidate_s)  # slower only beyond the timing noise
-            return f"{measured.describe()} as slow as {label}" if measured.slower() else None
-
-        return too_slow
+        source = self.latency_reference == "source" and ctx.reference is not None
+        reference = ctx.reference if source and ctx.reference is not None else work
+        label = "the pipeline's starting model" if source else "this pass's float input"
+        return not_slower_than(reference, label, ctx.calibration[0], self.threads)
 
     def wants_reference(self) -> bool:
         """Return True when the latency check compares with the pipeline's starting model."""
