@@ -151,3 +151,21 @@ def test_shared_weight_and_missing_data_leave_the_inputs_unscaled():
     assert no_data.stats["awq_folded"] == no_data.stats["awq_inserted"] == 0
     gamma = next(t for t in no_data.model.graph.initializer if t.name == "gamma")
     np.testing.assert_array_equal(onnx.numpy_helper.to_array(gamma), np.linspace(0.5, 1.5, K).astype(np.float32))
+
+
+def test_a_plan_restricted_to_some_readers_leaves_the_others_reading_the_unscaled_input():
+    model, data = _model(residual=False), _inputs()
+    sites, plans = _plans(model, data)
+    (plan,) = plans
+    kept = plan.restricted({"y1"})  # y2's layer stays float: its weight is not rescaled
+    assert kept is not None and kept.readers == ("y1",) and plan.restricted(set()) is None
+    scaled = copy.deepcopy(model)
+    counts = apply_input_scales(scaled, [kept])
+    assert counts == {"awq_folded": 0, "awq_inserted": 1}  # the producer has an unscaled reader left: no fold
+    site = next(s for s in sites if s.key == "y1")
+    for tensor in scaled.graph.initializer:
+        if tensor.name == site.weight:
+            matrix = scaled_site(site, kept.scale).matrix
+            tensor.CopyFrom(onnx.numpy_helper.from_array(np.ascontiguousarray(matrix.T), tensor.name))
+    for ref, got in zip(run_model(model, list(data)), run_model(scaled, list(data)), strict=True):
+        np.testing.assert_allclose(got["y"], ref["y"], rtol=1e-4, atol=1e-3)

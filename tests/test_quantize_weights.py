@@ -301,9 +301,28 @@ def test_target_widens_the_most_sensitive_layers_to_8_bits():
     )
     data = Dataset([{"x": rng.normal(size=(2, K)).astype(np.float32)} for _ in range(16)])
     loose = _quantize(model, data, method="rtn", target="cosine>=0.9")
-    assert loose.stats["layers_at_8_bits"] == 0
-    strict = _quantize(model, data, method="rtn", target="cosine>=0.9999")
-    assert strict.stats["target_met"] == 1 and strict.stats["layers_at_8_bits"] >= 1
+    assert loose.stats["layers_widened"] == 0
+    strict = _quantize(model, data, method="rtn", target="cosine>=0.9999", widen_bits=8)
+    assert strict.stats["target_met"] == 1 and strict.stats["layers_widened"] >= 1
+    assert ops(strict.model) == ["MatMulNBits", "MatMulNBits"]
+    bits = sorted(next(a.i for a in n.attribute if a.name == "bits") for n in strict.model.graph.node)
+    assert bits.count(8) == strict.stats["layers_widened"]
+
+
+def test_target_keeps_the_layers_it_sends_up_in_float_by_default():
+    rng = np.random.default_rng(9)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["y"])]
+    model = make_model(
+        nodes,
+        [vi("x", [2, K])],
+        [vi("y", [2, N])],
+        [init("w1", _weight((K, K))), init("w2", _weight((K, N), 1))],
+    )
+    data = Dataset([{"x": rng.normal(size=(2, K)).astype(np.float32)} for _ in range(16)])
+    strict = _quantize(model, data, method="rtn", target="cosine>=0.996")
+    assert strict.stats["target_met"] == 1 and strict.stats["layers_widened"] == 1
+    assert sorted(ops(strict.model)) == ["MatMul", "MatMulNBits"]
+    _within_quantization_error(model, strict.model, data, 0.15)
 
 
 def test_default_target_is_the_task_metrics_when_there_are_four_samples_to_judge_on():

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +59,11 @@ class InputScale:
     readers: tuple[str, ...]
     alpha: float
     error_ratio: float  # summed RTN output error with s over that without
+
+    def restricted(self, keys: Container[str]) -> InputScale | None:
+        """Return the plan for the readers in ``keys`` only (the others stay float, unscaled), or None."""
+        readers = tuple(key for key in self.readers if key in keys)
+        return dataclasses.replace(self, readers=readers) if readers else None
 
 
 def scaled_site(site: Site, scale: np.ndarray) -> Site:

@@ -1,4 +1,7 @@
-"""The accuracy target of weight-only low-bit quantization: the fewest sensitive layers at 8 bits that meet it."""
+"""The accuracy target of weight-only low-bit quantization: the fewest sensitive weights sent up that meet it.
+
+A layer sent up is kept in float (``widen(site)`` returns None) or stored at 8 bits.
+"""
 
 from __future__ import annotations
 
@@ -30,15 +33,15 @@ def widen_to_target(
     encoded: dict[str, Encoded],
     layer_stats: Mapping[str, InputStats],
     build: Callable[[dict[str, Encoded]], onnx.ModelProto],
-    at_8_bits: Callable[[Site], Encoded],
+    widen: Callable[[Site], Encoded | None],
     notes: list[str],
     *,
     bits: int,
     target_name: str,
 ) -> tuple[dict[str, Encoded], int, bool]:
-    """Return the encoding meeting ``check`` with the fewest ``candidates`` at 8 bits, that count, and met.
+    """Return the encoding meeting ``check`` with the fewest ``candidates`` sent up, that count, and met.
 
-    Candidates are ranked by :func:`sensitivity` on the calibration inputs; the count is
+    Candidates are ranked by :func:`sensitivity` per weight on the calibration inputs; the count is
     doubled until the target holds on the held-out samples, then bisected down
     (:func:`search_smallest`). ``bits`` is the width the others keep and ``target_name``
     the target as the notes name it.
@@ -48,12 +51,21 @@ def widen_to_target(
     if met:
         notes.append(f"accuracy target {name} met with every layer at {bits} bits: {summary}")
         return encoded, 0, True
-    ranked = sorted(candidates, key=lambda s: sensitivity(s, encoded[s.key], layer_stats.get(s.key)))[::-1]
+    # error per weight: the target is met with the fewest weights sent up (file and latency grow with weights)
+    ranked = sorted(
+        candidates, key=lambda s: sensitivity(s, encoded[s.key], layer_stats.get(s.key)) / max(s.matrix.size, 1)
+    )[::-1]
     cache: dict[int, tuple[bool, str, dict[str, Encoded]]] = {}
 
     def attempt(count: int) -> bool:
         if count not in cache:
-            wide = encoded | {s.key: at_8_bits(s) for s in ranked[:count]}
+            wide = dict(encoded)
+            for site in ranked[:count]:
+                entry = widen(site)
+                if entry is None:  # kept in float: the rewrite leaves a site without an entry alone
+                    del wide[site.key]
+                else:
+                    wide[site.key] = entry
             ok, text = check(build(wide))
             cache[count] = (ok, text, wide)
         return cache[count][0]
@@ -63,7 +75,7 @@ def widen_to_target(
         low, high = high, min(2 * high, len(ranked))
     if not ranked or not attempt(high):
         notes.append(
-            f"accuracy target {name} not met even with {high} layer(s) at 8 bits "
+            f"accuracy target {name} not met even with {high} layer(s) sent up "
             f"({cache[high][1] if high in cache else summary}); kept the float model"
         )
         return encoded, high, False
@@ -72,6 +84,6 @@ def widen_to_target(
     shown = ", ".join(s.key for s in ranked[:best][:6]) + (" and more" if best > 6 else "")
     notes.append(
         f"accuracy target {name}: {summary} with every layer at {bits} bits; met with {best} "
-        f"most sensitive layer(s) at 8 bits ({text}): {shown}"
+        f"most sensitive layer(s) sent up ({text}): {shown}"
     )
     return wide, best, True
