@@ -302,14 +302,14 @@ def test_target_widens_the_most_sensitive_layers_to_8_bits():
     data = Dataset([{"x": rng.normal(size=(2, K)).astype(np.float32)} for _ in range(16)])
     loose = _quantize(model, data, method="rtn", target="cosine>=0.9")
     assert loose.stats["layers_widened"] == 0
-    strict = _quantize(model, data, method="rtn", target="cosine>=0.9999", widen_bits=8)
+    strict = _quantize(model, data, method="rtn", target="cosine>=0.9999")
     assert strict.stats["target_met"] == 1 and strict.stats["layers_widened"] >= 1
     assert ops(strict.model) == ["MatMulNBits", "MatMulNBits"]
     bits = sorted(next(a.i for a in n.attribute if a.name == "bits") for n in strict.model.graph.node)
     assert bits.count(8) == strict.stats["layers_widened"]
 
 
-def test_target_keeps_the_layers_it_sends_up_in_float_by_default():
+def test_target_keeps_the_layers_it_sends_up_in_float_with_widen_bits_0():
     rng = np.random.default_rng(9)
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["y"])]
     model = make_model(
@@ -319,7 +319,7 @@ def test_target_keeps_the_layers_it_sends_up_in_float_by_default():
         [init("w1", _weight((K, K))), init("w2", _weight((K, N), 1))],
     )
     data = Dataset([{"x": rng.normal(size=(2, K)).astype(np.float32)} for _ in range(16)])
-    strict = _quantize(model, data, method="rtn", target="cosine>=0.996")
+    strict = _quantize(model, data, method="rtn", target="cosine>=0.996", widen_bits=0)
     assert strict.stats["target_met"] == 1 and strict.stats["layers_widened"] == 1
     assert sorted(ops(strict.model)) == ["MatMul", "MatMulNBits"]
     _within_quantization_error(model, strict.model, data, 0.15)

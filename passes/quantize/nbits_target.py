@@ -1,6 +1,6 @@
 """The accuracy target of weight-only low-bit quantization: the fewest sensitive weights sent up that meet it.
 
-A layer sent up is kept in float (``widen(site)`` returns None) or stored at 8 bits.
+A layer sent up is stored at 8 bits or kept in float (``widen(site)`` returns None).
 """
 
 from __future__ import annotations
