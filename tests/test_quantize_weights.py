@@ -290,7 +290,8 @@ def test_lowrank_correction_lowers_the_error():
     assert err[1] < err[0]
 
 
-def test_target_widens_the_most_sensitive_layers_to_8_bits():
+def _two_layers() -> tuple[onnx.ModelProto, Dataset]:
+    """Return x -> MatMul -> MatMul -> y and 16 calibration samples."""
     rng = np.random.default_rng(9)
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["y"])]
     model = make_model(
@@ -299,7 +300,11 @@ def test_target_widens_the_most_sensitive_layers_to_8_bits():
         [vi("y", [2, N])],
         [init("w1", _weight((K, K))), init("w2", _weight((K, N), 1))],
     )
-    data = Dataset([{"x": rng.normal(size=(2, K)).astype(np.float32)} for _ in range(16)])
+    return model, Dataset([{"x": rng.normal(size=(2, K)).astype(np.float32)} for _ in range(16)])
+
+
+def test_target_widens_the_most_sensitive_layers_to_8_bits():
+    model, data = _two_layers()
     loose = _quantize(model, data, method="rtn", target="cosine>=0.9")
     assert loose.stats["layers_widened"] == 0
     strict = _quantize(model, data, method="rtn", target="cosine>=0.9999")
@@ -310,15 +315,7 @@ def test_target_widens_the_most_sensitive_layers_to_8_bits():
 
 
 def test_target_keeps_the_layers_it_sends_up_in_float_with_widen_bits_0():
-    rng = np.random.default_rng(9)
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["y"])]
-    model = make_model(
-        nodes,
-        [vi("x", [2, K])],
-        [vi("y", [2, N])],
-        [init("w1", _weight((K, K))), init("w2", _weight((K, N), 1))],
-    )
-    data = Dataset([{"x": rng.normal(size=(2, K)).astype(np.float32)} for _ in range(16)])
+    model, data = _two_layers()
     strict = _quantize(model, data, method="rtn", target="cosine>=0.996", widen_bits=0)
     assert strict.stats["target_met"] == 1 and strict.stats["layers_widened"] == 1
     assert sorted(ops(strict.model)) == ["MatMul", "MatMulNBits"]
