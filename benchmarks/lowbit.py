@@ -131,8 +131,10 @@ def _variants(
     made: dict[str, tuple[Path, float]] = {}
     for label, params in ours.items():
         path = tmp / f"ours-{label}.onnx"
-        data = None if any(p == "method=hqq" or p == "method=rtn" for p in params) else calib
-        made[f"onnxopt {label}"] = (path, onnxopt_int4(source, path, data, params))
+        # the data-free methods run without data unless the variant asks for it ("--calib")
+        data_free = any(p in ("method=hqq", "method=rtn") for p in params) and "--calib" not in params
+        chosen = [p for p in params if p != "--calib"]
+        made[f"onnxopt {label}"] = (path, onnxopt_int4(source, path, None if data_free else calib, chosen))
     for algorithm in theirs:
         path = tmp / f"ort-{algorithm}.onnx"
         made[f"onnxruntime {algorithm}"] = (path, onnxruntime_int4(source, path, algorithm, calib))
@@ -175,14 +177,18 @@ def run_encoder(tmp: Path, target: bool = False) -> list[dict[str, Any]]:
     feeds = encoder_inputs(48)
     calib, held = feeds[:32], feeds[32:]
     ours = {
-        "gptq": [],
+        "default (gptq, awq, task target)": [],
+        "gptq awq, no target": ["target=none"],
+        "gptq, no awq, no target": ["target=none", "awq=false"],
+        "rtn awq, no target": ["method=rtn", "target=none", "--calib"],
         "hqq (no data)": ["method=hqq"],
         "rtn (no data)": ["method=rtn"],
     }
     if target:  # ~15 min more on a 2-core machine
         ours["gptq target0.99"] = ["--target cosine>=0.99@sentence_embedding"]
     made = _variants(source, calib, tmp, ours, ["rtn", "gptq", "hqq"])
-    made["onnxopt gptq level0"] = (_with_accuracy_level(made["onnxopt gptq"][0], 0), made["onnxopt gptq"][1])
+    default = made["onnxopt default (gptq, awq, task target)"]
+    made["onnxopt default level0"] = (_with_accuracy_level(default[0], 0), default[1])
     return _rows(source, made, lambda p: _pooled_cosine(source, p, held), held[0], "MiniLM encoder", "cosine")
 
 

@@ -37,8 +37,15 @@ def _samples(shape: tuple[int, ...], count: int = 8, name: str = "x") -> Dataset
 
 
 def _quantize(model: onnx.ModelProto, data: Dataset | None = None, **params: object):
-    """Run the pass on a copy (it rewrites in place); a lone layer is the output projection: 4 bits unless told."""
+    """Run the pass on a copy (it rewrites in place); a lone layer is the output projection: 4 bits unless told.
+
+    No accuracy target and no AWQ scaling unless told: these tests check the rewrite, which
+    the default task target would undo on layers whose 4-bit error is outside its floors
+    (AWQ has its own tests in test_quantize_awq.py).
+    """
     params.setdefault("lm_head_bits", 4)
+    params.setdefault("target", None)
+    params.setdefault("awq", False)
     result = create_pass("quantize_weights", **params)(copy.deepcopy(model), Context(calibration=data))
     onnx.checker.check_model(result.model, full_check=True)
     return result
@@ -297,6 +304,18 @@ def test_target_widens_the_most_sensitive_layers_to_8_bits():
     assert loose.stats["layers_at_8_bits"] == 0
     strict = _quantize(model, data, method="rtn", target="cosine>=0.9999")
     assert strict.stats["target_met"] == 1 and strict.stats["layers_at_8_bits"] >= 1
+
+
+def test_default_target_is_the_task_metrics_when_there_are_four_samples_to_judge_on():
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["y"])]
+    model = make_model(
+        nodes, [vi("x", [2, K])], [vi("y", [2, N])], [init("w1", _weight((K, K))), init("w2", _weight((K, N), 1))]
+    )
+    judged = create_pass("quantize_weights", method="rtn")(copy.deepcopy(model), Context(calibration=_samples((2, K))))
+    assert "target_met" in judged.stats and any("accuracy target task metrics" in n for n in judged.notes)
+    few = create_pass("quantize_weights", method="rtn")(copy.deepcopy(model), Context(calibration=_samples((2, K), 2)))
+    assert "target_met" not in few.stats and ops(few.model) == ["MatMulNBits", "MatMulNBits"]
+    assert any("no accuracy target judged" in n for n in few.notes)
 
 
 def test_presets_int4_and_int8_weights_exist():
