@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
+from onnxopt.data import Dataset
 from onnxopt.harness.inference import infer_metrics
 from onnxopt.harness.judge import (
     MetricError,
@@ -108,7 +109,11 @@ def test_inferred_top1_for_softmax_classes_and_ctc_for_softmax_sequences():
 def test_inferred_iou_for_sigmoid_maps_and_signal_floors_otherwise():
     model = make_model([helper.make_node("Sigmoid", ["x"], ["y"])], [vi("x", [1, 1, 4, 4])], [vi("y", [1, 1, 4, 4])])
     (spec,) = infer_metrics(model, _samples([np.random.default_rng(0).random((1, 1, 4, 4))]))
-    assert (spec.name, spec.arg) == ("iou", "0.5")
+    assert spec.name == "iou" and 0.0 < float(spec.arg or "nan") < 1.0 and "Otsu" in spec.reason
+    bimodal = np.full((1, 1, 4, 4), 0.02)
+    bimodal[..., :1, :] = 0.97  # a probability map: background near 0, objects near 1
+    (spec,) = infer_metrics(model, _samples([bimodal]))
+    assert 0.1 < float(spec.arg or "nan") < 0.9  # inside the gap, not at a mode
     relu = make_model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", [1, 8, 4])], [vi("y", [1, 8, 4])])
     names = [s.name for s in infer_metrics(relu, _samples([np.random.default_rng(0).random((1, 8, 4))]))]
     assert names == ["cosine", "sqnr"]
@@ -210,3 +215,40 @@ def test_int8_noise_ranking_measures_each_scale_group_apart():
     out = np.concatenate([rng.uniform(0, 640, (1, 4, 40)), rng.uniform(0, 1, (1, 3, 40)) ** 3], axis=1)
     assert scale_groups([out]) == [(slice(None), slice(0, 4)), (slice(None), slice(4, 7))]
     assert scale_groups([out[:, 4:]]) == [(slice(None),)]
+
+
+def test_plan_check_cross_fits_with_enough_samples_and_falls_back_to_the_held_out_quarter():
+    from onnxopt.passes.common.budget import TaskBudget
+    from onnxopt.passes.common.estimate import CrossFittedCheck, HeldOutPlanCheck, plan_check
+
+    model = _softmax_model([1, 3])
+    negated = make_model(
+        [helper.make_node("Neg", ["x"], ["n"]), helper.make_node("Softmax", ["n"], ["y"], axis=-1)],
+        [vi("x", [1, 3])],
+        [vi("y", [1, 3])],
+    )
+    rng = np.random.default_rng(1)
+    samples = [{"x": rng.normal(size=(1, 3)).astype(np.float32)} for _ in range(12)]
+    plans: list[frozenset[int]] = []
+
+    def fit(data):  # a plan: which samples it was fitted on
+        plan = frozenset(i for i, s in enumerate(samples) if any(s is d for d in data))
+        plans.append(plan)
+        return plan
+
+    def flips_what_it_saw_first(plan):  # the candidate a plan builds: fails only where sample 0 was seen
+        return negated if 0 in plan else model
+
+    shipped, check = plan_check(model, Dataset(samples), fit, TaskBudget(), folds=4)
+    assert isinstance(check, CrossFittedCheck) and check.label == "4-fold cross-fitted"
+    assert shipped == frozenset(range(12))  # the shipped plan saw every sample
+    assert sorted(len(p) for p in plans[:4]) == [9, 9, 9, 9]
+    passed, _ = check(flips_what_it_saw_first)
+    # three of four fold plans saw sample 0 and flip their 9 unseen samples' decisions
+    (result,) = check.last.results
+    assert not passed and result.items == 12 and result.value == pytest.approx(3 / 12)
+    plans.clear()
+    shipped, few = plan_check(model, Dataset(samples[:6]), fit, TaskBudget(), folds=4)
+    assert isinstance(few, HeldOutPlanCheck) and few.label == "held-out"
+    assert shipped == frozenset(range(4)) and len(plans) == 1  # fitted on the first part, judged on the rest
+    assert few(flips_what_it_saw_first)[0] is False

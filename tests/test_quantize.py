@@ -488,6 +488,27 @@ def test_saturation_bounds_from_readers(readers, expected):
             assert (got is None) if want is None else got == pytest.approx(want, rel=1e-6)
 
 
+@pytest.mark.parametrize(("gate_input", "expected"), [("c", (-3.0, None)), ("other", None)])
+def test_saturation_bounds_of_hardswish_written_as_x_times_hardsigmoid(gate_input, expected):
+    """Below opset 14 fuse_hardswish writes x * HardSigmoid(x); x is clamped as under HardSwish."""
+    from onnxopt.passes.quantize.saturation import saturation_bounds
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+        helper.make_node("Conv", ["x", "w"], ["other"], name="conv2"),
+        helper.make_node("HardSigmoid", [gate_input], ["gate"], name="gate", alpha=1 / 6, beta=0.5),
+        helper.make_node("Mul", ["c", "gate"], ["y"], name="product"),
+    ]
+    model = make_model(
+        nodes, [vi("x", [1, 3, 4, 4])], [vi("y", None)], [init("w", RNG.normal(size=(4, 3, 1, 1)))], opset=12
+    )
+    found = saturation_bounds(model, ["c"]).get("c")
+    if expected is None:  # a product by another tensor's gate saturates nothing
+        assert found is None
+    else:
+        assert found is not None and found[0] == pytest.approx(-3.0) and found[1] is None
+
+
 def test_saturation_bounds_not_for_graph_outputs_and_clip_constants():
     from onnxopt.passes.quantize.saturation import saturation_bounds
 

@@ -5,7 +5,11 @@ Inference rules, first match wins, per float output:
 1. produced (through shape-only ops) by ``Softmax``/``LogSoftmax`` on the last axis:
    rank 2 → ``top1``; rank 3 ``[batch, time, classes]`` → ``ctc`` (blank 0);
 2. an ``attention_mask`` input and a ``[batch, tokens, width]`` output → ``pooled``;
-3. produced by ``Sigmoid`` with spatial dimensions (rank ≥ 3, last two > 1) → ``iou@0.5``;
+3. produced by ``Sigmoid`` with spatial dimensions (rank ≥ 3, last two > 1) → ``iou@T``,
+   ``T`` the threshold that splits the reference's values in two (Otsu's,
+   :func:`~onnxopt.harness.metrics.mask_threshold`): on a bimodal probability map it
+   lies in the gap between background and objects, where any task threshold selects
+   the same mask;
 4. produced by ``Concat`` of a 4-wide box part and scores in [0, 1] (``[1, 4+C, N]``) →
    ``detection@0.25``;
 5. slices along one axis whose RMS spans more than 100× (:func:`split_by_scale`) → each
@@ -28,7 +32,7 @@ import numpy as np
 import onnx
 
 from onnxopt.harness.judge import FLOORS, MetricError, MetricSpec, Outputs
-from onnxopt.harness.metrics import split_by_scale
+from onnxopt.harness.metrics import mask_threshold, split_by_scale
 
 __all__ = ["infer_metrics", "with_floors"]
 
@@ -118,8 +122,12 @@ def _infer_one(
         reason = "an attention_mask input and a [batch, tokens, width] output: the task reads mean-pooled embeddings"
         return [MetricSpec(output, "pooled", floors["pooled"], arg="attention_mask", reason=reason)]
     if op == "Sigmoid" and rank >= 3 and first.shape[-1] > 1 and first.shape[-2] > 1:
-        reason = "Sigmoid map with spatial dimensions: IoU of the mask at 0.5"
-        return [MetricSpec(output, "iou", floors["iou"], arg="0.5", reason=reason)]
+        threshold = f"{mask_threshold(np.concatenate([np.ravel(r) for r in reference])):.3g}"
+        reason = (
+            f"Sigmoid map with spatial dimensions: IoU of the mask at {threshold}, where the reference's values "
+            "split in two (Otsu), pooled over samples"
+        )
+        return [MetricSpec(output, "iou", floors["iou"], arg=threshold, reason=reason)]
     split = _scale_groups(reference)
     if op == "Concat" and rank == 3 and first.shape[0] == 1 and split is not None:
         axis, groups = split

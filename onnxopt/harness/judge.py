@@ -210,7 +210,28 @@ def wilson_interval(successes: float, count: int, z: float = Z95) -> tuple[float
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def _ratio_error(score: Score) -> float | None:
+    """Return the standard error of a weighted score's ratio ``Σ w·x / Σ w`` (None: too few items).
+
+    The ratio estimator's linearized variance, ``n/(n−1) · Σ w²(x − R)² / (Σ w)²`` over
+    the items of nonzero weight: the samples are the independent draws, not the pixels.
+    """
+    assert score.weights is not None
+    keep = score.weights > 0
+    weights, items = score.weights[keep], score.items[keep]
+    n = int(weights.size)
+    if n < 2 or not np.all(np.isfinite(items)):
+        return None
+    residual = weights * (items - score.value)
+    return math.sqrt(n / (n - 1) * float(np.sum(residual * residual))) / float(np.sum(weights))
+
+
 def _interval(score: Score) -> tuple[float, float]:
+    if score.weights is not None:
+        error = _ratio_error(score)
+        if error is None:
+            return score.value, score.value
+        return score.value - Z95 * error, min(1.0, score.value + Z95 * error)
     if score.binary:
         return wilson_interval(float(score.items.sum()), score.count)
     finite = score.items[np.isfinite(score.items)]
@@ -223,6 +244,11 @@ def _interval(score: Score) -> tuple[float, float]:
 def samples_needed(score: Score, floor: float) -> int | None:
     """Return about how many items would put the 95 % interval on one side of ``floor`` (None: no number will)."""
     value = score.value
+    if score.weights is not None:
+        error = _ratio_error(score)
+        if error is None or value == floor:
+            return None
+        return math.ceil(score.count * (Z95 * error / abs(value - floor)) ** 2)
     if score.binary:
         gap = value - floor
         if gap == 0:

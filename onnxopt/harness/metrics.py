@@ -12,7 +12,7 @@ name (``@arg``)     what it compares                                       item
 ``cosine``          cosine similarity of the whole (sliced) tensor         sample
 ``sqnr``            signal-to-quantization-noise ratio, dB                 sample
 ``top1``/``topk@K`` arg-max (top-K) agreement on the last axis             row
-``iou@T``           IoU of the masks ``value > T``                         sample
+``iou@T``           IoU of the masks ``value > T``, pooled over samples    sample (union)
 ``ctc@BLANK``       arg-max sequence after CTC repeat/blank collapse       sequence
 ``pooled@MASK``     cosine of mean-pooled vectors under input ``MASK``     row
 ``detection@T``     detections (NMS at score ``T``) matched by class, IoU  detection
@@ -42,6 +42,7 @@ __all__ = [
     "detection",
     "equal",
     "iou",
+    "mask_threshold",
     "nms",
     "pooled",
     "split_by_scale",
@@ -63,15 +64,24 @@ class Score:
     items: np.ndarray
     near_ties: int = 0
     binary: bool = False  # items are 0/1 (an agreement rate), for the interval
+    #: per-item weights: the value is then the ratio ``Σ w·item / Σ w`` (a pooled IoU is
+    #: ``Σ intersection / Σ union``: items are per-sample IoUs, weights their unions); items
+    #: of weight 0 carry no evidence and are not counted
+    weights: np.ndarray | None = None
 
     @property
     def value(self) -> float:
-        """The metric's value: the mean over items (1.0 when there are none)."""
+        """The metric's value: the (weighted) mean over items (1.0 when there are none)."""
+        if self.weights is not None:
+            total = float(np.sum(self.weights))
+            return float(np.sum(self.weights * self.items)) / total if total > 0 else 1.0
         return float(np.mean(self.items)) if self.items.size else 1.0
 
     @property
     def count(self) -> int:
         """How many items the value rests on."""
+        if self.weights is not None:
+            return int(np.count_nonzero(self.weights))
         return int(self.items.size)
 
 
@@ -155,14 +165,56 @@ def topk(reference: Arrays, candidate: Arrays, inputs: Inputs = None, arg: str |
 
 
 def iou(reference: Arrays, candidate: Arrays, inputs: Inputs = None, arg: str | None = None) -> Score:
-    """IoU of the masks ``value > T`` per sample (T = ``arg``, 0.5); 1 when both masks are empty."""
+    """IoU of the masks ``value > T`` pooled over samples (``Σ intersection / Σ union``; T = ``arg``, 0.5).
+
+    Pooled, not averaged per sample: a sample whose reference mask is empty (a photo
+    crop without text) would otherwise score 0 for a handful of stray candidate pixels,
+    and one with both masks empty a full 1, so the mean moved with how many samples
+    happen to hold no object. Items are the samples (their IoU, weighted by their union);
+    samples with both masks empty carry no evidence. 1.0 when no sample has a mask.
+    """
     threshold = float(arg) if arg else 0.5
-    items = []
+    items, unions = [], []
     for r, c in zip(reference, candidate, strict=True):
         rm, cm = _f64(r) > threshold, np.nan_to_num(_f64(c), nan=-np.inf) > threshold
         union = int(np.count_nonzero(rm | cm))
         items.append(1.0 if union == 0 else int(np.count_nonzero(rm & cm)) / union)
-    return Score(np.array(items))
+        unions.append(float(union))
+    return Score(np.array(items), weights=np.array(unions))
+
+
+def mask_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Return the threshold that splits ``values`` into two classes best (Otsu's, on a histogram).
+
+    It maximizes the between-class variance ``w0·w1·(μ0 − μ1)²``, so on a bimodal map
+    (a sigmoid probability map: background near 0, objects near 1) it falls in the gap
+    between the modes, where every threshold selects the same pixels: the mask the task
+    reads does not depend on the post-processing's own choice inside that gap (DB text
+    detection thresholds at 0.3, a segmenter at 0.5). Returns the midpoint of the range
+    when all values lie in one bin (a constant map has no mask to find).
+    """
+    finite = _f64(values).ravel()
+    finite = finite[np.isfinite(finite)]
+    if finite.size == 0:
+        return 0.5
+    low, high = float(finite.min()), float(finite.max())
+    if high - low <= 0:
+        return low
+    counts, edges = np.histogram(finite, bins=bins, range=(low, high))
+    centres = (edges[:-1] + edges[1:]) / 2
+    weight0 = np.cumsum(counts)[:-1].astype(np.float64)
+    weight1 = finite.size - weight0
+    sums = np.cumsum(counts * centres)[:-1]
+    total = float(np.sum(counts * centres))
+    valid = (weight0 > 0) & (weight1 > 0)
+    if not valid.any():
+        return (low + high) / 2
+    mean0 = np.where(valid, sums / np.where(valid, weight0, 1), 0.0)
+    mean1 = np.where(valid, (total - sums) / np.where(valid, weight1, 1), 0.0)
+    between = np.where(valid, weight0 * weight1 * (mean0 - mean1) ** 2, -1.0)
+    best = np.flatnonzero(between >= between.max() * (1 - 1e-9))
+    # ties (a wide empty gap): the middle of the tied cuts, so the threshold sits mid-gap
+    return float(edges[1 + int(best[len(best) // 2])])
 
 
 def collapse_ctc(labels: np.ndarray, blank: int = 0) -> tuple[int, ...]:

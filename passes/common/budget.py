@@ -162,6 +162,18 @@ def budget_tolerance(
 FITTED_SAMPLES = 32
 
 
+def bind_budget(model: onnx.ModelProto, reference: Outputs, budget: Budget) -> Budget:
+    """Return ``budget`` with task metrics bound to ``model`` (inferred from its graph and ``reference`` outputs).
+
+    A :class:`TaskBudget` (or int8's ``Target`` carrying one) becomes a :class:`TaskJudge`;
+    any other budget is returned as is.
+    """
+    task = getattr(budget, "task", None) if not isinstance(budget, TaskBudget) else budget
+    if isinstance(task, TaskBudget):
+        return TaskJudge(tuple(infer_metrics(model, reference, profile=task.profile, declared=task.declared)))
+    return budget
+
+
 class HeldOutCheck:
     """Judge candidate models against the input model on held-out samples, under a budget.
 
@@ -180,13 +192,10 @@ class HeldOutCheck:
         with Session(model, label="input model") as session:
             self.reference: Outputs = [session.run(s) for s in self.samples]
             self.fitted_reference: Outputs = [session.run(s) for s in self.fitted]
-        task = getattr(budget, "task", None) if not isinstance(budget, TaskBudget) else budget
-        if isinstance(task, TaskBudget):  # bind the task metrics to this model (int8's Target carries one)
-            seen = self.reference + self.fitted_reference
-            budget = TaskJudge(tuple(infer_metrics(model, seen, profile=task.profile, declared=task.declared)))
-        self.budget = budget
+        self.budget = bind_budget(model, self.reference + self.fitted_reference, budget)
         #: the last held-out verdict of the task metrics (None for other budgets)
         self.last: Judgement | None = None
+        self.label = "held-out"
         self.evaluations = 0
 
     def __call__(self, candidate: onnx.ModelProto, budget: Budget | None = None) -> tuple[bool, str]:
@@ -199,9 +208,9 @@ class HeldOutCheck:
                 self.last = chosen.verdict(self.reference, outputs, self.samples)
                 passed, summary = self.last.passed, self.last.summary()
             else:
-                passed, summary = _judge(self.reference, outputs, chosen, self.samples)
+                passed, summary = judge_outputs(self.reference, outputs, chosen, self.samples)
             if passed and self.fitted:
-                fitted_passed, fitted_summary = _judge(
+                fitted_passed, fitted_summary = judge_outputs(
                     self.fitted_reference, [session.run(s) for s in self.fitted], self.budget, self.fitted
                 )
                 if not fitted_passed:
@@ -209,7 +218,10 @@ class HeldOutCheck:
         return passed, summary
 
 
-def _judge(reference: Outputs, outputs: Outputs, budget: Budget, inputs: Sequence[Sample] = ()) -> tuple[bool, str]:
+def judge_outputs(
+    reference: Outputs, outputs: Outputs, budget: Budget, inputs: Sequence[Sample] = ()
+) -> tuple[bool, str]:
+    """Return whether ``outputs`` are within a bound ``budget`` of ``reference``, and a one-line summary."""
     if isinstance(budget, TaskJudge):
         return budget.judge(reference, outputs, list(inputs))
     if isinstance(budget, Judge):
@@ -224,15 +236,20 @@ def _judge(reference: Outputs, outputs: Outputs, budget: Budget, inputs: Sequenc
     return result.passed, summary
 
 
-def judgement_notes(check: HeldOutCheck) -> list[str]:
-    """Return notes on the task metrics of ``check``'s last verdict: what judged, interval, resolution."""
+def judgement_notes(check: Any) -> list[str]:
+    """Return notes on the task metrics of ``check``'s last verdict: what judged, interval, resolution.
+
+    ``check`` is a :class:`HeldOutCheck` or a cross-fitted one (its ``label`` says which).
+    """
     if check.last is None:
         return []
+    label = getattr(check, "label", "held-out")
+    items = "held-out items" if label == "held-out" else f"items ({label}: each judged by a model fitted without it)"
     notes = []
     for r in check.last.results:
         line = (
             f"task metric {r.output}:{r.metric} ({r.reason}): {r.value:.4f}, 95 % interval "
-            f"[{r.low:.4f}, {r.high:.4f}] on {r.items} held-out items, floor {r.floor:g}"
+            f"[{r.low:.4f}, {r.high:.4f}] on {r.items} {items}, floor {r.floor:g}"
         )
         if not r.resolved:
             line += "; these samples cannot resolve the floor" + (
@@ -242,15 +259,20 @@ def judgement_notes(check: HeldOutCheck) -> list[str]:
     return notes
 
 
-def final_verdict(check: HeldOutCheck, model: onnx.ModelProto) -> tuple[dict[str, Any], list[str]]:
-    """Judge the pass's result once more; return its stats (worst task metric) and notes (every metric)."""
-    passed, summary = check(model)
+def final_verdict(check: Any, candidate: Any) -> tuple[dict[str, Any], list[str]]:
+    """Judge the pass's result once more; return its stats (worst task metric) and notes (every metric).
+
+    ``candidate`` is the model (a :class:`HeldOutCheck`) or the function building it from
+    a plan (a cross-fitted check: the estimate is of the procedure at the chosen setting).
+    """
+    passed, summary = check(candidate)
     stats: dict[str, Any] = {"within_budget": int(passed)}
     if check.last is not None and check.last.results:
         worst = min(check.last.results, key=lambda r: r.value - r.floor)
         stats.update(task_metric=f"{worst.output}:{worst.metric}", task_agreement=worst.value)
-        stats.update(task_interval=[worst.low, worst.high])
-    return stats, [f"result on the held-out samples: {summary}", *judgement_notes(check)]
+        stats.update(task_interval=[worst.low, worst.high], task_items=worst.items)
+    label = getattr(check, "label", "held-out")
+    return stats, [f"result on the {label} samples: {summary}", *judgement_notes(check)]
 
 
 def relative_output_error(reference: Outputs, candidate: Outputs) -> float:

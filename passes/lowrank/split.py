@@ -11,22 +11,24 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import onnx
 from onnxopt.passes.common.budget import (
     SENSITIVITY_SAMPLES,
     BudgetSpec,
-    HeldOutCheck,
     budget_tolerance,
     describe_budget,
     final_verdict,
     search_largest,
     search_smallest,
 )
+from onnxopt.passes.common.estimate import DEFAULT_FOLDS, PlanCheck, plan_check
 from onnxopt.passes.lowrank.heads import find_head_pairs, unmatched_score_matmuls
 from onnxopt.passes.lowrank.plan import SplitPlan, apply_ranks, plan_lowrank
 from onnxopt.passes.lowrank.ranks import allocate_ranks, rank_for_energy
 
+from onnxopt.data import Dataset
 from onnxopt.errors import CalibrationDataError
 from onnxopt.pipeline import Context, Pass, PassResult, register_pass
 
@@ -97,8 +99,9 @@ class SplitLowRank(Pass):
        output-error curves (cross-validated between two halves of the calibration
        samples, ``XᵀX`` shrunk towards its diagonal) and measured sensitivities under
        ``budget`` (default: the harness's ``int8`` profile; a float sets the minimum
-       output cosine, a table sets Tolerance fields), searched on held-out calibration
-       samples.
+       output cosine, a table sets Tolerance fields), each price judged ``folds``-fold
+       cross-fitted over every calibration sample (``passes/common/estimate.py``; the
+       held-out quarter with fewer than ``2·folds`` samples).
     4. With ``heads`` (default) and budgeted ranks, the query and key projections of
        each attention block (``MatMul [→ Add] → Reshape(.., H, d) → Transpose`` on both
        sides of the score MatMul) are not split: both are narrowed to a head width
@@ -127,6 +130,7 @@ class SplitLowRank(Pass):
         include_conv1x1: bool = False,
         min_saving: float = 0.1,
         heads: bool = True,
+        folds: int = DEFAULT_FOLDS,
     ) -> None:
         if rank is not None and rank < 1:
             raise ValueError("rank must be at least 1")
@@ -142,37 +146,45 @@ class SplitLowRank(Pass):
         self.include_conv1x1 = include_conv1x1
         self.min_saving = min_saving
         self.heads = heads
+        self.folds = folds
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
-        """Plan, choose ranks, check them on held-out samples, and rewrite."""
+        """Plan, choose ranks, judge them cross-fitted, and rewrite."""
         if self.rank is None and self.energy is None and ctx.calibration is None:
             raise CalibrationDataError(
                 "split_lowrank needs calibration data (--calib) to choose ranks under its error budget, "
                 "or an explicit --rank or --energy"
             )
-        calibration = held_out = None
-        if ctx.calibration is not None and len(ctx.calibration):
-            calibration, held_out = ctx.calibration.split()
-        allocate = self.rank is None and self.energy is None and bool(held_out)
-        plan = plan_lowrank(
-            model,
-            ctx,
-            whiten=self.whiten,
-            min_params=self.min_params,
-            include_conv1x1=self.include_conv1x1,
-            min_saving=self.min_saving,
-            samples=list(calibration) if calibration is not None else None,
-            heads=self.heads and allocate,
-        )
+        calibrated = ctx.calibration is not None and len(ctx.calibration) > 0
+        allocate = self.rank is None and self.energy is None and calibrated
+
+        def fit(samples: Dataset | None) -> SplitPlan:
+            plan = plan_lowrank(
+                model,
+                ctx,
+                whiten=self.whiten,
+                min_params=self.min_params,
+                include_conv1x1=self.include_conv1x1,
+                min_saving=self.min_saving,
+                samples=list(samples) if samples is not None else None,
+                heads=self.heads and allocate,
+            )
+            if allocate and samples is not None and (plan.layers or plan.pairs):
+                plan.measure_sensitivity(model, list(samples)[:SENSITIVITY_SAMPLES], progress=ctx.progress)
+            return plan
+
+        check: PlanCheck[SplitPlan] | None = None
+        if calibrated:
+            assert ctx.calibration is not None
+            plan, check = plan_check(model, ctx.calibration, fit, budget_tolerance(self.budget, ctx.budget), self.folds)
+        else:
+            plan = fit(None)
         notes = list(plan.notes)
         notes += self._head_notes(model, plan, allocate)
         if not plan.layers and not plan.pairs:
             return PassResult(model, False, {"layers_split": 0}, [*notes, "no layer worth splitting"])
-        budget = budget_tolerance(self.budget, ctx.budget)
-        check = HeldOutCheck(model, held_out, budget, fitted=list(calibration or ())) if held_out else None
-        if check is not None and calibration is not None and allocate:
-            plan.measure_sensitivity(model, list(calibration)[:SENSITIVITY_SAMPLES], progress=ctx.progress)
-        ranks = self._choose(plan, model, check, notes)
+        choice = self._choose(plan, model, check, notes)
+        ranks = choice(plan)
         if not any(ranks):
             return PassResult(
                 model,
@@ -183,7 +195,7 @@ class SplitLowRank(Pass):
         result = apply_ranks(model, plan, ranks)
         stats, lines = _layer_rows(plan, ranks)
         if check is not None:
-            verdict, verdict_notes = final_verdict(check, result)
+            verdict, verdict_notes = final_verdict(check, lambda p: apply_ranks(model, p, choice(p)))
             stats.update(verdict, checks=check.evaluations)
             lines += verdict_notes
         return PassResult(result, True, stats, notes + lines)
@@ -207,62 +219,88 @@ class SplitLowRank(Pass):
             for name in unmatched_score_matmuls(model, plan.pairs)
         ]
 
-    def _choose(
-        self, plan: SplitPlan, model: onnx.ModelProto, check: HeldOutCheck | None, notes: list[str]
-    ) -> list[int]:
-        candidates = plan.candidates()
-        if self.rank is not None or self.energy is not None:
-            ranks = []
-            for layer, fact, limit in zip(plan.layers, plan.factorizations, plan.limits, strict=True):
-                wanted = self.rank if self.rank is not None else rank_for_energy(fact.energy, self.energy or 1.0)
-                if wanted > limit:
+    def _fixed_ranks(self, plan: SplitPlan, notes: list[str] | None = None) -> list[int]:
+        """Return the ranks an explicit ``rank`` or ``energy`` asks of ``plan``'s layers (0: dense)."""
+        ranks = []
+        for layer, fact, limit in zip(plan.layers, plan.factorizations, plan.limits, strict=True):
+            wanted = self.rank if self.rank is not None else rank_for_energy(fact.energy, self.energy or 1.0)
+            if wanted > limit:
+                if notes is not None:
                     notes.append(f"{layer.key}: left dense (rank {wanted} would not save {self.min_saving:.0%})")
-                    wanted = 0
-                ranks.append(wanted)
-            return ranks if check is None else self._back_off(plan, model, ranks, check, notes)
+                wanted = 0
+            ranks.append(wanted)
+        return ranks
+
+    def _choose(
+        self, plan: SplitPlan, model: onnx.ModelProto, check: PlanCheck[SplitPlan] | None, notes: list[str]
+    ) -> Choice:
+        """Return the chosen ranks as a function of a plan (the shipped one or a fold's)."""
+        if self.rank is not None or self.energy is not None:
+            self._fixed_ranks(plan, notes)
+            return self._fixed_ranks if check is None else _back_off(plan, model, self._fixed_ranks, check, notes)
         assert check is not None
-        best: list[int] = [0] * len(candidates)
+        shipped = plan.candidates()
+        best: tuple[int, float] | None = None  # (parameters of the shipped plan's ranks, price)
 
         def fits(log_price: float) -> bool:
             nonlocal best
-            ranks = allocate_ranks(candidates, math.exp(log_price))
+            price = math.exp(log_price)
+            ranks = allocate_ranks(shipped, price)
             if not any(ranks):
                 return True
-            passed, summary = check(apply_ranks(model, plan, ranks))
+            passed, summary = check(lambda p: apply_ranks(model, p, allocate_ranks(p.candidates(), price)))
             log.info(
                 "split_lowrank: price %.3g, %d layers split: %s (%s)",
-                math.exp(log_price),
+                price,
                 sum(1 for r in ranks if r),
                 passed,
                 summary,
             )
-            if passed and sum(c.params(r) for c, r in zip(candidates, ranks, strict=True)) < sum(
-                c.params(r) for c, r in zip(candidates, best, strict=True)
-            ):
-                best = ranks
+            params = sum(c.params(r) for c, r in zip(shipped, ranks, strict=True))
+            if passed and (best is None or params < best[0]):
+                best = (params, price)
             return passed
 
         search_largest(fits, math.log(1e-5), math.log(10.0), steps=10)
-        notes.append(f"ranks allocated by output-error curves under the budget ({describe_budget(check.budget)})")
-        return best
-
-    def _back_off(
-        self, plan: SplitPlan, model: onnx.ModelProto, ranks: list[int], check: HeldOutCheck, notes: list[str]
-    ) -> list[int]:
-        """Restore the most sensitive layers to dense until the budget holds (bisection on the count)."""
-        order = sorted(
-            (i for i, r in enumerate(ranks) if r), key=lambda i: -float(plan.factorizations[i].relative_error[ranks[i]])
+        notes.append(
+            f"ranks allocated by output-error curves under the budget ({describe_budget(check.budget)}, {check.label})"
         )
+        if best is None:
+            return lambda p: [0] * len(p.candidates())
+        price = best[1]
+        return lambda p: allocate_ranks(p.candidates(), price)
 
-        def with_dense(count: int) -> list[int]:
-            restored = set(order[:count])
-            return [0 if i in restored else r for i, r in enumerate(ranks)]
 
-        def fits(count: int) -> bool:
-            return check(apply_ranks(model, plan, with_dense(count)))[0]
+#: Ranks as a function of the plan they are allocated on: one per candidate (0: dense).
+Choice = Callable[[SplitPlan], list[int]]
 
-        if fits(0):
-            return ranks
-        count = search_smallest(fits, 0, len(order))  # all restored passes; the fewest restored that passes
-        notes.append(f"kept {count} of {len(order)} layers dense to stay within the budget")
-        return with_dense(count)
+
+def _back_off(
+    plan: SplitPlan, model: onnx.ModelProto, chosen: Choice, check: PlanCheck[SplitPlan], notes: list[str]
+) -> Choice:
+    """Restore the most sensitive layers to dense until the budget holds (bisection on the count).
+
+    Each plan restores its own layers of largest relative error, the same count.
+    """
+
+    def with_dense(count: int) -> Choice:
+        def restored(p: SplitPlan) -> list[int]:
+            ranks = chosen(p)
+            order = sorted(
+                (i for i, r in enumerate(ranks) if r),
+                key=lambda i: -float(p.factorizations[i].relative_error[ranks[i]]),
+            )
+            dense = set(order[:count])
+            return [0 if i in dense else r for i, r in enumerate(ranks)]
+
+        return restored
+
+    def fits(count: int) -> bool:
+        return check(lambda p: apply_ranks(model, p, with_dense(count)(p)))[0]
+
+    if fits(0):
+        return chosen
+    total = sum(1 for r in chosen(plan) if r)
+    count = search_smallest(fits, 0, total)  # all restored passes; the fewest restored that passes
+    notes.append(f"kept {count} of {total} layers dense to stay within the budget")
+    return with_dense(count)

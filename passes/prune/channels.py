@@ -16,14 +16,15 @@ import onnx
 from onnxopt.passes.common.budget import (
     SENSITIVITY_SAMPLES,
     BudgetSpec,
-    HeldOutCheck,
     budget_tolerance,
     describe_budget,
     final_verdict,
     search_largest,
 )
+from onnxopt.passes.common.estimate import DEFAULT_FOLDS, PlanCheck, plan_check
 from onnxopt.passes.prune.channel_plan import ChannelPlan, build_channel_plan
 
+from onnxopt.data import Dataset
 from onnxopt.errors import CalibrationDataError
 from onnxopt.pipeline import Context, Pass, PassResult, register_pass
 
@@ -49,8 +50,11 @@ class PruneChannels(Pass):
        ``multiple`` channels and at least ``1 − max_ratio`` of them.
     3. Needs calibration data. ``ratio`` is the share of the weight layers' multiply-adds
        to remove; without it the highest share within ``budget`` (as for
-       ``prune_magnitude``) is searched on held-out calibration samples, spread over
-       groups by their measured sensitivity.
+       ``prune_magnitude``) is searched, spread over groups by their measured
+       sensitivity. Each share is judged ``folds``-fold cross-fitted (every calibration
+       sample judged by a plan fitted without it, see ``passes/common/estimate.py``;
+       with fewer than ``2·folds`` samples, on the held-out quarter); the shipped plan is
+       fitted on every sample.
     4. Must not fire on groups with a graph output, a reader it does not know (Reshape,
        Flatten, Softmax, a Resize of the channel axis, a channel Concat read by anything
        but a weight layer, nested graphs…), a tensor of unknown width, a weight shared with
@@ -72,6 +76,7 @@ class PruneChannels(Pass):
         max_ratio: float = 0.75,
         exclude: Sequence[str] = (),
         budget: BudgetSpec = None,
+        folds: int = DEFAULT_FOLDS,
     ) -> None:
         if ratio is not None and not 0 <= ratio < 1:
             raise ValueError("ratio must be in [0, 1)")
@@ -82,6 +87,7 @@ class PruneChannels(Pass):
         self.max_ratio = max_ratio
         self.exclude = exclude
         self.budget = budget
+        self.folds = folds
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         """Find groups, order channels, choose counts under the budget, rewrite the graph."""
@@ -89,45 +95,56 @@ class PruneChannels(Pass):
             raise CalibrationDataError(
                 "prune_channels needs calibration data (--calib) to re-fit the layers that read pruned channels"
             )
-        calibration, held_out = ctx.calibration.split()
-        plan = build_channel_plan(
-            model,
-            list(calibration),
-            multiple=self.multiple,
-            max_ratio=self.max_ratio,
-            exclude=list(self.exclude),
-            seed=ctx.seed,
-            progress=ctx.progress,
-        )
+        budget = budget_tolerance(self.budget, ctx.budget)
+
+        def fit(samples: Dataset) -> ChannelPlan:
+            plan = build_channel_plan(
+                model,
+                list(samples),
+                multiple=self.multiple,
+                max_ratio=self.max_ratio,
+                exclude=list(self.exclude),
+                seed=ctx.seed,
+                progress=ctx.progress,
+            )
+            if plan.groups:
+                plan.measure_sensitivity(model, list(samples)[:SENSITIVITY_SAMPLES], progress=ctx.progress)
+            return plan
+
+        # a graph without prunable groups fits no statistics (build_channel_plan stops first), so folds cost nothing
+        plan, check = plan_check(model, ctx.calibration, fit, budget, self.folds)
         notes = list(plan.notes)
         if not plan.groups:
             return PassResult(model, False, {"macs_removed": 0.0}, [*notes, "no channel group to prune"])
-        check = HeldOutCheck(model, held_out, budget_tolerance(self.budget, ctx.budget), fitted=list(calibration))
-        plan.measure_sensitivity(model, list(calibration)[:SENSITIVITY_SAMPLES], progress=ctx.progress)
-        counts = self._choose(plan, model, check, notes)
+        best = self._choose(model, check, notes)
+        counts = plan.counts_for(best)
         if not any(counts):
             return PassResult(model, False, {"macs_removed": 0.0}, [*notes, "no channel removal fits the budget"])
         result = plan.apply(model, counts)
         stats, lines = channel_report(plan, counts)
-        verdict, verdict_notes = final_verdict(check, result)
+        verdict, verdict_notes = final_verdict(check, lambda p: p.apply(model, p.counts_for(best)))
         stats.update(verdict, checks=check.evaluations)
         return PassResult(result, True, stats, notes + lines + verdict_notes)
 
-    def _choose(self, plan: ChannelPlan, model: onnx.ModelProto, check: HeldOutCheck, notes: list[str]) -> list[int]:
+    def _choose(self, model: onnx.ModelProto, check: PlanCheck[ChannelPlan], notes: list[str]) -> float:
+        """Return the share of multiply-adds to remove: ``ratio`` if it fits, else the largest that does."""
+
         def fits(fraction: float) -> bool:
-            passed, summary = check(plan.apply(model, plan.counts_for(fraction)))
+            passed, summary = check(lambda p: p.apply(model, p.counts_for(fraction)))
             log.info("prune_channels: MAC share %.4f: %s (%s)", fraction, passed, summary)
             return passed
 
         if self.ratio is not None:
             if fits(self.ratio):
-                return plan.counts_for(self.ratio)
+                return self.ratio
             best = search_largest(fits, 0.0, self.ratio, steps=6)
             notes.append(f"ratio {self.ratio} breaks the budget; backed off to {best:.3f}")
         else:
             best = search_largest(fits, 0.0, 0.5, steps=7)
-            notes.append(f"highest MAC share within the budget ({describe_budget(check.budget)}): {best:.3f}")
-        return plan.counts_for(best)
+            notes.append(
+                f"highest MAC share within the budget ({describe_budget(check.budget)}, {check.label}): {best:.3f}"
+            )
+        return best
 
 
 def channel_report(plan: ChannelPlan, counts: Sequence[int]) -> tuple[dict[str, int | float], list[str]]:

@@ -5,7 +5,7 @@ by the same share of its smallest weights. With calibration data this pass score
 weight by what it contributes to the layer output (``|W|·‖X‖``), re-fits the kept
 weights by the OBS update (SparseGPT), and spreads the sparsity over layers by their
 error curves measured *after* that repair and weighted by measured sensitivity, under
-an error budget checked on held-out calibration samples (searched with a margin).
+an error budget judged cross-fitted over every calibration sample (searched with a margin).
 The math lives in :mod:`.sparsegpt`, the units and rewriting in :mod:`.plan`.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx
@@ -21,7 +21,6 @@ from onnxopt.passes.common.budget import (
     SENSITIVITY_SAMPLES,
     Budget,
     BudgetSpec,
-    HeldOutCheck,
     TaskJudge,
     budget_tolerance,
     describe_budget,
@@ -29,10 +28,12 @@ from onnxopt.passes.common.budget import (
     search_largest,
     search_smallest,
 )
+from onnxopt.passes.common.estimate import DEFAULT_FOLDS, PlanCheck, plan_check
 from onnxopt.passes.prune.plan import PrunePlan, build_plan
 from onnxopt.passes.prune.sparse_storage import store_sparse
 from onnxopt.passes.prune.sparsegpt import parse_nm
 
+from onnxopt.data import Dataset
 from onnxopt.errors import CalibrationDataError
 from onnxopt.harness import Tolerance
 from onnxopt.model import serialized_size
@@ -85,10 +86,12 @@ class PruneMagnitude(Pass):
     3. With calibration data: ``scoring="activation"`` (default) ranks weights by
        ``|W|·‖X_j‖``; ``repair`` re-fits the kept weights (SparseGPT). Without
        ``sparsity`` the highest overall sparsity within ``budget`` is searched (default:
-       the harness's ``int8`` profile on held-out calibration samples; a float sets the
-       minimum output cosine, a table sets Tolerance fields), searched against the
-       budget tightened to ``margin`` of its distance from lossless (the few held-out
-       samples flatter the search); an explicit
+       the judge's task metrics; a float sets the minimum output cosine, a table sets
+       Tolerance fields), searched against the budget tightened to ``margin`` of its
+       distance from lossless. Each candidate is judged ``folds``-fold cross-fitted:
+       every calibration sample by a plan (statistics, repair, sensitivity) fitted
+       without it (``passes/common/estimate.py``; with fewer than ``2·folds`` samples,
+       the held-out quarter); the shipped plan is fitted on all of them. An explicit
        ``sparsity`` or ``nm`` that breaks the budget backs off, most sensitive layers
        first, to dense.
     4. Must not fire on: layers matching ``exclude`` (fnmatch on op type, node name,
@@ -122,6 +125,7 @@ class PruneMagnitude(Pass):
         margin: float = 0.5,
         sparse_storage: bool = False,
         damping: str = "fixed",
+        folds: int = DEFAULT_FOLDS,
     ) -> None:
         if sparsity is not None and not 0 <= sparsity < 1:
             raise ValueError("sparsity must be in [0, 1)")
@@ -136,6 +140,7 @@ class PruneMagnitude(Pass):
         if nm is not None:
             parse_nm(nm)
         self.damping = damping
+        self.folds = folds
         self.sparsity = sparsity
         self.scope = scope
         self.scoring = scoring
@@ -148,45 +153,53 @@ class PruneMagnitude(Pass):
         self.sparse_storage = sparse_storage
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
-        """Score, choose counts, check on held-out samples, and write the pruned weights."""
+        """Score, choose counts, judge them cross-fitted, and write the pruned weights."""
         if self.sparsity is None and self.nm is None and ctx.calibration is None:
             raise CalibrationDataError(
                 "prune_magnitude needs calibration data (--calib) to find the sparsity its error budget "
                 "allows, or an explicit --sparsity"
             )
-        calibration = held_out = None
-        if ctx.calibration is not None and len(ctx.calibration):
-            calibration, held_out = ctx.calibration.split()
-        scoring = self.scoring or ("activation" if calibration is not None else "magnitude")
-        if scoring == "activation" and calibration is None:
+        calibrated = ctx.calibration is not None and len(ctx.calibration) > 0
+        scoring = self.scoring or ("activation" if calibrated else "magnitude")
+        if scoring == "activation" and not calibrated:
             raise CalibrationDataError("scoring='activation' needs calibration data (--calib)")
-        plan = build_plan(
-            model,
-            scoring=scoring,
-            repair=self.repair and calibration is not None,
-            exclude=list(self.exclude),
-            min_size=self.min_size,
-            samples=list(calibration) if calibration is not None else None,
-            seed=ctx.seed,
-            folds=FOLDS if self.damping == "cv" else 0,
-            progress=ctx.progress,
-        )
-        if plan.repair and self.damping == "cv":
-            plan.choose_damping(progress=ctx.progress)
+
+        def fit(samples: Dataset | None) -> PrunePlan:
+            plan = build_plan(
+                model,
+                scoring=scoring,
+                repair=self.repair and samples is not None,
+                exclude=list(self.exclude),
+                min_size=self.min_size,
+                samples=list(samples) if samples is not None else None,
+                seed=ctx.seed,
+                folds=FOLDS if self.damping == "cv" else 0,
+                progress=ctx.progress,
+            )
+            if plan.repair and self.damping == "cv":
+                plan.choose_damping(progress=ctx.progress)
+            if samples is not None and scoring == "activation" and plan.units:
+                plan.measure_sensitivity(model, list(samples)[:SENSITIVITY_SAMPLES], progress=ctx.progress)
+            return plan
+
+        check: PlanCheck[PrunePlan] | None = None
+        if calibrated:
+            assert ctx.calibration is not None
+            budget = budget_tolerance(self.budget, ctx.budget)
+            plan, check = plan_check(model, ctx.calibration, fit, budget, self.folds)
+        else:
+            plan = fit(None)
         notes = list(plan.notes)
         if not plan.units:
             return PassResult(model, False, {"sparsity": 0.0}, [*notes, "no layer to prune"])
-        budget = budget_tolerance(self.budget, ctx.budget)
-        check = HeldOutCheck(model, held_out, budget, fitted=list(calibration or ())) if held_out else None
-        if calibration is not None and scoring == "activation" and (self.scope == "global" or check):
-            plan.measure_sensitivity(model, list(calibration)[:SENSITIVITY_SAMPLES], progress=ctx.progress)
-        matrices = self._choose(plan, model, check, notes)
+        choice = self._choose(plan, model, check, notes)
+        matrices = choice(plan)
         if all(m is None for m in matrices):
             return PassResult(model, False, {"sparsity": 0.0}, [*notes, "no pruning fits the budget"])
         result = plan.apply(model, matrices)
         stats, lines = _report(plan, matrices)
         if check is not None:
-            verdict, verdict_notes = final_verdict(check, result)
+            verdict, verdict_notes = final_verdict(check, lambda p: p.apply(model, choice(p)))
             stats.update(verdict, checks=check.evaluations)
             lines += verdict_notes
         if self.sparse_storage:
@@ -196,53 +209,76 @@ class PruneMagnitude(Pass):
         return PassResult(result, True, stats, notes + lines)
 
     def _choose(
-        self, plan: PrunePlan, model: onnx.ModelProto, check: HeldOutCheck | None, notes: list[str]
-    ) -> list[np.ndarray | None]:
+        self, plan: PrunePlan, model: onnx.ModelProto, check: PlanCheck[PrunePlan] | None, notes: list[str]
+    ) -> Choice:
+        """Return the chosen pruning as a function of a plan (the shipped one or a fold's)."""
         if self.nm is not None:
             n, m = parse_nm(self.nm)
-            matrices = [plan.pruned_nm(i, n, m) for i in range(len(plan.units))]
-            for unit, matrix in zip(plan.units, matrices, strict=True):
-                if matrix is None:
+            for unit in plan.units:
+                if unit.matrix.shape[-1] % m:
                     notes.append(f"{unit.key}: input width {unit.matrix.shape[-1]} is not a multiple of {m}; dense")
-            return matrices if check is None else _back_off(plan, model, matrices, check, notes)
-        curves = plan.curves() if plan.scoring == "activation" and self.scope == "global" else None
 
-        def matrices_at(sparsity: float) -> list[np.ndarray | None]:
-            counts = plan.counts_for(sparsity, self.scope, curves)
-            return [plan.pruned(i, c) if c else None for i, c in enumerate(counts)]
+            def nm_matrices(p: PrunePlan) -> list[np.ndarray | None]:
+                return [p.pruned_nm(i, n, m) for i in range(len(p.units))]
+
+            return nm_matrices if check is None else _back_off(plan, model, nm_matrices, check, notes)
+        scope = self.scope
+
+        def at(sparsity: float) -> Choice:
+            def matrices_at(p: PrunePlan) -> list[np.ndarray | None]:
+                curves = p.curves() if p.scoring == "activation" and scope == "global" else None
+                counts = p.counts_for(sparsity, scope, curves)
+                return [p.pruned(i, c) if c else None for i, c in enumerate(counts)]
+
+            return matrices_at
 
         if self.sparsity is not None:
-            matrices = matrices_at(self.sparsity)
-            return matrices if check is None else _back_off(plan, model, matrices, check, notes)
+            return at(self.sparsity) if check is None else _back_off(plan, model, at(self.sparsity), check, notes)
         assert check is not None
         strict = tightened(check.budget, self.margin)
 
         def fits(sparsity: float) -> bool:
-            passed, summary = check(plan.apply(model, matrices_at(sparsity)), strict)
+            matrices_at = at(sparsity)
+            passed, summary = check(lambda p: p.apply(model, matrices_at(p)), strict)
             log.info("prune_magnitude: sparsity %.4f: %s (%s)", sparsity, passed, summary)
             return passed
 
         best = search_largest(fits, 0.0, MAX_SPARSITY, steps=7)
-        notes.append(f"highest overall sparsity within the tightened budget ({describe_budget(strict)}): {best:.3f}")
-        return matrices_at(best) if best > 0 else [None] * len(plan.units)
+        notes.append(
+            f"highest overall sparsity within the tightened budget ({describe_budget(strict)}, {check.label}): "
+            f"{best:.3f}"
+        )
+        return at(best) if best > 0 else (lambda p: [None] * len(p.units))
+
+
+#: A pruning as a function of the plan it is applied to: the matrices per unit (None: dense).
+Choice = Callable[[PrunePlan], list[np.ndarray | None]]
 
 
 def _back_off(
-    plan: PrunePlan, model: onnx.ModelProto, matrices: list[np.ndarray | None], check: HeldOutCheck, notes: list[str]
-) -> list[np.ndarray | None]:
-    """Restore the most sensitive units to dense until the budget holds (bisection on the count)."""
-    gains = plan.gains or [1.0] * len(plan.units)
-    pruned = [i for i, m in enumerate(matrices) if m is not None]
-    order = sorted(pruned, key=lambda i: -gains[i] * plan.error(i, matrices[i]))
+    plan: PrunePlan, model: onnx.ModelProto, chosen: Choice, check: PlanCheck[PrunePlan], notes: list[str]
+) -> Choice:
+    """Restore the most sensitive units to dense until the budget holds (bisection on the count).
 
-    def with_dense(count: int) -> list[np.ndarray | None]:
-        restored = set(order[:count])
-        return [None if i in restored else m for i, m in enumerate(matrices)]
+    Each plan restores its own most sensitive units (its gains and errors), the same count.
+    """
 
-    if check(plan.apply(model, matrices))[0]:
-        return matrices
-    count = search_smallest(lambda n: check(plan.apply(model, with_dense(n)))[0], 0, len(order))
-    notes.append(f"kept {count} of {len(order)} pruned layers dense to stay within the budget")
+    def with_dense(count: int) -> Choice:
+        def restored(p: PrunePlan) -> list[np.ndarray | None]:
+            matrices = chosen(p)
+            gains = p.gains or [1.0] * len(p.units)
+            pruned = [i for i, m in enumerate(matrices) if m is not None]
+            order = sorted(pruned, key=lambda i: -gains[i] * p.error(i, matrices[i]))
+            dense = set(order[:count])
+            return [None if i in dense else m for i, m in enumerate(matrices)]
+
+        return restored
+
+    if check(lambda p: p.apply(model, chosen(p)))[0]:
+        return chosen
+    total = sum(1 for m in chosen(plan) if m is not None)
+    count = search_smallest(lambda n: check(lambda p: p.apply(model, with_dense(n)(p)))[0], 0, total)
+    notes.append(f"kept {count} of {total} pruned layers dense to stay within the budget")
     return with_dense(count)
 
 
