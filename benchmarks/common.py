@@ -7,7 +7,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import onnxruntime as ort
 
 from benchmarks import inputs as real_inputs
 from benchmarks.models import fetch
+from onnxopt.timing import interleaved_times
 
 __all__ = [
     "REPO",
@@ -88,16 +88,7 @@ def interleaved_latency(
     optimization: str = "default",
 ) -> list[float]:
     """Return each model's median latency in seconds, runs interleaved A/B/C… so load hits all alike."""
-    sessions = [session(m, threads=threads, optimization=optimization) for m in models]
-    for s in sessions:
-        for _ in range(warmup):
-            s.run(None, feed)
-    times: list[list[float]] = [[] for _ in sessions]
-    for _ in range(rounds):
-        for i, s in enumerate(sessions):
-            started = time.perf_counter()
-            s.run(None, feed)
-            times[i].append(time.perf_counter() - started)
+    times = interleaved_times(models, feed, threads=threads, rounds=rounds, warmup=warmup, optimization=optimization)
     return [statistics.median(t) for t in times]
 
 

@@ -31,9 +31,10 @@ from typing import Any
 import numpy as np
 
 from benchmarks import inputs as real_inputs
-from benchmarks.common import REPO, feeds, model_path, session
+from benchmarks.common import REPO, feeds, model_path
 from onnxopt.pipeline import available_presets
 from onnxopt.runtime import run_model
+from onnxopt.timing import interleaved_times
 from onnxopt.tune_judge import judge_candidate
 
 CALIBRATION = 32
@@ -59,16 +60,9 @@ def _cli(*args: str, timeout: float | None = None) -> float:
 
 def _interleaved_ratios(paths: dict[str, Path], feed: dict[str, np.ndarray], rounds: int = 30) -> dict[str, Any]:
     """Per-round ratio to the float model (first entry), median and IQR/2, all models in one interleaved run."""
-    sessions = {name: session(path, threads=1) for name, path in paths.items()}
-    for s in sessions.values():
-        for _ in range(3):
-            s.run(None, feed)
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(rounds):
-        for name, s in sessions.items():
-            started = time.perf_counter()
-            s.run(None, feed)
-            times[name].append(time.perf_counter() - started)
+    times = dict(
+        zip(paths, interleaved_times(list(paths.values()), feed, threads=1, rounds=rounds, warmup=3), strict=True)
+    )
     base = times["float"]
     result = {}
     for name, own in times.items():

@@ -118,16 +118,22 @@ def affine_qparams(low: float, high: float, dtype: np.dtype | type) -> QuantPara
 
 
 def symmetric_qparams(
-    absmax: float | np.ndarray, dtype: np.dtype | type = np.int8, *, axis: int | None = None
+    absmax: float | np.ndarray,
+    dtype: np.dtype | type = np.int8,
+    *,
+    axis: int | None = None,
+    levels: int | None = None,
 ) -> QuantParams:
     """Return symmetric parameters (zero point 0 for signed, mid-range for unsigned).
 
-    ``scale = absmax / qmax`` on the narrow signed grid (127 for int8); an all-zero channel
-    gets scale 1. ``absmax`` may be an array (one value per channel on ``axis``).
+    ``scale = absmax / levels`` on the narrow signed grid (``levels`` 127 for int8 unless
+    given: 64 puts weights on 7 bits); an all-zero channel gets scale 1. ``absmax`` may be
+    an array (one value per channel on ``axis``).
     """
     dtype = np.dtype(dtype)
     qmin, qmax = dtype_limits(dtype, narrow=True)
-    levels = (qmax - qmin) / 2
+    if levels is None:
+        levels = (qmax - qmin) // 2
     amax = np.asarray(absmax, dtype=np.float64)
     scale = np.where(amax > 0, amax / levels, 1.0).astype(np.float32)
     scale = np.maximum(scale, np.finfo(np.float32).tiny)
@@ -136,15 +142,17 @@ def symmetric_qparams(
     return QuantParams(scale, zero_point, axis if scale.ndim == 1 else None)
 
 
-def weight_qparams(weight: np.ndarray, axis: int | None, dtype: np.dtype | type = np.int8) -> QuantParams:
+def weight_qparams(
+    weight: np.ndarray, axis: int | None, dtype: np.dtype | type = np.int8, *, levels: int | None = None
+) -> QuantParams:
     """Return symmetric parameters for a weight: one scale per slice along ``axis`` (or one)."""
     w = np.asarray(weight, dtype=np.float64)
     if axis is None:
-        return symmetric_qparams(float(np.max(np.abs(w))) if w.size else 0.0, dtype)
+        return symmetric_qparams(float(np.max(np.abs(w))) if w.size else 0.0, dtype, levels=levels)
     axis = axis % w.ndim
     reduce = tuple(i for i in range(w.ndim) if i != axis)
     absmax = np.max(np.abs(w), axis=reduce) if w.size else np.zeros(w.shape[axis])
-    return symmetric_qparams(absmax, dtype, axis=axis)
+    return symmetric_qparams(absmax, dtype, axis=axis, levels=levels)
 
 
 def _broadcast(values: np.ndarray, params: QuantParams, ndim: int) -> np.ndarray:

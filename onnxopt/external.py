@@ -206,14 +206,8 @@ def tensor_digest(tensor: onnx.TensorProto) -> bytes:
     if is_lazy(tensor):
         path, offset, length = lazy_source(tensor)
         with open(path, "rb") as handle:
-            handle.seek(offset)
-            remaining = length
-            while remaining > 0:
-                block = handle.read(min(_CHUNK, remaining))
-                if not block:
-                    raise ExternalDataError(f"external data {path} is shorter than tensor {tensor.name!r} needs")
+            for block in _blocks(handle, path, offset, length, f"tensor {tensor.name!r}"):
                 digest.update(block)
-                remaining -= len(block)
     elif tensor.HasField("raw_data"):
         digest.update(tensor.raw_data)
     else:
@@ -335,13 +329,19 @@ def _copy_range(source: Path, offset: int, length: int, out: BinaryIO) -> None:
                 out.seek(0, os.SEEK_END)
                 return
             length, offset = remaining, position
-        handle.seek(offset)
-        while length > 0:
-            block = handle.read(min(_CHUNK, length))
-            if not block:
-                raise ExternalDataError(f"external data {source} is shorter than a tensor needs")
+        for block in _blocks(handle, source, offset, length, "a tensor"):
             out.write(block)
-            length -= len(block)
+
+
+def _blocks(handle: BinaryIO, path: Path | str, offset: int, length: int, what: str) -> Iterator[bytes]:
+    """Yield ``length`` bytes of open file ``handle`` from ``offset`` in chunks; a short file is an error."""
+    handle.seek(offset)
+    while length > 0:
+        block = handle.read(min(_CHUNK, length))
+        if not block:
+            raise ExternalDataError(f"external data {path} is shorter than {what} needs")
+        yield block
+        length -= len(block)
 
 
 def _external_candidates(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:

@@ -39,6 +39,15 @@ OPTIMIZATION_LEVELS = {
     "default": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
 
+_ORT = ort.capi.onnxruntime_pybind11_state
+#: what onnxruntime raises for a model it cannot load, and for a run that fails
+_LOAD_ERRORS = (_ORT.Fail, _ORT.InvalidGraph, _ORT.InvalidArgument, _ORT.NotImplemented)
+_RUN_ERRORS = (_ORT.Fail, _ORT.InvalidArgument, _ORT.RuntimeException)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+
 
 class Session:
     """An onnxruntime CPU session from a file, or a ModelProto (over 2 GB via a temp folder)."""
@@ -77,14 +86,8 @@ class Session:
                 self.session = ort.InferenceSession(
                     model.SerializeToString(), options, providers=["CPUExecutionProvider"]
                 )
-        except (
-            ort.capi.onnxruntime_pybind11_state.Fail,
-            ort.capi.onnxruntime_pybind11_state.InvalidGraph,
-            ort.capi.onnxruntime_pybind11_state.InvalidArgument,
-            ort.capi.onnxruntime_pybind11_state.NotImplemented,
-        ) as exc:
-            first = str(exc).strip().splitlines()[0][:300]
-            raise UnsupportedModelError(f"onnxruntime cannot load the {label}: {first}") from exc
+        except _LOAD_ERRORS as exc:
+            raise UnsupportedModelError(f"onnxruntime cannot load the {label}: {_first_line(exc)}") from exc
         self.label = label
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -95,13 +98,8 @@ class Session:
         run_options.log_severity_level = _LOG_SEVERITY
         try:
             values = self.session.run(names, sample, run_options)
-        except (
-            ort.capi.onnxruntime_pybind11_state.Fail,
-            ort.capi.onnxruntime_pybind11_state.InvalidArgument,
-            ort.capi.onnxruntime_pybind11_state.RuntimeException,
-        ) as exc:
-            first = str(exc).strip().splitlines()[0][:300]
-            raise UnsupportedModelError(f"onnxruntime failed to run the {self.label}: {first}") from exc
+        except _RUN_ERRORS as exc:
+            raise UnsupportedModelError(f"onnxruntime failed to run the {self.label}: {_first_line(exc)}") from exc
         return dict(zip(names, values, strict=True))
 
     def close(self) -> None:

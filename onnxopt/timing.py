@@ -1,35 +1,55 @@
-"""Latency of models relative to a baseline, measured in interleaved rounds.
+"""Latency of models relative to each other, measured in interleaved rounds: the one timer.
 
 A shared machine's load drifts by tens of percent within a minute, so two models timed
-one after the other are not comparable. Here every round runs the baseline and each
-candidate once, back to back, and the figure reported is the median over rounds of the
-candidate's time divided by the baseline's time in the same round; the spread of those
-per-round ratios (half the interquartile range) is the noise, and the standard error of
-the median follows from it. A round times each model over at least ``min_round_seconds``
-(several runs of a fast model, averaged), so a single preempted run of a 2 ms model does
-not make the round's ratio meaningless. Sessions run at onnxruntime's default
-optimization level with a fixed number of intra-op threads.
+one after the other are not comparable. Every round runs each model once, back to back
+(:func:`interleaved_times`), and figures are per-round ratios to a baseline, which cancel
+slow drifts. Two summaries of the same rounds serve two questions:
+
+* :func:`interleaved_ratios` (``tune``, the benchmarks): the median ratio and its noise
+  (half the interquartile range), with the standard error of the median;
+* :func:`slowdown` (the int8 pass's "not slower" check): the median ratio and a
+  distribution-free 95 % interval (the sign test's order statistics), so a candidate is
+  called slower only when the whole interval is.
+
+A round may time a fast model over at least ``min_round_seconds`` (several runs,
+averaged), so one preempted run of a 2 ms model does not decide a round; and rounds go on
+until at least ``min_seconds`` have passed (15 rounds of a 25 us model decided int8 vs
+float on noise). Sessions run at onnxruntime's default optimization level with a fixed
+number of intra-op threads, built without the model's ``value_info`` (as the pipeline
+writes a model whose input had none: onnxruntime's shape-dependent fusions differ with it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
-import onnxruntime as ort
 
 from onnxopt.data import Sample
-from onnxopt.errors import UnsupportedModelError
+from onnxopt.runtime import Session
 
-__all__ = ["Latency", "interleaved_ratios", "latency_session", "ratio_summary"]
+__all__ = [
+    "MIN_ROUNDS",
+    "Latency",
+    "Slowdown",
+    "interleaved_ratios",
+    "interleaved_times",
+    "ratio_summary",
+    "slowdown",
+    "timing_session",
+]
 
 #: Fewer rounds than this do not give a median worth reporting.
 MIN_ROUNDS = 3
+
+Timed = onnx.ModelProto | str | Path
 
 
 @dataclass(frozen=True)
@@ -61,18 +81,85 @@ class Latency:
         }
 
 
-def latency_session(model: onnx.ModelProto | str | Path, *, threads: int = 1) -> ort.InferenceSession:
-    """Return a CPU session at onnxruntime's default optimization level with ``threads`` intra-op threads."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 4
-    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+@dataclass(frozen=True)
+class Slowdown:
+    """A candidate's time over a reference's: the median per-round ratio and its 95 % interval."""
+
+    ratio: float
+    low: float
+    high: float
+    rounds: int
+
+    def slower(self, tolerance: float) -> bool:
+        """Return True when the candidate is slower beyond ``tolerance`` and beyond the noise."""
+        return self.low > tolerance
+
+    def describe(self) -> str:
+        """Return e.g. ``1.05x [0.97, 1.12] over 40 rounds``."""
+        return f"{self.ratio:.2f}x [{self.low:.2f}, {self.high:.2f}] over {self.rounds} rounds"
+
+
+@contextlib.contextmanager
+def timing_session(model: Timed, *, threads: int | None = 1, optimization: str = "default") -> Iterator[Session]:
+    """Yield a CPU session (onnxruntime's default optimization level unless told), built without ``value_info``."""
+    saved = list(model.graph.value_info) if isinstance(model, onnx.ModelProto) else []
+    if saved:
+        del model.graph.value_info[:]  # type: ignore[union-attr]
     try:
-        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own pybind types
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise UnsupportedModelError(f"onnxruntime cannot load a model to time it: {first}") from exc
+        session = Session(model, optimization=optimization, threads=threads, label="model under timing")
+    finally:
+        if saved:
+            model.graph.value_info.extend(saved)  # type: ignore[union-attr]
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+def interleaved_times(
+    models: Sequence[Timed],
+    sample: Sample,
+    *,
+    threads: int | None = 1,
+    rounds: int = 20,
+    warmup: int = 2,
+    min_seconds: float = 0.0,
+    budget_seconds: float | None = None,
+    deadline: float | None = None,
+    min_round_seconds: float = 0.0,
+    min_rounds: int = MIN_ROUNDS,
+    optimization: str = "default",
+) -> list[list[float]]:
+    """Return each model's seconds per run in every round; round ``i`` of all models ran back to back.
+
+    At least ``rounds`` rounds and as many more as fill ``min_seconds``; the rounds stop
+    early (never before ``min_rounds``) after ``budget_seconds`` or at ``deadline`` (a
+    :func:`time.monotonic` value), so a tight budget still yields a figure. A round runs
+    each model as often as the first model needs to fill ``min_round_seconds`` and
+    records the mean.
+    """
+    with contextlib.ExitStack() as stack:
+        sessions = [stack.enter_context(timing_session(m, threads=threads, optimization=optimization)) for m in models]
+        single = math.inf
+        for session in sessions:  # warm up: allocations, thread pools
+            for _ in range(max(warmup, 1)):
+                started = time.perf_counter()
+                session.run(sample)
+                if session is sessions[0]:
+                    single = min(single, time.perf_counter() - started)
+        repeats = max(1, math.ceil(min_round_seconds / max(single, 1e-6))) if min_round_seconds else 1
+        times: list[list[float]] = [[] for _ in sessions]
+        started = time.monotonic()
+        stop = deadline if budget_seconds is None else started + budget_seconds
+        while len(times[0]) < rounds or time.monotonic() - started < min_seconds:
+            if stop is not None and len(times[0]) >= min_rounds and time.monotonic() > stop:
+                break
+            for i, session in enumerate(sessions):
+                t0 = time.perf_counter()
+                for _ in range(repeats):
+                    session.run(sample)
+                times[i].append((time.perf_counter() - t0) / repeats)
+        return times
 
 
 def ratio_summary(ratios: Sequence[float]) -> tuple[float, float]:
@@ -86,8 +173,8 @@ def ratio_summary(ratios: Sequence[float]) -> tuple[float, float]:
 
 
 def interleaved_ratios(
-    baseline: onnx.ModelProto | str | Path,
-    candidates: Sequence[onnx.ModelProto | str | Path],
+    baseline: Timed,
+    candidates: Sequence[Timed],
     sample: Sample,
     *,
     threads: int = 1,
@@ -96,29 +183,16 @@ def interleaved_ratios(
     deadline: float | None = None,
     min_round_seconds: float = 0.02,
 ) -> list[Latency]:
-    """Time ``candidates`` against ``baseline`` in interleaved rounds; one :class:`Latency` each.
-
-    ``deadline`` (a :func:`time.monotonic` value) ends the rounds early, though never
-    before :data:`MIN_ROUNDS` of them, so a tight budget still yields a figure.
-    """
-    sessions = [latency_session(m, threads=threads) for m in (baseline, *candidates)]
-    single = math.inf
-    for session in sessions:
-        for _ in range(max(warmup, 1)):
-            started = time.perf_counter()
-            session.run(None, sample)
-            if session is sessions[0]:
-                single = min(single, time.perf_counter() - started)
-    repeats = max(1, math.ceil(min_round_seconds / max(single, 1e-6)))
-    times: list[list[float]] = [[] for _ in sessions]
-    for index in range(rounds):
-        if deadline is not None and index >= MIN_ROUNDS and time.monotonic() > deadline:
-            break
-        for i, session in enumerate(sessions):
-            started = time.perf_counter()
-            for _ in range(repeats):
-                session.run(None, sample)
-            times[i].append((time.perf_counter() - started) / repeats)
+    """Time ``candidates`` against ``baseline`` in interleaved rounds; one :class:`Latency` each."""
+    times = interleaved_times(
+        [baseline, *candidates],
+        sample,
+        threads=threads,
+        rounds=rounds,
+        warmup=warmup,
+        deadline=deadline,
+        min_round_seconds=min_round_seconds,
+    )
     base = times[0]
     results = []
     for own in times[1:]:
@@ -133,3 +207,19 @@ def interleaved_ratios(
             )
         )
     return results
+
+
+def slowdown(reference: Sequence[float], candidate: Sequence[float], z: float = 1.96) -> Slowdown:
+    """Return the median of ``candidate_i / reference_i`` over paired rounds and its interval.
+
+    The interval is the ``k``-th smallest to the ``k``-th largest ratio with
+    ``k = floor((n - z·√n) / 2)``: the normal approximation of the sign test's confidence
+    interval for a median, which assumes nothing about the noise's distribution.
+    With fewer than 6 rounds ``k`` is 0 and the interval is the full range.
+    """
+    ratios = np.sort(np.asarray(candidate, np.float64) / np.maximum(np.asarray(reference, np.float64), 1e-12))
+    n = len(ratios)
+    if n == 0:
+        return Slowdown(1.0, 0.0, math.inf, 0)
+    k = max(math.floor((n - z * math.sqrt(n)) / 2), 0)
+    return Slowdown(float(np.median(ratios)), float(ratios[k]), float(ratios[n - 1 - k]), n)

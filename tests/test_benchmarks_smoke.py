@@ -28,5 +28,11 @@ def test_runner_quick_writes_results_and_charts(tmp_path):
     assert (tmp_path / "charts" / "fuse.png").stat().st_size > 1000
     int8 = json.loads((tmp_path / "results" / "int8.json").read_text())["rows"]
     ours = next(r for r in int8 if r["method"] == "onnxopt")
-    assert ours["agreement"] >= 0.99 and ours["size_ratio"] < 0.5
+    assert ours["agreement"] >= 0.99
+    # int8 is 0.29x the file; on a loaded machine its 70 us run can measure slower than float,
+    # and then the pass keeps float and says why: either way the row is what a user gets
+    if ours["size_ratio"] >= 0.5:
+        assert "slower than" in ours["notes"] and "kept the float model" in ours["notes"], ours["notes"]
+    else:
+        assert ours["size_ratio"] < 0.35
     assert {r["method"] for r in int8} == {"float", "onnxopt", "onnxruntime"}

@@ -24,17 +24,17 @@ def _rounds(ratio: float, noise: float, n: int = 40, seed: int = 0) -> tuple[lis
 
 def test_a_steady_slowdown_is_measured_as_slower():
     measured = slowdown(*_rounds(1.10, 0.01))
-    assert measured.slower() and measured.low > SLOWER and abs(measured.ratio - 1.10) < 0.01
+    assert measured.slower(SLOWER) and measured.low > SLOWER and abs(measured.ratio - 1.10) < 0.01
 
 
 def test_noise_around_a_small_ratio_is_not_a_slowdown():
     measured = slowdown(*_rounds(1.05, 0.30))
     assert measured.ratio > SLOWER  # the median alone would have said "slower" and kept float
-    assert not measured.slower() and measured.low < SLOWER < measured.high
+    assert not measured.slower(SLOWER) and measured.low < SLOWER < measured.high
 
 
 def test_a_large_slowdown_is_caught_even_under_heavy_noise():
-    assert slowdown(*_rounds(2.0, 0.30)).slower()
+    assert slowdown(*_rounds(2.0, 0.30)).slower(SLOWER)
 
 
 def test_interval_is_the_sign_test_order_statistics():

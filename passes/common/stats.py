@@ -14,7 +14,9 @@ unbiased estimate up to scale.
 
 from __future__ import annotations
 
+import functools
 import logging
+import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -124,3 +126,51 @@ def collect_input_stats(
         memory_budget=memory_budget,
     )
     return {layer.key: accumulators[sig] for sig, group in by_signature.items() for layer in group}
+
+
+def collect_fold_stats(
+    model: onnx.ModelProto,
+    layers: list[Layer],
+    samples: list,
+    folds: int,
+    *,
+    gram: bool,
+    seed: int,
+    progress: Progress | None,
+) -> tuple[dict[str, InputStats], dict[str, list[np.ndarray]]]:
+    """Return the layers' input statistics over all ``samples`` and the ``XᵀX`` of each of ``folds`` parts.
+
+    Part ``k`` holds samples ``k, k + folds, …``; the statistics are collected once per
+    part and summed, so the model runs once per sample as without folds.
+    """
+    parts = [
+        collect_input_stats(model, layers, samples[k::folds], gram=gram, seed=seed + 7919 * k, progress=progress)
+        for k in range(folds)
+    ]
+    totals: dict[int, InputStats] = {}
+    merged: dict[str, InputStats] = {}
+    fold_grams: dict[str, list[np.ndarray]] = {}
+    for key, first in parts[0].items():
+        if id(first) not in totals:  # layers reading an input alike share one accumulator
+            group = [part[key] for part in parts]
+            grams = [g.gram for g in group]
+            sums = [g.total for g in group]
+            totals[id(first)] = InputStats(
+                sum(g.rows for g in group), sum_arrays(g.sq_sum for g in group), sum_or_none(grams), sum_or_none(sums)
+            )
+        merged[key] = totals[id(first)]
+        per_fold = [part[key].gram for part in parts]
+        if all(g is not None for g in per_fold):
+            fold_grams[key] = [g for g in per_fold if g is not None]
+    return merged, fold_grams
+
+
+def sum_arrays(arrays: Iterable[np.ndarray]) -> np.ndarray:
+    """Return the elementwise sum of ``arrays`` (the built-in ``sum`` is typed ``int | ndarray``)."""
+    return functools.reduce(operator.add, arrays)
+
+
+def sum_or_none(arrays: Sequence[np.ndarray | None]) -> np.ndarray | None:
+    """Return the elementwise sum, or None when any part is missing."""
+    present = [a for a in arrays if a is not None]
+    return sum_arrays(present) if present and len(present) == len(arrays) else None

@@ -244,16 +244,7 @@ class FuseHardSwish(Fusion):
             last = found.chain[-1]
             output = last.output[0]
             if found.product is None:
-                fused = [
-                    helper.make_node(
-                        "HardSigmoid",
-                        [found.x],
-                        [output],
-                        alpha=1.0 / 6.0,
-                        beta=0.5,
-                        name=names.fresh(f"{output}_hardsigmoid"),
-                    )
-                ]
+                fused = [_hardsigmoid(found.x, output, names.fresh(f"{output}_hardsigmoid"))]
                 kind = "hardsigmoid_fused"
             elif opset >= _HARDSWISH_OPSET:
                 fused = [helper.make_node("HardSwish", [found.x], [output], name=names.fresh(f"{output}_hardswish"))]
@@ -261,14 +252,7 @@ class FuseHardSwish(Fusion):
             else:
                 gate = names.fresh(f"{output}_gate")
                 fused = [
-                    helper.make_node(
-                        "HardSigmoid",
-                        [found.x],
-                        [gate],
-                        alpha=1.0 / 6.0,
-                        beta=0.5,
-                        name=names.fresh(f"{output}_hardsigmoid"),
-                    ),
+                    _hardsigmoid(found.x, gate, names.fresh(f"{output}_hardsigmoid")),
                     helper.make_node("Mul", [found.x, gate], [output], name=names.fresh(f"{output}_hardswish")),
                 ]
                 kind = "hardswish_as_hardsigmoid_product"
@@ -280,3 +264,8 @@ class FuseHardSwish(Fusion):
             return kind
 
         return rewrite
+
+
+def _hardsigmoid(x: str, output: str, name: str) -> onnx.NodeProto:
+    """Return ``HardSigmoid(x)`` with ReLU6's gate constants: ``clip(x / 6 + 0.5, 0, 1)``."""
+    return helper.make_node("HardSigmoid", [x], [output], alpha=1.0 / 6.0, beta=0.5, name=name)

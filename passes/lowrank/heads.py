@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import scipy.linalg
 from onnxopt.passes.common.layers import find_layers
 from onnxopt.passes.common.linalg import augmented_gram
 from onnxopt.passes.common.stats import InputStats, collect_input_stats
@@ -72,8 +73,8 @@ def joint_qk(
         lk = _cholesky(tk[:, cols].T @ gram_k @ tk[:, cols], ridge)
         u, s, vt = np.linalg.svd(lq.T @ lk)
         root = np.sqrt(s[:rank])
-        eq = np.linalg.solve(lq.T, u[:, :rank] * root)
-        ek = np.linalg.solve(lk.T, vt[:rank].T * root)
+        eq = scipy.linalg.solve_triangular(lq.T, u[:, :rank] * root, lower=False)
+        ek = scipy.linalg.solve_triangular(lk.T, vt[:rank].T * root, lower=False)
         new_q[:, h * rank : (h + 1) * rank] = tq[:, cols] @ eq
         new_k[:, h * rank : (h + 1) * rank] = tk[:, cols] @ ek
         lost += float(np.sum(s[rank:] ** 2))
@@ -110,8 +111,8 @@ def head_error_curve(
         lq = _cholesky(tq[:, cols].T @ fit_q @ tq[:, cols], ridge)
         lk = _cholesky(tk[:, cols].T @ fit_k @ tk[:, cols], ridge)
         u, s, vt = np.linalg.svd(lq.T @ lk)
-        left = np.linalg.solve(lq.T, u * s)  # columns Lq⁻ᵀ·u_i·s_i
-        right = np.linalg.solve(lk.T, vt.T)  # columns Lk⁻ᵀ·v_i
+        left = scipy.linalg.solve_triangular(lq.T, u * s, lower=False)  # columns Lq⁻ᵀ·u_i·s_i
+        right = scipy.linalg.solve_triangular(lk.T, vt.T, lower=False)  # columns Lk⁻ᵀ·v_i
         cq = tq[:, cols].T @ eval_q @ tq[:, cols]
         ck = tk[:, cols].T @ eval_k @ tk[:, cols]
         total += float(np.sum(cq * ck.T))
@@ -136,7 +137,7 @@ def input_moment(stats: InputStats) -> np.ndarray:
 def _cholesky(moment: np.ndarray, ridge: float) -> np.ndarray:
     moment = (moment + moment.T) / 2
     scale = max(float(np.trace(moment)) / len(moment), 1e-30)
-    return np.linalg.cholesky(moment + ridge * scale * np.eye(len(moment)))
+    return scipy.linalg.cholesky(moment + ridge * scale * np.eye(len(moment)), lower=True)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.linalg
 
 __all__ = [
     "SHRINKAGE",
@@ -96,7 +97,7 @@ def factorize(weight: np.ndarray, gram: np.ndarray | None = None, shrinkage: flo
     gram = shrink_gram(gram, shrinkage)
     moment = w.T @ gram @ w
     moment = (moment + moment.T) / 2
-    values, vectors = np.linalg.eigh(moment)
+    values, vectors = scipy.linalg.eigh(moment)
     order = np.argsort(values)[::-1][: min(w.shape)]
     return Factorization(vectors[:, order], np.clip(values[order], 0.0, None), whitened=True)
 

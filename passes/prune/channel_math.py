@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from onnxopt.passes.common.linalg import spd_inverse, spd_solve
 
 __all__ = ["ConsumerSystem", "independent_gram", "refit", "relative_error", "removal_order"]
 
@@ -78,8 +79,7 @@ def refit(system: ConsumerSystem, keep: np.ndarray, *, damp: float = 1e-4) -> np
     h = _damped(system.gram, damp)
     kept = np.concatenate([system.features(np.sort(keep)), [h.shape[0] - 1]])
     rhs = system.weight @ h[:, kept]
-    solved = np.linalg.solve(h[np.ix_(kept, kept)], rhs.T).T
-    return solved
+    return spd_solve(h[np.ix_(kept, kept)], rhs.T).T
 
 
 def relative_error(system: ConsumerSystem, keep: np.ndarray, refitted: np.ndarray) -> float:
@@ -106,8 +106,7 @@ def removal_order(
     weights = [s.weight.astype(np.float64).copy() for s in systems]
     inverses = []
     for s in systems:
-        inverse = np.linalg.inv(_damped(s.gram, damp))
-        inverses.append((inverse + inverse.T) / 2)
+        inverses.append(spd_inverse(_damped(s.gram, damp)))
     signals = [max(s.signal(), 1e-30) for s in systems]
     alive = np.ones(channels, dtype=bool)
     order: list[int] = []
@@ -119,14 +118,14 @@ def removal_order(
         for s, w, inverse, signal in zip(systems, weights, inverses, signals, strict=True):
             feats = s.features(candidates).reshape(candidates.size, s.per_channel)
             block = inverse[feats[:, :, None], feats[:, None, :]]  # [n, p, p]
-            block_inv = np.linalg.inv(block)
+            block_inv = spd_inverse(block)  # a principal block of an SPD inverse is SPD
             w_f = w[:, feats].transpose(1, 0, 2)  # [n, rows, p]
             costs += np.einsum("nrp,npq,nrq->n", w_f, block_inv, w_f) / signal
         take = candidates[np.argsort(costs, kind="stable")[: min(batch, candidates.size - 1)]]
         increase = 0.0
         for k, (s, w, inverse, signal) in enumerate(zip(systems, weights, inverses, signals, strict=True)):
             f = s.features(take)
-            hff_inv = np.linalg.inv(inverse[np.ix_(f, f)])
+            hff_inv = spd_inverse(inverse[np.ix_(f, f)])
             w_f = w[:, f]
             increase += float(np.einsum("rp,pq,rq->", w_f, hff_inv, w_f)) / signal
             weights[k] = w - w_f @ hff_inv @ inverse[f, :]

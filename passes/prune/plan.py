@@ -12,11 +12,9 @@ pruned so far (SparseGPT's sequential mode, with the upstream error re-fitted).
 from __future__ import annotations
 
 import fnmatch
-import functools
 import itertools
 import logging
-import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,7 +22,7 @@ import onnx
 from onnxopt.passes.common.budget import measure_gains
 from onnxopt.passes.common.layers import Layer, find_layers, from_canonical, to_canonical, write_weight
 from onnxopt.passes.common.linalg import inverse_factor
-from onnxopt.passes.common.stats import InputStats, collect_input_stats
+from onnxopt.passes.common.stats import InputStats, collect_fold_stats, collect_input_stats, sum_arrays, sum_or_none
 from onnxopt.passes.prune.paired_stats import collect_paired_stats
 from onnxopt.passes.prune.sparsegpt import (
     ErrorCurve,
@@ -295,8 +293,8 @@ class PrunePlan:
                 unit = self.units[i]
                 merged = {id(paired[layer.key]): paired[layer.key] for layer in unit.layers}.values()
                 rows = sum(p.stats.rows for p in merged)
-                gram = _total(p.stats.gram for p in merged if p.stats.gram is not None) / rows
-                cross = _total(p.cross for p in merged) / rows
+                gram = sum_arrays(p.stats.gram for p in merged if p.stats.gram is not None) / rows
+                cross = sum_arrays(p.cross for p in merged) / rows
                 target = compensate_upstream(unit.matrix, gram, cross, damp=unit.damp) if compensate else unit.matrix
                 matrices[i] = sparsegpt(target, gram, count=counts[i], damp=self._damp(unit))
         return matrices
@@ -310,54 +308,6 @@ class PrunePlan:
 def _excluded(layer: Layer, node: onnx.NodeProto, patterns: Sequence[str]) -> bool:
     names = [layer.op_type, node.name, layer.key, layer.weight]
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns for name in names if name)
-
-
-def _collect_folds(
-    model: onnx.ModelProto,
-    layers: list[Layer],
-    samples: list,
-    folds: int,
-    *,
-    gram: bool,
-    seed: int,
-    progress: Progress | None,
-) -> tuple[dict[str, InputStats], dict[str, list[np.ndarray]]]:
-    """Return the layers' input statistics over all ``samples`` and the ``XᵀX`` of each of ``folds`` parts.
-
-    Part ``k`` holds samples ``k, k + folds, …``; the statistics are collected once per
-    part and summed, so the model runs once per sample as without folds.
-    """
-    parts = [
-        collect_input_stats(model, layers, samples[k::folds], gram=gram, seed=seed + 7919 * k, progress=progress)
-        for k in range(folds)
-    ]
-    totals: dict[int, InputStats] = {}
-    merged: dict[str, InputStats] = {}
-    fold_grams: dict[str, list[np.ndarray]] = {}
-    for key, first in parts[0].items():
-        if id(first) not in totals:  # layers reading an input alike share one accumulator
-            group = [part[key] for part in parts]
-            grams = [g.gram for g in group]
-            sums = [g.total for g in group]
-            totals[id(first)] = InputStats(
-                sum(g.rows for g in group), _total(g.sq_sum for g in group), _total_or_none(grams), _total_or_none(sums)
-            )
-        merged[key] = totals[id(first)]
-        grams = [part[key].gram for part in parts]
-        if all(g is not None for g in grams):
-            fold_grams[key] = grams
-    return merged, fold_grams
-
-
-def _total(arrays: Iterable[np.ndarray]) -> np.ndarray:
-    """Return the elementwise sum of ``arrays`` (the built-in ``sum`` is typed ``int | ndarray``)."""
-    return functools.reduce(operator.add, arrays)
-
-
-def _total_or_none(arrays: Sequence[np.ndarray | None]) -> np.ndarray | None:
-    """Return the elementwise sum, or None when any part is missing."""
-    present = [a for a in arrays if a is not None]
-    return _total(present) if present and len(present) == len(arrays) else None
 
 
 def build_plan(
@@ -404,7 +354,7 @@ def build_plan(
         need_gram = repair or scoring == "activation"
         fold_grams: dict[str, list[np.ndarray]] = {}
         if folds > 1 and len(samples) >= 2 * folds and need_gram:
-            stats, fold_grams = _collect_folds(
+            stats, fold_grams = collect_fold_stats(
                 model, layers_read, samples, folds, gram=need_gram, seed=seed, progress=progress
             )
         else:
@@ -413,11 +363,13 @@ def build_plan(
             parts = [fold_grams.get(layer.key) for layer in unit.layers]
             if parts and all(p is not None for p in parts):
                 distinct = {id(stats[layer.key]): p for layer, p in zip(unit.layers, parts, strict=True)}
-                unit.folds = [_total(p[k] for p in distinct.values() if p is not None) for k in range(folds)]
+                unit.folds = [sum_arrays(p[k] for p in distinct.values() if p is not None) for k in range(folds)]
             merged = [stats[layer.key] for layer in unit.layers]
             total = merged[0]
             if len(merged) > 1 and len({id(s) for s in merged}) > 1:
                 grams = [s.gram for s in merged]
-                total = InputStats(sum(s.rows for s in merged), _total(s.sq_sum for s in merged), _total_or_none(grams))
+                total = InputStats(
+                    sum(s.rows for s in merged), sum_arrays(s.sq_sum for s in merged), sum_or_none(grams)
+                )
             unit.stats = total
     return PrunePlan(units, scoring, repair, notes)

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from onnxopt.passes.common.linalg import inverse_factor
+from onnxopt.passes.common.linalg import inverse_factor, spd_solve
 
 __all__ = [
     "ErrorCurve",
@@ -216,7 +216,7 @@ def compensate_upstream(weight: np.ndarray, gram: np.ndarray, cross: np.ndarray,
     ridge = damp * np.maximum(diag.mean(axis=1, keepdims=True), 1e-12)
     h[:, index, index] = diag + ridge
     rhs = np.matmul(cross.astype(np.float64), w.transpose(0, 2, 1)) + ridge[:, :, None] * w.transpose(0, 2, 1)
-    return np.linalg.solve(h, rhs).transpose(0, 2, 1).astype(np.float32)
+    return spd_solve(h, rhs).transpose(0, 2, 1).astype(np.float32)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ it into a :class:`Built` model (placement, rewrite) and these walks choose among
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -22,9 +21,9 @@ import numpy as np
 import onnx
 from onnxopt.passes.common.budget import judgement_notes, search_smallest
 from onnxopt.passes.common.estimate import PlanCheck
-from onnxopt.passes.quantize.fallback import Target, depthwise_groups, latency_rounds, rank_by_removal
+from onnxopt.passes.quantize.fallback import Target, depthwise_groups, rank_by_removal
 from onnxopt.passes.quantize.placement import ANCHOR_OPS, Placement
-from onnxopt.passes.quantize.timing import slowdown
+from onnxopt.passes.quantize.timing import latency_rounds, slowdown
 
 from onnxopt.data import Dataset, Sample
 from onnxopt.progress import Progress
@@ -32,11 +31,13 @@ from onnxopt.runtime import Session
 
 __all__ = ["Built", "FallbackResult", "Variant", "accuracy_fallback", "latency_probes"]
 
-#: Model run time the sensitivity ranking may spend (besides building each variant); it
-#: sets how many held-out samples rank the nodes, at least 2. MiniLM encoder, 48 candidates,
-#: target cosine>=0.995 on the embedding: ranked on all 8 held-out sentences the fallback
-#: ends at 0.74x latency (agreement 0.9954), ranked on 2 at 0.80x (0.9961).
-RANKING_SECONDS = 10.0
+#: Model runs the sensitivity ranking may spend: it sets how many held-out samples rank
+#: the nodes (runs / candidates, at least 2). A count of runs, not of seconds, so the same
+#: model and data give the same ranking on a loaded machine as on a quiet one (a time
+#: budget made int8's result depend on the load). MiniLM encoder, 48 candidates, target
+#: cosine>=0.995 on the embedding: ranked on all 8 held-out sentences the fallback ends at
+#: 0.74x latency (agreement 0.9954), ranked on 2 at 0.80x (0.9961).
+RANKING_RUNS = 256
 
 
 @dataclass(frozen=True)
@@ -118,10 +119,6 @@ def accuracy_fallback(
     def judged(variant: Variant) -> tuple[bool, str]:
         return check(lambda statistics: build(variant, statistics).model)
 
-    with Session(work, label="input model") as session:
-        started = time.perf_counter()
-        first = session.run(ranking_data[0])
-        per_run = time.perf_counter() - started
     notes: list[str] = []
     current = start
     met, summary = judged(current.variant)
@@ -136,11 +133,11 @@ def accuracy_fallback(
             probe = dict.fromkeys(extra - stored_int8, "sensitivity probe")
             return build(base.with_float(probe, extra & stored_int8)).model
 
-        # as many samples as the ranking's time allows (short inputs rank noisily on two)
-        count = int(np.clip(RANKING_SECONDS / max(per_run * len(candidates), 1e-9), 2, len(ranking_data)))
+        # as many samples as the ranking's runs allow (short inputs rank noisily on two)
+        count = int(np.clip(RANKING_RUNS // max(len(candidates), 1), 2, len(ranking_data)))
         ranking = ranking_data.spaced(count)
         with Session(work, label="input model") as session:
-            reference = [first if s is ranking_data[0] else session.run(s) for s in ranking]
+            reference = [session.run(s) for s in ranking]
         with progress.task("ranking node sensitivity", len(candidates)) as task:
             gains = rank_by_removal(probe_model, candidates, ranking, target.scoped(reference), task.advance)
         order = sorted(gains, key=gains.__getitem__, reverse=True)

@@ -10,15 +10,11 @@
   per-tensor noise was tried first and misled on deep CNNs (noise accumulates, so late
   and tiny branches looked worst). Candidates are the weighted anchors, which carry
   both the error and the gain; one or two held-out samples rank them.
-* **Latency** is the median of interleaved runs of two models, at onnxruntime's default
-  optimization level, on one calibration sample.
 """
 
 from __future__ import annotations
 
 import re
-import statistics
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -27,7 +23,7 @@ import onnx
 from onnxopt.passes.common.budget import TaskBudget, declared_budget
 from onnxopt.passes.common.layers import is_depthwise
 
-from onnxopt.data import Dataset, Sample
+from onnxopt.data import Dataset
 from onnxopt.graph import GraphIndex
 from onnxopt.harness import PROFILES, Tolerance, compare_outputs
 from onnxopt.harness.metrics import split_by_scale
@@ -37,8 +33,6 @@ __all__ = [
     "DEFAULT_TARGET",
     "Target",
     "depthwise_groups",
-    "latency_rounds",
-    "measure_latency",
     "output_noise",
     "parse_target",
     "rank_by_removal",
@@ -153,7 +147,7 @@ def output_noise(model: onnx.ModelProto, data: Dataset, reference: Outputs) -> f
     that is small in value (a detector's scores next to its boxes) ranks nodes by its own
     noise: the judge's detection metric reads it, and its noise vanishes in the whole.
     """
-    with Session(model, label="int8 model") as session:
+    with Session(model, optimization="default", label="int8 model") as session:  # as it deploys
         outputs = [session.run(sample) for sample in data]
     worst = 0.0
     for name, value in reference[0].items():
@@ -182,72 +176,6 @@ def rank_by_removal(
         if tick is not None:
             tick()
     return gains
-
-
-def measure_latency(
-    models: Sequence[onnx.ModelProto],
-    sample: Sample,
-    *,
-    rounds: int = 15,
-    threads: int | None = None,
-    budget_seconds: float = 20.0,
-    min_seconds: float = 0.5,
-) -> list[float]:
-    """Return the median seconds per run of each model, runs interleaved (A, B, A, B, ...).
-
-    See :func:`latency_rounds` for the rounds; this keeps only each model's median.
-    """
-    times = latency_rounds(
-        models, sample, rounds=rounds, threads=threads, budget_seconds=budget_seconds, min_seconds=min_seconds
-    )
-    return [statistics.median(t) for t in times]
-
-
-def latency_rounds(
-    models: Sequence[onnx.ModelProto],
-    sample: Sample,
-    *,
-    rounds: int = 15,
-    threads: int | None = None,
-    budget_seconds: float = 20.0,
-    min_seconds: float = 0.5,
-) -> list[list[float]]:
-    """Return every timed run's seconds, per model, runs interleaved (A, B, A, B, ...).
-
-    At least ``rounds`` rounds and, for fast models, as many as fill ``min_seconds`` (15
-    rounds of a 25 us model decided int8 vs float on noise), stopping after ``budget_seconds``.
-    Round ``i`` of every model ran back to back, so ratios of round ``i`` cancel slow drifts
-    of the machine. Models are timed without their ``value_info``, as the pipeline writes a
-    model whose input had none (onnxruntime's shape-dependent fusions differ with it).
-    """
-    sessions = [_bare_session(m, threads) for m in models]
-    try:
-        for session in sessions:  # warm up: allocations, thread pools
-            session.run(sample)
-            session.run(sample)
-        times: list[list[float]] = [[] for _ in sessions]
-        started = time.perf_counter()
-        while len(times[0]) < rounds or time.perf_counter() - started < min_seconds:
-            for i, session in enumerate(sessions):
-                t0 = time.perf_counter()
-                session.run(sample)
-                times[i].append(time.perf_counter() - t0)
-            if time.perf_counter() - started > budget_seconds and len(times[0]) >= 5:
-                break
-        return times
-    finally:
-        for session in sessions:
-            session.close()
-
-
-def _bare_session(model: onnx.ModelProto, threads: int | None) -> Session:
-    """Return a timing session of ``model`` built without its ``value_info`` (restored afterwards)."""
-    saved = list(model.graph.value_info)
-    del model.graph.value_info[:]
-    try:
-        return Session(model, optimization="default", threads=threads, label="model under timing")
-    finally:
-        model.graph.value_info.extend(saved)
 
 
 def depthwise_groups(model: onnx.ModelProto, nodes: Mapping[str, onnx.NodeProto]) -> dict[str, list[str]]:

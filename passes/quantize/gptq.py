@@ -104,7 +104,12 @@ def damping(features: int, rows: int) -> float:
 
 
 def round_weights(
-    model: onnx.ModelProto, samples: Sequence[Sample], *, per_channel: bool, progress: Progress | None = None
+    model: onnx.ModelProto,
+    samples: Sequence[Sample],
+    *,
+    per_channel: bool,
+    levels: int = 127,
+    progress: Progress | None = None,
 ) -> tuple[Rounded, list[str]]:
     """Return GPTQ integers for the weights of ``model``'s layers, keyed ``(weight, axis)``, and notes.
 
@@ -130,15 +135,22 @@ def round_weights(
         if gram is None or value is None or not np.isfinite(gram).all():
             continue  # non-finite inputs (e.g. infinities reaching this layer): nearest rounding
         axis = weight_axis(nodes[layer.key], value.ndim, per_channel)
-        params = weight_qparams(value, axis)
+        params = weight_qparams(value, axis, levels=levels)
         shape = [1] * value.ndim
         if axis is not None:
             shape[axis] = -1
         scale = np.broadcast_to(params.scale.reshape(shape), value.shape)
         canonical = to_canonical(layer, value)
         canonical_scale = to_canonical(layer, np.ascontiguousarray(scale))
-        integers = gptq_round(canonical, gram, canonical_scale, damp=damping(gram.shape[-1], stats[layer.key].rows))
-        nearest = np.clip(np.round(canonical / canonical_scale), -127, 127)
+        integers = gptq_round(
+            canonical,
+            gram,
+            canonical_scale,
+            damp=damping(gram.shape[-1], stats[layer.key].rows),
+            qmin=-levels,
+            qmax=levels,
+        )
+        nearest = np.clip(np.round(canonical / canonical_scale), -levels, levels)
         before = output_error(canonical, nearest * canonical_scale, gram)
         after = output_error(canonical, integers * canonical_scale, gram)
         if not after < before:  # never worse than nearest on the calibration inputs (NaN: not better)

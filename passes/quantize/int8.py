@@ -16,8 +16,6 @@ The pass is a short sequence of separate steps, each in its own module:
 from __future__ import annotations
 
 import logging
-import time
-import tracemalloc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -35,23 +33,17 @@ from onnxopt.passes.common.estimate import (
 )
 from onnxopt.passes.common.graphs import opset_version, upgrade_opset
 from onnxopt.passes.quantize.backoff import Built, Variant, accuracy_fallback, latency_probes
-from onnxopt.passes.quantize.fallback import DEFAULT_TARGET, Target, latency_rounds, parse_target
+from onnxopt.passes.quantize.fallback import DEFAULT_TARGET, Target, parse_target
 from onnxopt.passes.quantize.gptq import round_weights
+from onnxopt.passes.quantize.kernels import weight_levels
 from onnxopt.passes.quantize.notes import float_model_notes, kept_float_notes, mixed_range_concats
 from onnxopt.passes.quantize.placement import ANCHOR_OPS, DEFAULT_OP_TYPES, place
+from onnxopt.passes.quantize.ranges import RangeSettings, calibrate_ranges
 from onnxopt.passes.quantize.rewrite import QDQPlan, Rounded, apply_plan
 from onnxopt.passes.quantize.saturation import saturation_bounds
-from onnxopt.passes.quantize.timing import latency_verdict, slowdown
+from onnxopt.passes.quantize.timing import latency_verdict, not_slower_than
 
-from onnxopt.calibration import (
-    METHODS,
-    QuantParams,
-    SaturatedObserver,
-    affine_qparams,
-    choose_range,
-    collect_statistics,
-    make_observer,
-)
+from onnxopt.calibration import METHODS, QuantParams, affine_qparams
 from onnxopt.data import Dataset
 from onnxopt.errors import CalibrationDataError, OnnxoptError
 from onnxopt.graph import NameGenerator, nested_ops
@@ -84,6 +76,7 @@ class _Calibrated:
     ranges: dict[str, tuple[float, float]]
     blocked: dict[str, str]
     rounded: Rounded = field(default_factory=dict)
+    levels: int = 127
     stats: dict[str, Any] = field(default_factory=dict)  # calibration time, memory, samples
     notes: tuple[str, ...] = ()
 
@@ -114,6 +107,9 @@ class QuantizeInt8(Pass):
     stores its weight as int8, read through Cast and Mul that onnxruntime folds when the
     session starts (MiniLM: file 0.44 -> 0.26 of float at the same accuracy; PP-OCR det
     with 50 such convs: 30.1 ms, against 42.5 ms with a DequantizeLinear there).
+    ``weight_range`` (default ``"auto"``): weights read by integer kernels on 7 bits where
+    onnxruntime's u8 x s8 kernels saturate on this CPU (x86 without VNNI, measured; see
+    ``kernels``), else the full int8 range; ``"reduced"``/``"full"`` force one.
     ``weight_rounding`` (default ``"gptq"``): weights are rounded to compensate each
     other's error on the calibration inputs (``gptq``; PP-OCR det, weights int8
     and activations float: IoU 0.968 nearest, 0.989 GPTQ); ``"nearest"`` rounds each alone.
@@ -160,6 +156,7 @@ class QuantizeInt8(Pass):
         depthwise: bool = False,
         latency_reference: str = "source",
         estimate_folds: int = DEFAULT_FOLDS,
+        weight_range: str = "auto",
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
@@ -167,6 +164,8 @@ class QuantizeInt8(Pass):
             raise ValueError(f"activation_type must be 'uint8' or 'int8', not {activation_type!r}")
         if weight_rounding not in ("gptq", "nearest"):
             raise ValueError(f"weight_rounding must be 'gptq' or 'nearest', not {weight_rounding!r}")
+        if weight_range not in ("auto", "full", "reduced"):
+            raise ValueError(f"weight_range must be 'auto', 'full' or 'reduced', not {weight_range!r}")
         if latency_reference not in ("source", "input"):
             raise ValueError(f"latency_reference must be 'source' or 'input', not {latency_reference!r}")
         if not 0 <= holdout < 1:
@@ -191,6 +190,7 @@ class QuantizeInt8(Pass):
         self.depthwise = depthwise
         self.latency_reference = latency_reference
         self.estimate_folds = estimate_folds
+        self.weight_range = weight_range
 
     # ------------------------------------------------------------------ steps
 
@@ -198,37 +198,10 @@ class QuantizeInt8(Pass):
         self, model: onnx.ModelProto, tensors: list[str], data: Dataset, ctx: Context, stats: dict[str, Any]
     ) -> tuple[dict[str, tuple[float, float]], dict[str, str]]:
         """Return calibrated ranges and the tensors blocked (tensor → reason)."""
-        dtype = np.dtype(self.activation_type)
-        started = time.perf_counter()
-        tracing = not tracemalloc.is_tracing()
-        if tracing:
-            tracemalloc.start()
-        tracemalloc.reset_peak()
         bounds = saturation_bounds(model, tensors) if self.saturation_aware else {}
-
-        def observer(name: str) -> Any:
-            inner = make_observer(self.method, averaging_constant=self.averaging_constant)
-            return SaturatedObserver(inner, *bounds[name]) if name in bounds else inner
-
-        try:
-            observers = collect_statistics(model, tensors, data, observer, progress=ctx.progress)
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            if tracing:
-                tracemalloc.stop()
-        ranges, blocked = {}, {}
-        for name, stats_of in observers.items():
-            if stats_of.nonfinite:
-                blocked[name] = f"holds {stats_of.nonfinite} non-finite values (e.g. an attention mask)"
-            elif stats_of.empty():
-                blocked[name] = "had no values during calibration"
-            else:
-                ranges[name] = choose_range(stats_of, self.method, dtype, percentile=self.percentile)
-        stats["calibration_seconds"] = round(time.perf_counter() - started, 3)
-        stats["calibration_peak_bytes"] = int(peak)
-        stats["calibration_samples"] = len(data)
         stats["ranges_saturation_clamped"] = len(bounds)
-        return ranges, blocked
+        observe = RangeSettings(self.method, np.dtype(self.activation_type), self.percentile, self.averaging_constant)
+        return calibrate_ranges(model, tensors, data, observe, bounds, stats, progress=ctx.progress)
 
     def _build(self, model: onnx.ModelProto, state: _Calibrated, variant: Variant) -> Built:
         """Return ``variant`` placed and rewritten."""
@@ -257,7 +230,7 @@ class QuantizeInt8(Pass):
                         low = min(ranges[t][0] for t in node.input if t in ranges)
                         high = max(ranges[t][1] for t in node.input if t in ranges)
                         params[tensor] = params[node.output[0]] = affine_qparams(low, high, dtype)
-        quantized, counts = apply_plan(model, QDQPlan(placement, params, state.rounded))
+        quantized, counts = apply_plan(model, QDQPlan(placement, params, state.rounded, state.levels))
         return Built(variant, placement, quantized, counts)
 
     # ------------------------------------------------------------------ run
@@ -311,9 +284,11 @@ class QuantizeInt8(Pass):
             reason = "no node can be quantized" + (f" ({'; '.join(causes[:3])})" if causes else "")
             notes += kept_float_notes(first.float_reasons)
             return PassResult(model, False, stats, float_model_notes(notes, model), NOT_APPLIED, reason)
+        levels, levels_note = weight_levels(self.weight_range)
+        stats["weight_levels"] = levels
 
         def fit(data: Dataset) -> _Calibrated:
-            return self._fit(work, first.observed, data, ctx, bool(per_channel_ok))
+            return self._fit(work, first.observed, data, ctx, bool(per_channel_ok), levels)
 
         check: PlanCheck[_Calibrated] | None = None
         folds = self.estimate_folds
@@ -380,6 +355,7 @@ class QuantizeInt8(Pass):
             notes.append("nothing was quantized (every candidate node was kept float); kept the input model")
             reason = "every candidate node was kept float"
             return PassResult(model, False, stats, float_model_notes(notes, model), NOT_APPLIED, reason)
+        notes.append(levels_note)
         if isinstance(check, CrossFittedCheck):  # the final variant (after the latency probes), every sample unseen
             final = built.variant
             check(lambda on: build(final, on).model)
@@ -403,7 +379,7 @@ class QuantizeInt8(Pass):
         return PassResult(quantized, True, stats, notes, APPLIED, f"{len(placement.nodes)} node(s) quantized")
 
     def _fit(
-        self, work: onnx.ModelProto, observed: list[str], data: Dataset, ctx: Context, per_channel: bool
+        self, work: onnx.ModelProto, observed: list[str], data: Dataset, ctx: Context, per_channel: bool, levels: int
     ) -> _Calibrated:
         """Return the statistics of ``data`` alone: activation ranges, blocked tensors, rounded weights."""
         stats: dict[str, Any] = {}
@@ -411,23 +387,19 @@ class QuantizeInt8(Pass):
         rounded: Rounded = {}
         notes: list[str] = []
         if self.weight_rounding == "gptq":
-            rounded, notes = round_weights(work, list(data), per_channel=per_channel, progress=ctx.progress)
-        return _Calibrated(ranges, blocked, rounded, stats, tuple(notes))
+            rounded, notes = round_weights(
+                work, list(data), per_channel=per_channel, levels=levels, progress=ctx.progress
+            )
+        return _Calibrated(ranges, blocked, rounded, levels, stats, tuple(notes))
 
     def _latency_budget(self, work: onnx.ModelProto, ctx: Context) -> Callable[[onnx.ModelProto], str | None] | None:
         """Return the check the accuracy fallback must keep passing: no slower than the latency reference."""
         if not self.check_latency or ctx.calibration is None:
             return None
-        reference = ctx.reference if self.latency_reference == "source" and ctx.reference is not None else work
-        label = "the pipeline's starting model" if reference is not work else "this pass's float input"
-        sample = ctx.calibration[0]
-
-        def too_slow(candidate: onnx.ModelProto) -> str | None:
-            reference_s, candidate_s = latency_rounds([reference, candidate], sample, threads=self.threads)
-            measured = slowdown(reference_s, candidate_s)  # slower only beyond the timing noise
-            return f"{measured.describe()} as slow as {label}" if measured.slower() else None
-
-        return too_slow
+        source = self.latency_reference == "source" and ctx.reference is not None
+        reference = ctx.reference if source and ctx.reference is not None else work
+        label = "the pipeline's starting model" if source else "this pass's float input"
+        return not_slower_than(reference, label, ctx.calibration[0], self.threads)
 
     def wants_reference(self) -> bool:
         """Return True when the latency check compares with the pipeline's starting model."""

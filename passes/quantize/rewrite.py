@@ -68,6 +68,9 @@ class QDQPlan:
     #: integers chosen for a weight by error-compensating rounding, per (weight name, axis),
     #: with the scale they were rounded on; used when the rewrite's scale is that scale
     rounded: Rounded = field(default_factory=dict)
+    #: half-width of the symmetric grid of weights read by integer kernels: 127, or 64 (7
+    #: bits) where onnxruntime's u8 x s8 kernels saturate (``passes/quantize/kernels.py``)
+    weight_levels: int = 127
 
 
 def _add_initializer(graph: onnx.GraphProto, names: NameGenerator, base: str, array: np.ndarray) -> str:
@@ -146,7 +149,7 @@ def _weight_scales(
             value = index.constant(name)
             if value is None:
                 raise ValueError(f"weight {name!r} of node {use.node!r} is not a constant")
-            params[key] = weight_qparams(value, use.axis)
+            params[key] = weight_qparams(value, use.axis, levels=plan.weight_levels)
     by_node = {(u.node, u.index): u for u in placement.weights}
     for bias in placement.biases:
         node = nodes[bias.node]

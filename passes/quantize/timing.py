@@ -11,53 +11,43 @@ is wide and a noisy 1.05x no longer flips the result to float. The note gives th
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import onnx
-from onnxopt.passes.quantize.fallback import latency_rounds
 
-__all__ = ["SLOWER", "Slowdown", "latency_verdict", "slowdown"]
+from onnxopt.data import Sample
+from onnxopt.timing import Slowdown, interleaved_times, slowdown
+
+__all__ = ["SLOWER", "Slowdown", "latency_rounds", "latency_verdict", "not_slower_than", "slowdown"]
 
 #: int8 up to 3 % slower than its reference still counts as "not slower" (timing resolution)
 SLOWER = 1.03
 
 
-@dataclass(frozen=True)
-class Slowdown:
-    """A candidate's time over a reference's: the median per-round ratio and its 95 % interval."""
+def latency_rounds(models: Sequence[onnx.ModelProto], sample: Sample, *, threads: int | None) -> list[list[float]]:
+    """Return every timed run's seconds, per model, interleaved: the int8 pass's timing policy.
 
-    ratio: float
-    low: float
-    high: float
-    rounds: int
-
-    def slower(self, tolerance: float = SLOWER) -> bool:
-        """Return True when the candidate is slower beyond ``tolerance`` and beyond the noise."""
-        return self.low > tolerance
-
-    def describe(self) -> str:
-        """Return e.g. ``1.05x [0.97, 1.12] over 40 rounds``."""
-        return f"{self.ratio:.2f}x [{self.low:.2f}, {self.high:.2f}] over {self.rounds} rounds"
-
-
-def slowdown(reference: Sequence[float], candidate: Sequence[float], z: float = 1.96) -> Slowdown:
-    """Return the median of ``candidate_i / reference_i`` over paired rounds and its interval.
-
-    The interval is the ``k``-th smallest to the ``k``-th largest ratio with
-    ``k = floor((n - z·√n) / 2)``: the normal approximation of the sign test's confidence
-    interval for a median, which assumes nothing about the noise's distribution.
-    With fewer than 6 rounds ``k`` is 0 and the interval is the full range.
+    At least 15 rounds and, for fast models, as many as fill half a second; at most 20
+    seconds (then at least 5 rounds, so the sign-test interval exists).
     """
-    ratios = np.sort(np.asarray(candidate, np.float64) / np.maximum(np.asarray(reference, np.float64), 1e-12))
-    n = len(ratios)
-    if n == 0:
-        return Slowdown(1.0, 0.0, math.inf, 0)
-    k = max(math.floor((n - z * math.sqrt(n)) / 2), 0)
-    return Slowdown(float(np.median(ratios)), float(ratios[k]), float(ratios[n - 1 - k]), n)
+    return interleaved_times(
+        models, sample, threads=threads, rounds=15, min_seconds=0.5, budget_seconds=20.0, min_rounds=5
+    )
+
+
+def not_slower_than(
+    reference: onnx.ModelProto, label: str, sample: Sample, threads: int | None
+) -> Callable[[onnx.ModelProto], str | None]:
+    """Return a check of a candidate: why it is slower than ``reference`` beyond the noise, or None."""
+
+    def too_slow(candidate: onnx.ModelProto) -> str | None:
+        reference_s, candidate_s = latency_rounds([reference, candidate], sample, threads=threads)
+        measured = slowdown(reference_s, candidate_s)
+        return f"{measured.describe()} as slow as {label}" if measured.slower(SLOWER) else None
+
+    return too_slow
 
 
 def latency_verdict(
@@ -96,7 +86,7 @@ def latency_verdict(
     stats["latency_ratio"] = round(against.ratio, 3)
     stats["latency_ratio_interval"] = [round(against.low, 3), round(against.high, 3)]
     notes.append(text)
-    if against.slower():
+    if against.slower(SLOWER):
         notes.append(
             f"the int8 model is slower than {label} on this machine beyond the timing noise "
             f"({against.describe()}, all above {SLOWER}x); kept the float model "
@@ -108,7 +98,7 @@ def latency_verdict(
             f"kept int8: {against.describe()} of {label}'s time, but the interval reaches {SLOWER}x "
             "or below, so no slowdown was measured beyond the timing noise"
         )
-    if versus_input.slower() and reference is not None:
+    if versus_input.slower(SLOWER) and reference is not None:
         notes.append(
             f"kept int8: {versus_input.describe()} the time of this pass's float input (the passes before "
             f"it made float faster) but not slower than {label}, at a smaller file; set "
