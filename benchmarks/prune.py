@@ -110,6 +110,10 @@ def preset_row(key: str) -> dict:
         "method": PRESET,
         "sparsity": round(float(record.stats.get("sparsity", 0.0)), 4),
         "agreement": round(task_agreement(key, run_model(model, held), run_model(result.model, held), held), 4),
+        # what the pass says of itself (its cross-fitted judgement over the calibration samples)
+        "reported_metric": record.stats.get("task_metric"),
+        "reported_agreement": record.stats.get("task_agreement"),
+        "reported_interval": record.stats.get("task_interval"),
         "search_seconds": round(time.perf_counter() - started, 1),
         "calibration_samples": len(calib),
         "unseen_samples": len(held),
