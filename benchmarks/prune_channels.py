@@ -18,7 +18,8 @@ further images and on the 32 calibration images themselves (IoU of the text mask
 ≥ ``TARGET`` on both, as the pass judges its budget on held-out and fitted samples), then
 reported on 24 held-out images never used before. Latency: onnxruntime with all graph
 optimizations, 1 intra-op thread, original and pruned sessions run interleaved (A/B),
-median of each. Run ``python -m benchmarks.prune_channels [multiple]``.
+median of each. Run ``python -m benchmarks.prune_channels [multiple]``; ``--pass`` measures only
+the pass with its default budget (:func:`pass_row`) and merges it into the results file.
 """
 
 from __future__ import annotations
@@ -211,6 +212,13 @@ def _params(model: onnx.ModelProto) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--pass"]:  # only the pass row, merged into benchmarks/results/prune_channels.json
+        from benchmarks.common import merge_saved_rows
+
+        row = pass_row()
+        print(row)
+        merge_saved_rows("prune_channels", [row], "python -m benchmarks.prune_channels --pass")
+        sys.exit(0)
     for row in run(multiple=int(sys.argv[1]) if len(sys.argv) > 1 else 8):
         for name, value in row.items():
             if name != "per_group":
