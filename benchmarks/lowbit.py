@@ -131,8 +131,10 @@ def _variants(
     made: dict[str, tuple[Path, float]] = {}
     for label, params in ours.items():
         path = tmp / f"ours-{label}.onnx"
-        data = None if any(p == "method=hqq" or p == "method=rtn" for p in params) else calib
-        made[f"onnxopt {label}"] = (path, onnxopt_int4(source, path, data, params))
+        # the data-free methods run without data unless the variant asks for it ("--calib")
+        data_free = any(p in ("method=hqq", "method=rtn") for p in params) and "--calib" not in params
+        chosen = [p for p in params if p != "--calib"]
+        made[f"onnxopt {label}"] = (path, onnxopt_int4(source, path, None if data_free else calib, chosen))
     for algorithm in theirs:
         path = tmp / f"ort-{algorithm}.onnx"
         made[f"onnxruntime {algorithm}"] = (path, onnxruntime_int4(source, path, algorithm, calib))
@@ -166,7 +168,7 @@ def _rows(
     return rows
 
 
-def run_encoder(tmp: Path, target: bool = False) -> list[dict[str, Any]]:
+def run_encoder(tmp: Path, extra: bool = False) -> list[dict[str, Any]]:
     """Return the encoder rows: pooled cosine on 16 held-out sentences, size and latency ratios."""
     from benchmarks.encoder import encoder_model_path
     from benchmarks.inputs import encoder_inputs
@@ -175,14 +177,19 @@ def run_encoder(tmp: Path, target: bool = False) -> list[dict[str, Any]]:
     feeds = encoder_inputs(48)
     calib, held = feeds[:32], feeds[32:]
     ours = {
-        "gptq": [],
-        "hqq (no data)": ["method=hqq"],
+        "default (gptq, awq, task target, 8-bit widening)": [],
+        "target cosine>=0.99": ["--target cosine>=0.99@sentence_embedding"],
+        "target cosine>=0.99, widened float": ["--target cosine>=0.99@sentence_embedding", "widen_bits=0"],
+        "gptq awq, no target": ["target=none"],
+        "gptq, no awq, no target": ["target=none", "awq=false"],
         "rtn (no data)": ["method=rtn"],
     }
-    if target:  # ~15 min more on a 2-core machine
-        ours["gptq target0.99"] = ["--target cosine>=0.99@sentence_embedding"]
+    if extra:  # the data-free HQQ and the accuracy_level=0 copy of the default: ~5 min more
+        ours["hqq (no data)"] = ["method=hqq"]
     made = _variants(source, calib, tmp, ours, ["rtn", "gptq", "hqq"])
-    made["onnxopt gptq level0"] = (_with_accuracy_level(made["onnxopt gptq"][0], 0), made["onnxopt gptq"][1])
+    if extra:
+        default = made["onnxopt default (gptq, awq, task target, 8-bit widening)"]
+        made["onnxopt default level0"] = (_with_accuracy_level(default[0], 0), default[1])
     return _rows(source, made, lambda p: _pooled_cosine(source, p, held), held[0], "MiniLM encoder", "cosine")
 
 
@@ -240,10 +247,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Run the chosen parts; each writes ``benchmarks/results/lowbit-<part>.json``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="encoder,decoder,latency")
-    parser.add_argument("--with-target", action="store_true", help="also the encoder with --target cosine>=0.99")
+    parser.add_argument("--extra", action="store_true", help="also the encoder with HQQ and accuracy_level=0")
     args = parser.parse_args(argv)
     parts: dict[str, Callable[[Path], list[dict[str, Any]]]] = {
-        "encoder": lambda tmp: run_encoder(tmp, args.with_target),
+        "encoder": lambda tmp: run_encoder(tmp, args.extra),
         "decoder": run_decoder,
         "latency": run_latency,
     }

@@ -63,7 +63,7 @@ for _preset, _pass_name, _description in _LOSSY_PRESETS:
 
 #: Weight-only presets: ``fuse``, then ``quantize_weights`` at a bit width (preset, bits, what it does).
 _WEIGHT_PRESETS = [
-    ("int4", 4, "fuse, then 4-bit block-wise weights (MatMulNBits; GPTQ with calibration data, HQQ without)"),
+    ("int4", 4, "fuse, then 4-bit block-wise weights (MatMulNBits; GPTQ with calibration data, RTN without)"),
     ("int8_weights", 8, "fuse, then 8-bit block-wise weights (MatMulNBits), activations float"),
 ]
 

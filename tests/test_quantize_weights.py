@@ -37,8 +37,15 @@ def _samples(shape: tuple[int, ...], count: int = 8, name: str = "x") -> Dataset
 
 
 def _quantize(model: onnx.ModelProto, data: Dataset | None = None, **params: object):
-    """Run the pass on a copy (it rewrites in place); a lone layer is the output projection: 4 bits unless told."""
+    """Run the pass on a copy (it rewrites in place); a lone layer is the output projection: 4 bits unless told.
+
+    No accuracy target and no AWQ scaling unless told: these tests check the rewrite, which
+    the default task target would undo on layers whose 4-bit error is outside its floors
+    (AWQ has its own tests in test_quantize_awq.py).
+    """
     params.setdefault("lm_head_bits", 4)
+    params.setdefault("target", None)
+    params.setdefault("awq", False)
     result = create_pass("quantize_weights", **params)(copy.deepcopy(model), Context(calibration=data))
     onnx.checker.check_model(result.model, full_check=True)
     return result
@@ -283,7 +290,8 @@ def test_lowrank_correction_lowers_the_error():
     assert err[1] < err[0]
 
 
-def test_target_widens_the_most_sensitive_layers_to_8_bits():
+def _two_layers() -> tuple[onnx.ModelProto, Dataset]:
+    """Return x -> MatMul -> MatMul -> y and 16 calibration samples."""
     rng = np.random.default_rng(9)
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["y"])]
     model = make_model(
@@ -292,11 +300,38 @@ def test_target_widens_the_most_sensitive_layers_to_8_bits():
         [vi("y", [2, N])],
         [init("w1", _weight((K, K))), init("w2", _weight((K, N), 1))],
     )
-    data = Dataset([{"x": rng.normal(size=(2, K)).astype(np.float32)} for _ in range(16)])
+    return model, Dataset([{"x": rng.normal(size=(2, K)).astype(np.float32)} for _ in range(16)])
+
+
+def test_target_widens_the_most_sensitive_layers_to_8_bits():
+    model, data = _two_layers()
     loose = _quantize(model, data, method="rtn", target="cosine>=0.9")
-    assert loose.stats["layers_at_8_bits"] == 0
+    assert loose.stats["layers_widened"] == 0
     strict = _quantize(model, data, method="rtn", target="cosine>=0.9999")
-    assert strict.stats["target_met"] == 1 and strict.stats["layers_at_8_bits"] >= 1
+    assert strict.stats["target_met"] == 1 and strict.stats["layers_widened"] >= 1
+    assert ops(strict.model) == ["MatMulNBits", "MatMulNBits"]
+    bits = sorted(next(a.i for a in n.attribute if a.name == "bits") for n in strict.model.graph.node)
+    assert bits.count(8) == strict.stats["layers_widened"]
+
+
+def test_target_keeps_the_layers_it_sends_up_in_float_with_widen_bits_0():
+    model, data = _two_layers()
+    strict = _quantize(model, data, method="rtn", target="cosine>=0.996", widen_bits=0)
+    assert strict.stats["target_met"] == 1 and strict.stats["layers_widened"] == 1
+    assert sorted(ops(strict.model)) == ["MatMul", "MatMulNBits"]
+    _within_quantization_error(model, strict.model, data, 0.15)
+
+
+def test_default_target_is_the_task_metrics_when_there_are_four_samples_to_judge_on():
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["y"])]
+    model = make_model(
+        nodes, [vi("x", [2, K])], [vi("y", [2, N])], [init("w1", _weight((K, K))), init("w2", _weight((K, N), 1))]
+    )
+    judged = create_pass("quantize_weights", method="rtn")(copy.deepcopy(model), Context(calibration=_samples((2, K))))
+    assert "target_met" in judged.stats and any("accuracy target task metrics" in n for n in judged.notes)
+    few = create_pass("quantize_weights", method="rtn")(copy.deepcopy(model), Context(calibration=_samples((2, K), 2)))
+    assert "target_met" not in few.stats and ops(few.model) == ["MatMulNBits", "MatMulNBits"]
+    assert any("no accuracy target judged" in n for n in few.notes)
 
 
 def test_presets_int4_and_int8_weights_exist():

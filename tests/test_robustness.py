@@ -9,7 +9,7 @@ from onnx import TensorProto, helper
 
 from onnxopt.harness import check, synthesize_inputs
 from onnxopt.pipeline import Context, load_recipe
-from tests.builders import init, make_model, vi
+from tests.builders import init, make_model, run_check, unseen_inputs, vi
 
 
 def _fuse(model: onnx.ModelProto):
@@ -144,6 +144,19 @@ def _lossy(preset: str, model: onnx.ModelProto, data):
 LOSSY_PASS = {"int8": "quantize_int8", "prune": "prune_magnitude", "lowrank": "split_lowrank"}
 
 
+def _within_budget(model: onnx.ModelProto, candidate: onnx.ModelProto) -> bool:
+    """Judge ``candidate`` on inputs the pass never saw, under the int8 profile's signal floors.
+
+    Top-1 of these small synthetic classifiers is held to 0.85: their rows are near-tied,
+    and the passes report a cross-fitted top-1 interval reaching 0.76 on 12 samples (judging
+    the calibration samples instead would restate the pass's own verdict).
+    """
+    overrides = {"*": {"min_top1": 0.85}}
+    return run_check(
+        model, candidate, profile="int8", data=unseen_inputs(model), overrides=overrides, metrics=["y:top1>=0.85"]
+    ).passed
+
+
 def _lossy_pass_changed(preset: str, result) -> bool:
     """Return whether the preset's lossy pass reported a change (the fusions before it do not count)."""
     return any(r.changed for r in result.records if r.name == LOSSY_PASS[preset])
@@ -185,7 +198,7 @@ def test_lossy_presets_write_valid_models_within_budget_on_every_opset(preset, o
     data = synthesize_inputs(model, iterations=12)
     result = _lossy(preset, model, data)
     onnx.checker.check_model(result.model, full_check=True)
-    assert check(model, result.model, data, profile="int8").passed
+    assert _within_budget(model, result.model)
     assert _lossy_pass_changed(preset, result), [(r.name, r.notes) for r in result.records]
     if preset == "int8":  # per-channel weights need opset 13: older models are upgraded, newer kept
         assert result.final.ops.get("QuantizeLinear", 0) > 0
@@ -271,7 +284,7 @@ def test_channel_pruning_writes_valid_models_within_budget_on_every_opset(opset)
     result = PruneChannels(multiple=4)(model, Context(calibration=data))
     assert result.changed and result.stats["channels_removed"] >= 8
     onnx.checker.check_model(result.model, full_check=True)
-    assert check(model, result.model, data, profile="int8").passed
+    assert _within_budget(model, result.model)
     assert any("c2" in n and "Reshape" in n for n in result.notes)  # the group read by Reshape is named
 
 

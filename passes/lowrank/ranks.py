@@ -113,7 +113,8 @@ def held_out_error(weight: np.ndarray, factorization: Factorization, gram: np.nd
     total = float(np.trace(moment))
     if total <= 0:
         return np.zeros(factorization.basis.shape[1] + 1)
-    captured = np.einsum("ij,ik,kj->j", factorization.basis, moment, factorization.basis)
+    basis = factorization.basis
+    captured = np.sum(basis * (moment @ basis), axis=0)  # v_jᵀ·M·v_j by BLAS (3-operand einsum: 20x slower)
     kept = np.concatenate([[0.0], np.cumsum(captured)])
     return np.clip(1.0 - kept / total, 0.0, 1.0)
 

@@ -175,7 +175,7 @@ def quantize_hqq(
 def output_error(weight: np.ndarray, approx: np.ndarray, gram: np.ndarray) -> float:
     """Return ``tr(ΔW H ΔWᵀ)`` for ``[N, K]`` weights and ``H`` ``[K, K]``: the output error on those inputs."""
     delta = (weight - approx).astype(np.float64)
-    return float(np.einsum("nk,kl,nl->", delta, gram, delta))
+    return float(np.sum((delta @ gram) * delta))  # a BLAS product: einsum's three-way loop is ~100x slower
 
 
 def quantize_gptq(

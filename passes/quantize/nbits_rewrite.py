@@ -51,7 +51,7 @@ _PASSTHROUGH = {"Reshape", "Transpose", "Identity", "Squeeze", "Unsqueeze", "Cas
 
 @dataclass(frozen=True)
 class Site:
-    """One quantizable node: its output (key), op, weight name, the ``[N, K]`` matrix and bias."""
+    """One quantizable node: its output (key), op, weight name, the ``[N, K]`` matrix, bias and input."""
 
     key: str
     op_type: str
@@ -59,6 +59,7 @@ class Site:
     matrix: np.ndarray  # [N, K] for MatMul/Gemm (alpha folded), [V, D] for Gather
     bias: np.ndarray | None = None
     lm_head: bool = False
+    activation: str = ""  # the float input a MatMul/Gemm multiplies (empty for Gather)
 
     @property
     def transposed(self) -> bool:
@@ -172,7 +173,8 @@ def find_sites(model: onnx.ModelProto, *, embeddings: bool, block: int) -> tuple
             skipped.setdefault(reason, []).append(node.output[0])
             continue
         lm_head = node.op_type != "Gather" and _reaches_output(node.output[0], index)
-        sites.append(Site(node.output[0], node.op_type, node.input[position], matrix, bias, lm_head))
+        activation = "" if node.op_type == "Gather" else node.input[0]
+        sites.append(Site(node.output[0], node.op_type, node.input[position], matrix, bias, lm_head, activation))
     notes = []
     for reason, keys in skipped.items():
         shown = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")

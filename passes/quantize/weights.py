@@ -15,11 +15,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 import onnx
-from onnxopt.passes.common.budget import HeldOutCheck, search_smallest
+from onnxopt.passes.common.budget import HeldOutCheck
 from onnxopt.passes.common.graphs import opset_version, upgrade_opset
 from onnxopt.passes.common.layers import Layer, find_layers
 from onnxopt.passes.common.stats import InputStats, collect_input_stats
-from onnxopt.passes.quantize.fallback import parse_target
+from onnxopt.passes.quantize.awq import InputScale, apply_input_scales, plan_input_scales, scaled_site, scaled_stats
+from onnxopt.passes.quantize.fallback import DEFAULT_TARGET, parse_target
 from onnxopt.passes.quantize.nbits_math import (
     BlockQuant,
     lowrank_correction,
@@ -30,6 +31,7 @@ from onnxopt.passes.quantize.nbits_math import (
     quantize_rtn,
 )
 from onnxopt.passes.quantize.nbits_rewrite import Encoded, Site, find_sites, rewrite
+from onnxopt.passes.quantize.nbits_target import widen_to_target
 
 from onnxopt.data import Dataset
 from onnxopt.errors import CalibrationDataError
@@ -42,10 +44,11 @@ __all__ = ["METHODS", "QuantizeWeights"]
 
 log = logging.getLogger(__name__)
 
-#: The rounding methods; ``auto`` is ``gptq`` with calibration data and ``hqq`` without.
+#: The rounding methods; ``auto`` is ``gptq`` with calibration data and ``rtn`` without.
 METHODS = ("auto", "rtn", "hqq", "gptq")
 _CALIBRATED = ("gptq",)
 _QDQ_OPSET = 21  # block-wise DequantizeLinear (block_size) and int4 types
+_JUDGED_SAMPLES = 4  # the default target needs a held-out quarter of at least one sample
 
 
 Record = dict[str, list[float]]
@@ -101,15 +104,24 @@ class QuantizeWeights(Pass):
     ``method``: ``rtn`` (round to nearest, onnxruntime's ranges), ``hqq`` (calibration-free
     zero-point optimizer, float zero points), ``gptq`` (error compensation on the
     calibration inputs, block-wise scales; a layer where it is not better than RTN on the
-    calibration inputs keeps RTN), ``auto`` (``gptq`` with calibration data, else ``hqq``).
+    calibration inputs keeps RTN), ``auto`` (``gptq`` with calibration data, else ``rtn``).
     ``lm_head_bits`` (default 8; 0 keeps it float): the bits of the layer whose output is a
     graph output (a decoder's logits). ``lowrank`` (default 0): a float rank-r correction
     of each layer's rounding error fitted on the calibration inputs, with r chosen so that
     it adds at most that fraction of the layer's parameters. ``target`` (e.g.
-    ``"cosine>=0.99@sentence_embedding"``, as ``quantize_int8`` reads it; default None: no
-    check): judged against the float model on a held-out quarter of the calibration data
-    and on the rest; the layers with the largest relative output error go to 8 bits, the
-    fewest that meet it (the float model is kept when even all of them do not).
+    ``"cosine>=0.99@sentence_embedding"``, as ``quantize_int8`` reads it; default
+    ``"task"``, the judge's task metrics inferred for each output as ``quantize_int8``
+    uses them, applied when there are at least 4 calibration samples; None: no check):
+    judged against the float model on a held-out quarter of the calibration data and on
+    the rest; the layers with the largest relative output error per weight are sent up,
+    the fewest that meet it (the float model is kept when even all of them do not).
+    ``widen_bits`` (default 8): what a layer sent up becomes: 8 bits, or 0 to keep it float
+    (larger, but on this 2-core x86 machine onnxruntime's 8-bit MatMulNBits ran the encoder
+    1.43x slower than float where its 4-bit ran 1.04x: 0 when latency matters more than size).
+    ``awq`` (default True; only with calibration data): before rounding, each activation's
+    readers get AWQ-style per-input-channel scales (``W·diag(s)`` rounded, the input divided
+    by ``s``, folded into the producer where exact; rules in ``awq``), searched on the
+    calibration inputs and kept only where they lower the layers' rounding error there.
     """
 
     name: ClassVar[str] = "quantize_weights"
@@ -128,11 +140,15 @@ class QuantizeWeights(Pass):
         embeddings: bool = True,
         format: str = "nbits",
         lowrank: float = 0.0,
-        target: str | None = None,
+        target: str | None = DEFAULT_TARGET,
+        awq: bool = True,
+        widen_bits: int = 8,
         exclude: Sequence[str] = (),
     ) -> None:
         if bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, not {bits}")
+        if widen_bits not in (0, 8):
+            raise ValueError(f"widen_bits must be 0 (float) or 8, not {widen_bits}")
         if lm_head_bits not in (0, 4, 8):
             raise ValueError(f"lm_head_bits must be 0 (float), 4 or 8, not {lm_head_bits}")
         if block_size < 16 or block_size & (block_size - 1):
@@ -157,12 +173,18 @@ class QuantizeWeights(Pass):
         if target is not None:
             parse_target(target)  # validates early
         self.target = target
+        self.awq = awq
+        self.widen_bits = widen_bits
         self.exclude = list(exclude)
 
     def _method(self, ctx: Context) -> str:
         calibrated = ctx.calibration is not None and len(ctx.calibration) > 0
         if self.method == "auto":
-            return "gptq" if calibrated else "hqq"
+            # without data RTN, not HQQ: HQQ's float zero points run MatMulNBits 2.2x slower than
+            # float on the CPU (the encoder, onnxruntime's HQQ too), it was not better on the
+            # trained decoder (+0.28 % perplexity against RTN's +0.22 %), and its 20 float64
+            # iterations took over an hour on the 2.17 GB decoder, where RTN streams in minutes
+            return "gptq" if calibrated else "rtn"
         if (self.method in _CALIBRATED or self.lowrank > 0) and not calibrated:
             raise CalibrationDataError(
                 f"method {self.method!r}{' with lowrank' if self.lowrank else ''} needs calibration data: pass "
@@ -177,6 +199,31 @@ class QuantizeWeights(Pass):
         if not layers or ctx.calibration is None:
             return {}
         return collect_input_stats(model, layers, list(ctx.calibration), progress=ctx.progress)
+
+    def _scale_inputs(
+        self, sites: list[Site], layer_stats: dict[str, InputStats], notes: list[str]
+    ) -> tuple[list[Site], list[InputScale]]:
+        """Return the sites with AWQ-scaled weights (statistics updated in place) and the plans."""
+        readers: dict[str, int] = {}
+        for site in sites:
+            readers[site.weight] = readers.get(site.weight, 0) + 1
+        shared = {weight for weight, count in readers.items() if count > 1}
+        bits_of = {s.key: self.lm_head_bits if s.lm_head else self.bits for s in sites}
+        plans = plan_input_scales(
+            sites, layer_stats, bits_of, self.block_size, symmetric=self.symmetric, shared_weights=shared
+        )
+        scale_of = {key: plan for plan in plans for key in plan.readers}
+        for plan in plans:
+            stats = scaled_stats(layer_stats[plan.readers[0]], plan.scale)
+            for key in plan.readers:
+                layer_stats[key] = stats
+        if plans:
+            notes.append(
+                f"AWQ input scales on {len(plans)} activation(s) ({len(scale_of)} layers): rounding error "
+                f"{_median([p.error_ratio for p in plans]):.2f}x that without on the calibration inputs "
+                f"(median; alpha median {_median([p.alpha for p in plans]):.1f})"
+            )
+        return [scaled_site(s, scale_of[s.key].scale) if s.key in scale_of else s for s in sites], plans
 
     def _quantize(self, site: Site, bits: int, method: str, stats: InputStats | None, record: Record) -> Encoded:
         """Return the encoded weight of one site."""
@@ -247,70 +294,6 @@ class QuantizeWeights(Pass):
             return _OnDemand(sites, encode)
         return {site.key: encode(site) for site in sites}
 
-    def _widen(
-        self,
-        work: onnx.ModelProto,
-        sites: list[Site],
-        encoded: dict[str, Encoded],
-        layer_stats: dict[str, InputStats],
-        build: Callable[[dict[str, Encoded]], onnx.ModelProto],
-        held: Dataset,
-        fitted: Dataset,
-        notes: list[str],
-    ) -> tuple[dict[str, Encoded], int, bool]:
-        """Return the encoding meeting ``target`` with the fewest sensitive layers at 8 bits, the count, met.
-
-        Layers are ranked by their relative output error on the calibration inputs
-        (``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)``, weight error when no statistics); the count is
-        doubled until the target holds on the held-out samples, then bisected down.
-        """
-        target = parse_target(self.target)
-        check = HeldOutCheck(work, list(held), target, fitted=list(fitted))
-        met, summary = check(build(encoded))
-        if met:
-            notes.append(f"accuracy target {target.text} met with every layer at {self.bits} bits: {summary}")
-            return encoded, 0, True
-
-        def sensitivity(site: Site) -> float:
-            approx = encoded[site.key].quant.dequantize()
-            stats = layer_stats.get(site.key)
-            gram = stats.mean_gram[0] if stats is not None and stats.mean_gram is not None else None
-            if gram is None or not np.isfinite(gram).all():
-                return float(np.sum((site.matrix - approx) ** 2) / max(np.sum(site.matrix**2), 1e-30))
-            zero = np.zeros_like(site.matrix)
-            return output_error(site.matrix, approx, gram) / max(output_error(site.matrix, zero, gram), 1e-30)
-
-        ranked = sorted((s for s in sites if not (s.lm_head and self.lm_head_bits == 8)), key=sensitivity)[::-1]
-        by_key = {site.key: site for site in sites}
-        cache: dict[int, tuple[bool, str, dict[str, Encoded]]] = {}
-
-        def attempt(count: int) -> bool:
-            if count not in cache:
-                wide = encoded | {
-                    s.key: self._quantize(by_key[s.key], 8, "rtn", None, _record()) for s in ranked[:count]
-                }
-                ok, text = check(build(wide))
-                cache[count] = (ok, text, wide)
-            return cache[count][0]
-
-        low, high = 0, 1
-        while high < len(ranked) and not attempt(high):
-            low, high = high, min(2 * high, len(ranked))
-        if not attempt(high):
-            notes.append(
-                f"accuracy target {target.text} not met even with {high} layer(s) at 8 bits "
-                f"({cache[high][1]}); kept the float model"
-            )
-            return encoded, high, False
-        best = search_smallest(attempt, low, high)
-        _met, text, wide = cache[best]
-        shown = ", ".join(s.key for s in ranked[:best][:6]) + (" and more" if best > 6 else "")
-        notes.append(
-            f"accuracy target {target.text}: {summary} with every layer at {self.bits} bits; met with {best} "
-            f"most sensitive layer(s) at 8 bits ({text}): {shown}"
-        )
-        return wide, best, True
-
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         """Quantize ``model``'s weights; see the class docstring."""
         method = self._method(ctx)
@@ -324,16 +307,25 @@ class QuantizeWeights(Pass):
             notes.append("no MatMul/Gemm/Gather with a constant float32 weight to quantize")
             return PassResult(model, False, stats, notes)
         calibration = ctx.calibration if ctx.calibration is not None else Dataset([])
-        if self.target is not None and len(calibration) < 2:
+        target = self.target
+        if target == DEFAULT_TARGET and len(calibration) < _JUDGED_SAMPLES:
+            target = None  # the default: judged when there is data enough to hold some out
+            if len(calibration):
+                notes.append(f"no accuracy target judged: {len(calibration)} calibration sample(s), fewer than 4")
+        if target is not None and len(calibration) < 2:
             raise CalibrationDataError("an accuracy target needs calibration data to judge it on: pass --calib")
-        fitted, held = calibration.split(0.25) if self.target is not None else (calibration, Dataset([]))
+        fitted, held = calibration.split(0.25) if target is not None else (calibration, Dataset([]))
         layer_ctx = Context(calibration=fitted, progress=ctx.progress)
-        needs_stats = method in _CALIBRATED or self.lowrank > 0 or self.target is not None
+        scaling = self.awq and len(fitted) > 0
+        needs_stats = method in _CALIBRATED or self.lowrank > 0 or target is not None or scaling
         layer_stats = self._stats(model, sites, layer_ctx) if needs_stats else {}
+        plans: list[InputScale] = []
+        if scaling:
+            sites, plans = self._scale_inputs(sites, layer_stats, notes)
         record = _record()
         # Without a target nothing is compared, so each weight is encoded when the rewrite
         # reaches it and written (to the spill file on a large model) before the next is read.
-        encoded = self._encode_all(sites, method, layer_stats, set(), record, on_demand=self.target is None)
+        encoded = self._encode_all(sites, method, layer_stats, set(), record, on_demand=target is None)
         work = model
         if self.format == "qdq" and opset_version(model) < _QDQ_OPSET:
             work = upgrade_opset(
@@ -347,6 +339,7 @@ class QuantizeWeights(Pass):
             quantized = work if in_place else copy.deepcopy(work)  # in place: no second copy of a large model
             counts.clear()
             spill = ctx.spill if in_place else None  # candidates judged for the target stay in memory
+            counts.update(apply_input_scales(quantized, [p for p in (p.restricted(chosen) for p in plans) if p]))
             counts.update(
                 rewrite(quantized, sites, chosen, form=self.format, accuracy_level=self.accuracy_level, spill=spill)
             )
@@ -354,14 +347,26 @@ class QuantizeWeights(Pass):
             return quantized
 
         widened = 0
-        if self.target is not None:
-            encoded, widened, met = self._widen(work, sites, dict(encoded), layer_stats, build, held, fitted, notes)
+        if target is not None:
+            parsed = parse_target(target)
+            check = HeldOutCheck(work, list(held), parsed, fitted=list(fitted))
+            encoded, widened, met = widen_to_target(
+                check,
+                [s for s in sites if not (s.lm_head and self.lm_head_bits == 8)],
+                dict(encoded),
+                layer_stats,
+                build,
+                lambda site: self._quantize(site, 8, "rtn", None, _record()) if self.widen_bits == 8 else None,
+                notes,
+                bits=self.bits,
+                target_name=parsed.text,
+            )
             stats["target_met"] = int(met)
             if not met:
                 return PassResult(model, False, stats, notes)
-        quantized = build(encoded, in_place=self.target is None)
+        quantized = build(encoded, in_place=target is None)
         stats.update(counts)
-        stats["layers_at_8_bits"] = widened
+        stats["layers_widened"] = widened
         stats["bytes_after"] = serialized_size(quantized) + lazy_bytes(quantized)
         stats["lm_head_nodes"] = sum(1 for s in sites if s.lm_head)
         notes.append(
