@@ -25,6 +25,7 @@ __all__ = [
     "feeds",
     "interleaved_latency",
     "machine",
+    "merge_saved_rows",
     "model_path",
     "peak_rss_of",
     "session",
@@ -128,3 +129,25 @@ def machine() -> dict[str, Any]:
         "numpy": numpy.__version__,
         "platform": platform.platform(),
     }
+
+
+def merge_saved_rows(preset: str, rows: list[dict[str, Any]], command: str) -> Path:
+    """Replace, in ``benchmarks/results/<preset>.json``, the rows with the same (model, method) as ``rows``.
+
+    For re-measuring some rows of a preset without re-running it all: the other rows and
+    the file's own command and date stay, and ``command`` (with today's date) is added to
+    the file's ``remeasured`` list, so RESULTS.md can say which rows are newer.
+    """
+    import datetime
+    import json
+
+    path = REPO / "benchmarks" / "results" / f"{preset}.json"
+    saved = json.loads(path.read_text()) if path.exists() else {"preset": preset, "command": command, "rows": []}
+    if isinstance(saved, list):
+        saved = {"preset": preset, "command": f"python -m benchmarks.{preset}", "rows": saved}
+    fresh = {(r.get("model"), r.get("method")) for r in rows}
+    kept = [r for r in saved["rows"] if (r.get("model"), r.get("method")) not in fresh]
+    saved["rows"] = kept + rows
+    saved.setdefault("remeasured", []).append(f"{command} ({datetime.date.today().isoformat()})")
+    path.write_text(json.dumps(saved, indent=1, default=str))
+    return path

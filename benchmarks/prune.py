@@ -13,7 +13,8 @@ ConvTranspose / Gemm / MatMul weights) at which held-out task agreement stays â‰
 and report the file size with ``sparse_initializer`` storage and onnxruntime latency.
 Encoder samples are single sentences tokenized *without* padding (each its own length),
 so calibration statistics are not dominated by [PAD] rows.
-Run ``python -m benchmarks.prune [model ...]``.
+Run ``python -m benchmarks.prune [model ...]``; ``--preset [model ...]`` re-measures only the
+preset rows and merges them into ``benchmarks/results/prune.json``.
 """
 
 from __future__ import annotations
@@ -110,6 +111,10 @@ def preset_row(key: str) -> dict:
         "method": PRESET,
         "sparsity": round(float(record.stats.get("sparsity", 0.0)), 4),
         "agreement": round(task_agreement(key, run_model(model, held), run_model(result.model, held), held), 4),
+        # what the pass says of itself (its cross-fitted judgement over the calibration samples)
+        "reported_metric": record.stats.get("task_metric"),
+        "reported_agreement": record.stats.get("task_agreement"),
+        "reported_interval": record.stats.get("task_interval"),
         "search_seconds": round(time.perf_counter() - started, 1),
         "calibration_samples": len(calib),
         "unseen_samples": len(held),
@@ -229,6 +234,15 @@ def table(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--preset"]:  # only the preset rows, merged into benchmarks/results/prune.json
+        from benchmarks.common import merge_saved_rows
+
+        keys = tuple(sys.argv[2:]) or MODELS
+        for key in keys:
+            row = preset_row(key)
+            print(row)
+            merge_saved_rows("prune", [row], f"python -m benchmarks.prune --preset {key}")
+        sys.exit(0)
     chosen = tuple(sys.argv[1:]) or MODELS
     result = run(chosen)
     print(table(result))

@@ -11,7 +11,8 @@ onnxruntime's tool runs as documented for static QDQ: ``quant_pre_process`` firs
 failure is recorded and the raw model used), then ``quantize_static`` with
 ``QuantFormat.QDQ``, ``per_channel=True``, uint8 activations / int8 weights, MinMax.
 
-Run: ``python -m benchmarks.quantize [det cls encoder] [--threads 1]``.
+Run: ``python -m benchmarks.quantize [ppocr_det ppocr_cls encoder] [--threads 1] [--no-memory]
+[--save]`` (``--save`` merges the rows into ``benchmarks/results/int8.json``).
 """
 
 from __future__ import annotations
@@ -201,8 +202,14 @@ def main() -> None:
     parser.add_argument("models", nargs="*", default=["ppocr_det", "ppocr_cls", "encoder"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-memory", action="store_true", help="skip the calibration memory rows")
+    parser.add_argument("--save", action="store_true", help="merge the rows into benchmarks/results/int8.json")
     args = parser.parse_args()
     rows = run(args.models, args.threads)
+    if args.save:
+        from benchmarks.common import merge_saved_rows
+
+        command = f"python -m benchmarks.quantize {' '.join(args.models)} --threads {args.threads} --save"
+        merge_saved_rows("int8", rows, command)
     header = f"{'model':10s} {'method':12s} {'agree':>7s} {'size':>6s} {'latency':>10s} {'ratio':>6s} {'time s':>7s}"
     print(header)
     for r in rows:

@@ -275,6 +275,8 @@ def write_results(runs: dict[str, dict[str, Any]], target: Path) -> Path:
             + ("." if math.isnan(saved["seconds"]) else f", {saved['seconds']:.0f} s."),
             "",
         ]
+        if saved.get("remeasured"):  # rows replaced later by a partial run (benchmarks.common.merge_saved_rows)
+            lines += ["Rows re-measured since by " + "; ".join(f"`{c}`" for c in saved["remeasured"]) + ".", ""]
         chart = target.parent / "charts" / f"{name}.png"
         if write_chart(preset, rows, chart):
             lines += [f"![{name}](charts/{name}.png)", ""]

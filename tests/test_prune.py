@@ -272,6 +272,9 @@ def test_default_budget_search_holds_under_the_harness():
     data = synthesize_inputs(model, iterations=16, seed=3)
     result = PruneMagnitude(min_size=0)(model, Context(calibration=data))
     assert result.changed and result.stats["sparsity"] > 0.1  # measured 0.197
+    # decided and reported on every calibration sample, each judged by a plan fitted without it
+    assert any(n.startswith("result on the 4-fold cross-fitted samples") for n in result.notes), result.notes
+    assert result.stats["within_budget"] == 1 and result.stats["task_items"] >= 16
     assert_equivalent(model, result.model, profile="int8", data=unseen_inputs(model), **UNSEEN_TOP1)
 
 

@@ -119,6 +119,7 @@ def test_budget_search_holds_under_the_harness():
     data = synthesize_inputs(model, iterations=16, seed=2)
     result = PruneChannels(multiple=2)(model, Context(calibration=data))
     assert result.changed and result.stats["channels_removed"] >= 2
+    assert any(n.startswith("result on the 4-fold cross-fitted samples") for n in result.notes), result.notes
     assert_equivalent(model, result.model, profile="int8", data=unseen_inputs(model))
 
 

@@ -28,11 +28,6 @@ def test_ppocr_cls_default_budget_search(real_model):
     assert task_agreement("ppocr_cls", run_model(model, unseen), run_model(result.model, unseen), unseen) >= 0.95
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="regression under the task judge (#13): prune_channels' default budget (inferred mask IoU@0.5 >= 0.98 "
-    "on held-out and fitted samples) now stops at 2.0 % of det's multiply-adds (24.6 % under the signal budget)",
-)
 def test_ppocr_det_channel_pruning_shrinks_the_convs_and_keeps_the_text_masks(real_model):
     """The default budget on PP-OCR det: a quarter of the MACs go (FPN and head convs too)."""
     from onnxopt.passes.prune.channels import PruneChannels

@@ -291,10 +291,14 @@ def test_target_must_hold_on_the_calibration_samples_too():
         sizes.append(len(reference))
         return len(reference) <= 3
 
-    result = _quantize(model, data, target=only_few, max_fallback=2)
+    result = _quantize(model, data, target=only_few, max_fallback=2, estimate_folds=0)  # the held-out path
     assert {3, 9} <= set(sizes)
     assert result.stats["target_met"] == 0
     assert any("NOT met" in note for note in result.notes)
+    sizes.clear()  # cross-fitted (the default with 8 or more samples): every sample judged at once, each unseen
+    result = _quantize(model, data, target=only_few, max_fallback=2)
+    assert set(sizes) == {12} and result.stats["target_met"] == 0
+    assert any("4-fold cross-fitted" in note for note in result.notes)
 
 
 def test_a_target_the_fallback_cannot_meet_keeps_the_float_model():

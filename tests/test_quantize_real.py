@@ -34,11 +34,6 @@ def test_ppocr_cls_agreement_and_size(real_model):
     assert record.stats["bytes_after"] < 0.6 * record.stats["bytes_before"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="regression under the task judge (#13): int8's default target is now the inferred mask IoU@0.5 on 8 "
-    "held-out samples; at 160x224 it keeps a model with agreement 0.806 on unseen crops (0.954 before)",
-)
 def test_ppocr_det_small_input(real_model):
     feeds = real_inputs.ppocr_det_inputs(10, size=(160, 224))
     # no accuracy target: this checks the rewrite (a target the fallback cannot meet keeps float)
@@ -50,6 +45,7 @@ def test_ppocr_det_small_input(real_model):
     agreement = real_inputs.task_agreement(
         "ppocr_det", run_model(model, held), run_model(quantized, held, optimization="default"), held
     )
-    # measured 0.954 on these two unseen 160x224 images (0.949 on six more); 0.02 of margin
+    # measured 0.944 on these two unseen 160x224 images (0.907 pooled over 32); 0.72 while x * HardSigmoid(x)
+    # (HardSwish at opset 12) lost its saturation-aware range, 0.911 with full-range weights on kernels that saturate
     assert agreement >= 0.93
     assert record.stats["bytes_after"] < 0.35 * record.stats["bytes_before"]

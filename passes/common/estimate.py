@@ -113,6 +113,7 @@ class CrossFittedCheck(Generic[P]):
         """Return every sample's outputs from the candidate built on the plan that did not see it."""
         outputs: list[dict[str, Any] | None] = [None] * len(self.samples)
         for plan, members in zip(self.plans, self.members, strict=True):
+            # judged as it deploys: default optimizations, integer kernels (as HeldOutCheck does)
             with Session(build(plan), optimization="default", label="cross-fitted candidate") as session:
                 for i in members:
                     outputs[i] = session.run(self.samples[i])

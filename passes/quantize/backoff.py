@@ -4,7 +4,7 @@ A :class:`Variant` says which nodes stay float beyond the placement rules; the p
 it into a :class:`Built` model (placement, rewrite) and these walks choose among them:
 
 1. the *accuracy fallback* returns the most sensitive nodes to float in doubling steps
-   until the accuracy target holds on the held-out and the fitted samples; the last step
+   until the accuracy target holds (cross-fitted over every calibration sample); the last step
    is cut to its shortest passing prefix (:func:`~onnxopt.passes.common.budget.search_smallest`);
 2. the *latency probes* time the model with each group of slow-kernel candidates
    (depthwise convolutions) in float and keep the faster variant.
@@ -15,16 +15,19 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
-from onnxopt.passes.common.budget import HeldOutCheck, judgement_notes, search_smallest
+from onnxopt.passes.common.budget import judgement_notes, search_smallest
+from onnxopt.passes.common.estimate import PlanCheck
 from onnxopt.passes.quantize.fallback import Target, depthwise_groups, rank_by_removal
 from onnxopt.passes.quantize.placement import ANCHOR_OPS, Placement
 from onnxopt.passes.quantize.timing import latency_rounds, slowdown
 
 from onnxopt.data import Dataset, Sample
 from onnxopt.progress import Progress
+from onnxopt.runtime import Session
 
 __all__ = ["Built", "FallbackResult", "Variant", "accuracy_fallback", "latency_probes"]
 
@@ -62,6 +65,16 @@ class Built:
 
 
 Build = Callable[[Variant], Built]
+
+
+class OnState(Protocol):
+    """Builds a variant on the shipped statistics, or on ``statistics`` (one fold's) when given."""
+
+    def __call__(self, variant: Variant, statistics: Any = ...) -> Built:
+        """Return ``variant`` placed and rewritten."""
+        ...
+
+
 #: the candidates the shortest-prefix search built, by prefix length, with their summaries
 Tried = dict[int, tuple[Built, str]]
 
@@ -80,11 +93,11 @@ class FallbackResult:
 def accuracy_fallback(
     work: onnx.ModelProto,
     start: Built,
-    build: Build,
+    build: OnState,
     target: Target,
-    held: Dataset,
+    check: PlanCheck[Any],
+    ranking_data: Dataset,
     *,
-    fitted: Dataset | None = None,
     max_fallback: int | None = None,
     budget: Callable[[onnx.ModelProto], str | None] | None = None,
     progress: Progress,
@@ -96,15 +109,19 @@ def accuracy_fallback(
     are ranked together by the output noise they remove alone, at most ``max_fallback``
     of them (None: no limit). ``budget`` (a model → the reason it is too slow, or None)
     stops the walk before the step that would make the model slower than the latency
-    check allows: that step is undone and the target left unmet. The target must hold on
-    the held-out samples and on the ``fitted`` (calibration) samples alike: a few held-out
-    samples alone can pass a model that fails on inputs the pass has seen.
+    check allows: that step is undone and the target left unmet. ``check`` judges each
+    variant as ``build(variant, statistics)`` on the statistics of each of its plans:
+    cross-fitted over every calibration sample (each judged by a model calibrated
+    without it) or, with few samples, on the held-out part and the fitted part alike.
+    ``ranking_data`` (a few of them, as time allows) ranks the nodes on ``start``.
     """
-    judge = HeldOutCheck(work, list(held), target, fitted=list(fitted or ()))
-    reference = judge.reference
+
+    def judged(variant: Variant) -> tuple[bool, str]:
+        return check(lambda statistics: build(variant, statistics).model)
+
     notes: list[str] = []
     current = start
-    met, summary = judge(current.model)
+    met, summary = judged(current.variant)
     returned: list[str] = []
     stored_int8 = set(start.placement.weight_only)
     candidates = [n for n, node in start.placement.nodes.items() if node.op_type in ANCHOR_OPS] + sorted(stored_int8)
@@ -116,11 +133,13 @@ def accuracy_fallback(
             probe = dict.fromkeys(extra - stored_int8, "sensitivity probe")
             return build(base.with_float(probe, extra & stored_int8)).model
 
-        # as many held-out samples as the ranking's runs allow (short inputs rank noisily on two)
-        count = int(np.clip(RANKING_RUNS // max(len(candidates), 1), 2, len(held)))
-        ranking = Dataset(list(held)[:count])
+        # as many samples as the ranking's runs allow (short inputs rank noisily on two)
+        count = int(np.clip(RANKING_RUNS // max(len(candidates), 1), 2, len(ranking_data)))
+        ranking = ranking_data.spaced(count)
+        with Session(work, label="input model") as session:
+            reference = [session.run(s) for s in ranking]
         with progress.task("ranking node sensitivity", len(candidates)) as task:
-            gains = rank_by_removal(probe_model, candidates, ranking, target.scoped(reference[:count]), task.advance)
+            gains = rank_by_removal(probe_model, candidates, ranking, target.scoped(reference), task.advance)
         order = sorted(gains, key=gains.__getitem__, reverse=True)
         step = 1
 
@@ -145,13 +164,13 @@ def accuracy_fallback(
                     f"the model {too_slow}"
                 )
                 break
-            met, batch_summary = judge(candidate.model)
+            met, batch_summary = judged(candidate.variant)
             if met and len(batch) > 1:  # the shortest prefix of this batch that still meets the target
                 tried: Tried = {len(batch): (candidate, batch_summary)}
 
                 def prefix_passes(length: int, batch: list[str] = batch, tried: Tried = tried) -> bool:
                     shorter = trial(batch[:length])
-                    ok, text = judge(shorter.model)
+                    ok, text = judged(shorter.variant)
                     tried[length] = (shorter, text)
                     return ok
 
@@ -162,11 +181,9 @@ def accuracy_fallback(
             summary = batch_summary
             step *= 2
     float_weights = current.variant.float_weights
-    notes.append(
-        f"accuracy on {len(held)} held-out samples: {summary} (target {target.text}: {'met' if met else 'NOT met'})"
-    )
-    judge(current.model)  # the final verdict, for its metrics and intervals
-    notes += judgement_notes(judge)
+    notes.append(f"accuracy ({check.label}): {summary} (target {target.text}: {'met' if met else 'NOT met'})")
+    judged(current.variant)  # the final verdict, for its metrics and intervals
+    notes += judgement_notes(check)
     computed = [n for n in returned if n not in float_weights]
     if computed:
         notes.append(

@@ -7,8 +7,8 @@ The pass is a short sequence of separate steps, each in its own module:
 2. *calibration* (:mod:`onnxopt.calibration`): streaming observers over the calibration
    part of ``ctx.calibration``, then the pure math from statistics to scale/zero point;
 3. *rewriting* (``rewrite``): Q/DQ pairs, int8 per-channel weights, int32 biases;
-4. *accuracy fallback* and *latency check* (``fallback``): on held-out samples the
-   most sensitive nodes return to float until the target holds; depthwise convolutions
+4. *accuracy fallback* and *latency check* (``fallback``): judged cross-fitted over every
+   calibration sample, the most sensitive nodes return to float until the target holds; depthwise convolutions
    whose int8 kernel is slower return to float when timing says so; then the int8 model
    is timed against the float one; if it is slower, the pass keeps the float model.
 """
@@ -22,7 +22,15 @@ from typing import Any, ClassVar
 
 import numpy as np
 import onnx
-from onnxopt.passes.common.estimate import DEFAULT_FOLDS, cross_fitted_verdict, estimate_notes
+from onnxopt.passes.common.budget import HeldOutCheck
+from onnxopt.passes.common.estimate import (
+    DEFAULT_FOLDS,
+    CrossFittedCheck,
+    HeldOutPlanCheck,
+    PlanCheck,
+    estimate_notes,
+    plan_check,
+)
 from onnxopt.passes.common.graphs import opset_version, upgrade_opset
 from onnxopt.passes.quantize.backoff import Built, Variant, accuracy_fallback, latency_probes
 from onnxopt.passes.quantize.fallback import DEFAULT_TARGET, Target, parse_target
@@ -69,6 +77,8 @@ class _Calibrated:
     blocked: dict[str, str]
     rounded: Rounded = field(default_factory=dict)
     levels: int = 127
+    stats: dict[str, Any] = field(default_factory=dict)  # calibration time, memory, samples
+    notes: tuple[str, ...] = ()
 
 
 @register_pass
@@ -85,8 +95,11 @@ class QuantizeInt8(Pass):
     calibration data it refuses with :class:`CalibrationDataError`.
 
     ``target`` (default ``"task"``: the judge's task metrics inferred for each output,
-    against the float model on the held-out ``holdout`` fraction of the calibration data;
-    a string such as ``"cosine>=0.995,sqnr>=20@name"`` sets signal floors, scoped to some
+    against the float model, judged ``estimate_folds``-fold cross-fitted: every calibration
+    sample by a model calibrated (ranges, rounded weights) without it, the shipped model
+    calibrated on all; with fewer than ``2·estimate_folds`` samples or ``estimate_folds``
+    below 2, on the held-out ``holdout`` fraction and in-sample on the rest; a string
+    such as ``"cosine>=0.995,sqnr>=20@name"`` sets signal floors, scoped to some
     outputs with ``@``) drives the fallback: the most sensitive nodes return to float
     compute, then (ranked together) the weights of float nodes to float, at most
     ``max_fallback`` of them (default: no limit).
@@ -113,10 +126,8 @@ class QuantizeInt8(Pass):
     0.928 against minmax 0.897, percentile 0.904 and entropy 0.833. ``saturation_aware``
     (default True) chooses the range of a tensor read only by HardSwish/Relu/HardSigmoid/Clip
     on its values clamped to what those readers distinguish (PP-OCR det, no fallback: IoU
-    0.858 -> 0.904). With the task target, ``estimate_folds`` (default 4; 0: off) refits
-    the chosen model's statistics once per fold without it and reports the task metric
-    over every calibration sample, each judged by a model that did not see it, with an
-    interval (see ``passes/common/estimate.py``).
+    0.858 -> 0.904). The cross-fitted verdict of the final model (after the latency
+    probes) is reported with its interval (see ``passes/common/estimate.py``).
     """
 
     name: ClassVar[str] = "quantize_int8"
@@ -261,10 +272,6 @@ class QuantizeInt8(Pass):
             work, shape_note = infer_shapes(work)
             if shape_note:
                 notes.append(shape_note)
-        if len(ctx.calibration) >= 4 and target is not None and self.holdout > 0:
-            calib, held = ctx.calibration.split(self.holdout)
-        else:
-            calib, held = ctx.calibration, ctx.calibration
         first = place(
             work,
             op_types=self.op_types or DEFAULT_OP_TYPES,
@@ -277,30 +284,38 @@ class QuantizeInt8(Pass):
             reason = "no node can be quantized" + (f" ({'; '.join(causes[:3])})" if causes else "")
             notes += kept_float_notes(first.float_reasons)
             return PassResult(model, False, stats, float_model_notes(notes, model), NOT_APPLIED, reason)
-        ranges, blocked = self._calibrate(work, first.observed, calib, ctx, stats)
         levels, levels_note = weight_levels(self.weight_range)
         stats["weight_levels"] = levels
-        rounded: Rounded = {}
-        if self.weight_rounding == "gptq":
-            rounded, rounding_notes = round_weights(
-                work, list(calib), per_channel=bool(per_channel_ok), levels=levels, progress=ctx.progress
-            )
-            notes += rounding_notes
-        state = _Calibrated(ranges, blocked, rounded, levels)
 
-        def build(variant: Variant) -> Built:
-            return self._build(work, state, variant)
+        def fit(data: Dataset) -> _Calibrated:
+            return self._fit(work, first.observed, data, ctx, bool(per_channel_ok), levels)
+
+        check: PlanCheck[_Calibrated] | None = None
+        folds = self.estimate_folds
+        if target is not None and folds >= 2 and len(ctx.calibration) >= 2 * folds:
+            state, check = plan_check(work, ctx.calibration, fit, target, folds)
+        elif target is not None and len(ctx.calibration) >= 4 and self.holdout > 0:
+            calib, held = ctx.calibration.split(self.holdout)
+            state = fit(calib)
+            check = HeldOutPlanCheck(HeldOutCheck(work, list(held), target, fitted=list(calib)), state)
+        else:
+            state = fit(ctx.calibration)
+        stats.update(state.stats)
+        notes += state.notes
+
+        def build(variant: Variant, on: _Calibrated = state) -> Built:
+            return self._build(work, on, variant)
 
         built = build(Variant())
         returned: tuple[str, ...] = ()
-        if target is not None:
+        if target is not None and check is not None:
             fallback = accuracy_fallback(
                 work,
                 built,
                 build,
                 target,
-                held,
-                fitted=calib if calib is not held else Dataset([]),
+                check,
+                ctx.calibration,
                 max_fallback=self.max_fallback,
                 budget=self._latency_budget(work, ctx),
                 progress=ctx.progress,
@@ -341,21 +356,16 @@ class QuantizeInt8(Pass):
             reason = "every candidate node was kept float"
             return PassResult(model, False, stats, float_model_notes(notes, model), NOT_APPLIED, reason)
         notes.append(levels_note)
-        if target is not None and target.task is not None and self.estimate_folds:
-            verdict = cross_fitted_verdict(
-                work,
-                list(ctx.calibration),
-                lambda fit: self._refit(work, first.observed, fit, ctx, built.variant, bool(per_channel_ok), levels),
-                target.task,
-                self.estimate_folds,
-            )
-            more_stats, more_notes = estimate_notes(verdict, self.estimate_folds)
+        if isinstance(check, CrossFittedCheck):  # the final variant (after the latency probes), every sample unseen
+            final = built.variant
+            check(lambda on: build(final, on).model)
+            more_stats, more_notes = estimate_notes(check.last, check.folds)
             stats.update(more_stats)
             notes += more_notes
             if more_stats.get("cross_fitted_met") == 0:  # never report the target met while a metric fails
                 stats["target_met"] = 0
                 notes.append(
-                    "target NOT met on the cross-fitted estimate (the held-out check passed on fewer samples); "
+                    "target NOT met on the cross-fitted estimate of the final model (after the latency probes); "
                     "the int8 model is kept, but its task agreement is estimated below the floor"
                 )
         if placement.float_reasons or returned:
@@ -368,22 +378,19 @@ class QuantizeInt8(Pass):
             return PassResult(quantized, True, stats, notes, PARTLY_APPLIED, reason)
         return PassResult(quantized, True, stats, notes, APPLIED, f"{len(placement.nodes)} node(s) quantized")
 
-    def _refit(
-        self,
-        work: onnx.ModelProto,
-        observed: list[str],
-        data: Dataset,
-        ctx: Context,
-        variant: Variant,
-        per_channel: bool,
-        levels: int,
-    ) -> onnx.ModelProto:
-        """Return ``variant`` built from statistics of ``data`` alone (ranges and rounded weights)."""
-        ranges, blocked = self._calibrate(work, observed, data, ctx, {})
+    def _fit(
+        self, work: onnx.ModelProto, observed: list[str], data: Dataset, ctx: Context, per_channel: bool, levels: int
+    ) -> _Calibrated:
+        """Return the statistics of ``data`` alone: activation ranges, blocked tensors, rounded weights."""
+        stats: dict[str, Any] = {}
+        ranges, blocked = self._calibrate(work, observed, data, ctx, stats)
         rounded: Rounded = {}
+        notes: list[str] = []
         if self.weight_rounding == "gptq":
-            rounded, _ = round_weights(work, list(data), per_channel=per_channel, levels=levels, progress=ctx.progress)
-        return self._build(work, _Calibrated(ranges, blocked, rounded, levels), variant).model
+            rounded, notes = round_weights(
+                work, list(data), per_channel=per_channel, levels=levels, progress=ctx.progress
+            )
+        return _Calibrated(ranges, blocked, rounded, levels, stats, tuple(notes))
 
     def _latency_budget(self, work: onnx.ModelProto, ctx: Context) -> Callable[[onnx.ModelProto], str | None] | None:
         """Return the check the accuracy fallback must keep passing: no slower than the latency reference."""
