@@ -55,6 +55,9 @@ Inputs = Sequence[Mapping[str, np.ndarray]] | None
 
 #: Per-slice RMS spanning more than this (max/min) splits an output into groups.
 SCALE_SPAN = 100.0
+#: Fewest values per sample a scale group may hold: a cosine over fewer is decided by a
+#: sign or two (an LSTM state [2, 1, 128] cut at one unit gave groups of 2 values).
+MIN_GROUP_VALUES = 4
 
 
 @dataclass(frozen=True)
@@ -355,8 +358,9 @@ def split_by_scale(reference: Arrays, axis: int, span: float = SCALE_SPAN) -> li
 
     One group when the per-slice RMS (over all samples) spans at most ``span`` (max/min);
     otherwise the axis is cut between neighbours whose RMS differs by more than
-    ``sqrt(span)``. All-zero slices join their neighbour's group. Samples whose sizes
-    along ``axis`` differ (variable-length inputs) give one group.
+    ``sqrt(span)``. All-zero slices join their neighbour's group, and so does a group of
+    fewer than :data:`MIN_GROUP_VALUES` values per sample. Samples whose sizes along
+    ``axis`` differ (variable-length inputs) give one group.
     """
     size = reference[0].shape[axis]
     if any(np.ndim(r) != np.ndim(reference[0]) or np.shape(r)[axis] != size for r in reference):
@@ -379,7 +383,16 @@ def split_by_scale(reference: Arrays, axis: int, span: float = SCALE_SPAN) -> li
             cuts.append(i)
         if rms[i] > 0:
             last = rms[i]
-    return [(a, b) for a, b in zip(cuts, [*cuts[1:], size], strict=True)]
+    groups = [(a, b) for a, b in zip(cuts, [*cuts[1:], size], strict=True)]
+    per_slice = max(int(np.size(reference[0])) // max(size, 1), 1)
+    while len(groups) > 1:
+        small = next((i for i, (a, b) in enumerate(groups) if (b - a) * per_slice < MIN_GROUP_VALUES), None)
+        if small is None:
+            break
+        other = small - 1 if small > 0 else 1  # join the previous group (the first joins the next)
+        low, high = sorted((small, other))
+        groups[low : high + 1] = [(groups[low][0], groups[high][1])]
+    return groups
 
 
 MetricFunction = Callable[[Arrays, Arrays, Inputs, "str | None"], Score]
