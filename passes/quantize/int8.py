@@ -107,9 +107,10 @@ class QuantizeInt8(Pass):
     stores its weight as int8, read through Cast and Mul that onnxruntime folds when the
     session starts (MiniLM: file 0.44 -> 0.26 of float at the same accuracy; PP-OCR det
     with 50 such convs: 30.1 ms, against 42.5 ms with a DequantizeLinear there).
-    ``weight_range`` (default ``"auto"``): weights read by integer kernels on 7 bits where
+    ``weight_range`` (default ``"auto"``): every int8 weight of the pass on 7 bits where
     onnxruntime's u8 x s8 kernels saturate on this CPU (x86 without VNNI, measured; see
-    ``kernels``), else the full int8 range; ``"reduced"``/``"full"`` force one.
+    ``kernels``; weights of float-compute layers too, which would not need it), else the
+    full int8 range; ``"reduced"``/``"full"`` force one.
     ``weight_rounding`` (default ``"gptq"``): weights are rounded to compensate each
     other's error on the calibration inputs (``gptq``; PP-OCR det, weights int8
     and activations float: IoU 0.968 nearest, 0.989 GPTQ); ``"nearest"`` rounds each alone.

@@ -1,7 +1,7 @@
 """What onnxruntime's int8 kernels compute on this machine: the u8 x s8 saturation probe (private).
 
-On x86 CPUs without VNNI (AVX2, AVX-512 without VNNI), onnxruntime's u8 x s8 kernels
-(QLinearConv, QLinearMatMul, MatMulIntegerToFloat) multiply with ``VPMADDUBSW``, which
+On x86 CPUs without VNNI (AVX2, AVX-512 without VNNI), onnxruntime's u8 x s8 GEMM
+kernels (measured here on the MatMul path; QLinearConv shares the GEMM) multiply with ``VPMADDUBSW``, which
 adds two ``u8 · s8`` products into a *saturating* int16: ``255 · 127 · 2 = 64770`` does
 not fit, so activations near the top of their range times large weights come out wrong.
 onnxruntime's own quantizer documents it (``reduce_range``), OpenVINO calls it the

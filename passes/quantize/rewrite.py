@@ -68,8 +68,8 @@ class QDQPlan:
     #: integers chosen for a weight by error-compensating rounding, per (weight name, axis),
     #: with the scale they were rounded on; used when the rewrite's scale is that scale
     rounded: Rounded = field(default_factory=dict)
-    #: half-width of the symmetric grid of weights read by integer kernels: 127, or 64 (7
-    #: bits) where onnxruntime's u8 x s8 kernels saturate (``passes/quantize/kernels.py``)
+    #: half-width of the symmetric grid of every int8 weight: 127, or 64 (7 bits) where
+    #: onnxruntime's u8 x s8 kernels saturate (``passes/quantize/kernels.py``)
     weight_levels: int = 127
 
 
