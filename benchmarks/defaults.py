@@ -1,8 +1,10 @@
 """The low-rank whitening shrinkage, swept on every benchmark model with MatMul/Gemm layers.
 
 ``passes/lowrank/ranks.py`` regularizes each layer's input second moment as
-``(1 − s)·G + s·diag(G)`` before the whitened SVD (``SHRINKAGE``). This script measures,
-for each model, each of its splittable layers and each ``s``, the *held-out* relative
+``(1 − s)·G + s·diag(G)`` before the whitened SVD, with ``s`` estimated per layer from
+the calibration data (``shrinkage_intensity``, row ``estimated``) unless a fixed one is
+given. This script measures, for each model, each of its splittable layers, each fixed
+``s`` and the estimated one, the *held-out* relative
 output error of the split (whitened on 32 calibration inputs, judged on the second moment
 of 64 other real inputs) at the ranks that save 20 % and 40 % of the layer's parameters,
 averaged over layers. The default is right across models when it is the best, or within
@@ -60,7 +62,7 @@ def sweep(key: str) -> list[dict[str, Any]]:
     """Return one row per shrinkage: the held-out split error averaged over the model's layers."""
     from onnxopt.passes.common.stats import collect_input_stats
     from onnxopt.passes.lowrank.plan import plan_lowrank
-    from onnxopt.passes.lowrank.ranks import factorize, held_out_error
+    from onnxopt.passes.lowrank.ranks import factorize, held_out_error, shrinkage_intensity
 
     from onnxopt.pipeline import Context
 
@@ -68,9 +70,11 @@ def sweep(key: str) -> list[dict[str, Any]]:
     plan = plan_lowrank(
         model, Context(), whiten=False, min_params=4096, include_conv1x1=False, min_saving=0.0, samples=None
     )
-    fit = collect_input_stats(model, plan.layers, calib)
+    fit = collect_input_stats(model, plan.layers, calib, spread=True)
     judge = collect_input_stats(model, plan.layers, held)
-    errors: dict[float, list[list[float]]] = {s: [] for s in SHRINKAGES}
+    choices: list[float | str] = [*SHRINKAGES, "estimated"]
+    errors: dict[float | str, list[list[float]]] = {s: [] for s in choices}
+    estimated: list[float] = []
     used = 0
     for layer, w in zip(plan.layers, plan.weights, strict=True):
         f, h = fit[layer.key], judge[layer.key]
@@ -79,17 +83,24 @@ def sweep(key: str) -> list[dict[str, Any]]:
         used += 1
         g_fit, g_held = f.gram[0] / max(f.rows, 1), h.gram[0] / max(h.rows, 1)
         ranks = [_rank_saving(w.shape[0], w.shape[1], saving) for saving in SAVINGS]
-        for s in SHRINKAGES:
-            curve = held_out_error(w, factorize(w, g_fit, s), g_held)
+        estimated.append(shrinkage_intensity(f.gram, max(f.rows, 1), f.spread))
+        for s in choices:
+            value = estimated[-1] if s == "estimated" else float(s)
+            curve = held_out_error(w, factorize(w, g_fit, value), g_held)
             errors[s].append([float(curve[min(r, len(curve) - 1)]) for r in ranks])
-    rows = []
-    for s in SHRINKAGES:
+    rows: list[dict[str, Any]] = []
+    for s in choices:
         mean = np.mean(errors[s], axis=0) if errors[s] else [float("nan")] * len(SAVINGS)
         rows.append(
             {
                 "model": key,
                 "shrinkage": s,
                 "layers": used,
+                **(
+                    {"estimated_min": round(min(estimated), 3), "estimated_max": round(max(estimated), 3)}
+                    if s == "estimated" and estimated
+                    else {}
+                ),
                 **{
                     f"held_out_error_save_{round(v * 100)}pct": round(float(m), 5)
                     for v, m in zip(SAVINGS, mean, strict=True)
@@ -105,7 +116,7 @@ def sweep(key: str) -> list[dict[str, Any]]:
 
 def run(models: list[str]) -> list[dict[str, Any]]:
     """Return the sweep's rows for ``models``."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for key in models:
         rows += sweep(key)
         print(f"{key}: done", flush=True)

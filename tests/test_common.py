@@ -112,3 +112,22 @@ def test_layer_input_statistics_do_not_depend_on_the_memory_budget():
         assert whole[key].rows == grouped[key].rows == 15
         np.testing.assert_array_equal(whole[key].gram, grouped[key].gram)
         np.testing.assert_array_equal(whole[key].total, grouped[key].total)
+
+
+def test_gram_spread_adds_up_the_per_sample_grams_and_does_not_depend_on_the_memory_budget():
+    model, data = _three_layers()
+    layers, _ = find_layers(model.graph)
+    whole = collect_input_stats(model, layers, Dataset(data), gram=True, spread=True)
+    grouped = collect_input_stats(model, layers, Dataset(data), gram=True, spread=True, memory_budget=1)
+    singles = [collect_input_stats(model, layers, [sample], gram=True) for sample in data]
+    for key in whole:
+        spread, other = whole[key].spread, grouped[key].spread
+        assert spread is not None and other is not None and spread.samples == other.samples == len(data)
+        grams = [s[key].gram for s in singles]
+        rows = [s[key].rows for s in singles]
+        np.testing.assert_allclose(spread.weighted, sum(r * g for r, g in zip(rows, grams, strict=True)))
+        off = sum(np.sum(g**2) - np.sum(np.diagonal(g, axis1=1, axis2=2) ** 2) for g in grams)
+        np.testing.assert_allclose(spread.off_squares.sum(), off)
+        assert spread.rows_squared == sum(r * r for r in rows)
+        np.testing.assert_array_equal(spread.weighted, other.weighted)
+    assert all(s.spread is None for s in collect_input_stats(model, layers, Dataset(data), gram=True).values())

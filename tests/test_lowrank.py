@@ -6,7 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper
+from onnxopt.passes.common.stats import GramSpread
 from onnxopt.passes.lowrank.ranks import (
+    SHRINKAGE,
     RankCandidate,
     allocate_ranks,
     factorize,
@@ -14,6 +16,7 @@ from onnxopt.passes.lowrank.ranks import (
     max_rank,
     rank_for_energy,
     shrink_gram,
+    shrinkage_intensity,
     split_factors,
 )
 from onnxopt.passes.lowrank.split import SplitLowRank
@@ -99,6 +102,41 @@ def test_shrunk_whitening_beats_plain_svd_on_held_out_inputs():
     shrunk = held_out_error(w, factorize(w, x_fit.T @ x_fit, 0.3), gram_new)[rank]
     raw = held_out_error(w, factorize(w, x_fit.T @ x_fit, 0.0), gram_new)[rank]
     assert shrunk < plain and shrunk < raw
+
+
+def _spread_of(samples: list[np.ndarray]) -> tuple[np.ndarray, int, GramSpread]:
+    grams = [x.T @ x for x in samples]
+    rows = [len(x) for x in samples]
+    off = sum(np.sum(g**2) - np.sum(np.diag(g) ** 2) for g in grams)
+    spread = GramSpread(
+        sum(r * g for r, g in zip(rows, grams, strict=True))[None],
+        np.array([off]),
+        sum(r * r for r in rows),
+        len(grams),
+    )
+    return sum(grams)[None], sum(rows), spread
+
+
+def test_shrinkage_intensity_is_the_sampling_variance_share_of_the_off_diagonal():
+    rng = np.random.default_rng(3)
+    samples = [rng.standard_normal((int(rng.integers(3, 12)), 6)) @ rng.standard_normal((6, 6)) for _ in range(9)]
+    gram, rows, spread = _spread_of(samples)
+    mean = gram[0] / rows  # the direct computation, sample by sample
+    variance = sum((x.T @ x - len(x) * mean) ** 2 for x in samples) * 9 / 8 / rows**2
+    off = ~np.eye(6, dtype=bool)
+    expected = min(1.0, variance[off].sum() / (mean[off] ** 2).sum())
+    assert shrinkage_intensity(gram, rows, spread) == pytest.approx(expected, rel=1e-9)
+
+
+def test_shrinkage_intensity_follows_how_much_the_data_says_about_correlations():
+    rng = np.random.default_rng(4)
+    mixing = rng.standard_normal((16, 16))
+    correlated = [rng.standard_normal((20, 16)) @ mixing for _ in range(64)]  # many samples, strong correlations
+    independent = [rng.standard_normal((2, 16)) for _ in range(8)]  # few samples, no correlation at all
+    assert shrinkage_intensity(*_spread_of(correlated)) < 0.05
+    assert shrinkage_intensity(*_spread_of(independent)) > 0.5
+    gram, rows, _ = _spread_of(independent)
+    assert shrinkage_intensity(gram, rows, None) == SHRINKAGE  # nothing to estimate it from
 
 
 def test_shrink_gram_keeps_the_diagonal():

@@ -6,6 +6,8 @@ inputs exposed as outputs and accumulates, streaming, per layer input:
 * ``sq_sum[g, j]``: the sum of squares of input feature ``j`` (activation norms);
 * ``total[g, j]``: the sum of feature ``j`` (for means);
 * ``gram[g, i, j]``: the second moment ``XᵀX`` of the features (when asked for),
+* ``spread``: how much ``XᵀX`` varies from sample to sample (when asked for, see
+  :class:`GramSpread`),
 
 never holding more than one sample's tensors of one group (:mod:`onnxopt.streaming`).
 Rows of large feature maps are sampled (``max_rows`` per sample), which keeps ``XᵀX`` an
@@ -32,6 +34,31 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class GramSpread:
+    """What the per-sample ``G_k = X_kᵀX_k`` add up to beyond their sum, for the spread of ``XᵀX``.
+
+    With ``r_k`` the rows of sample ``k``: ``weighted = Σ r_k·G_k`` ``[groups, k, k]``,
+    ``off_squares = Σ ‖offdiag(G_k)‖²`` ``[groups]``, ``rows_squared = Σ r_k²`` and the
+    sample count. Together with the sum of the ``G_k`` they give the sampling variance of
+    every off-diagonal entry of ``XᵀX / rows``, with the *sample* as the independent unit
+    (the rows of one sample, the tokens of a sentence, are not independent of each other).
+    """
+
+    weighted: np.ndarray
+    off_squares: np.ndarray
+    rows_squared: float = 0.0
+    samples: int = 0
+
+    def __add__(self, other: GramSpread) -> GramSpread:
+        return GramSpread(
+            self.weighted + other.weighted,
+            self.off_squares + other.off_squares,
+            self.rows_squared + other.rows_squared,
+            self.samples + other.samples,
+        )
+
+
+@dataclass
 class InputStats:
     """Streaming statistics of one layer input: row count, feature sums of squares, ``XᵀX``."""
 
@@ -39,6 +66,7 @@ class InputStats:
     sq_sum: np.ndarray
     gram: np.ndarray | None = None
     total: np.ndarray | None = None  # per-feature sums [groups, features], for means
+    spread: GramSpread | None = None  # sample-to-sample spread of the gram, when asked for
 
     @property
     def mean(self) -> np.ndarray | None:
@@ -74,6 +102,7 @@ def collect_input_stats(
     samples: Iterable[Sample],
     *,
     gram: bool = True,
+    spread: bool = False,
     max_rows: int = 1024,
     seed: int = 0,
     progress: Progress | None = None,
@@ -84,7 +113,8 @@ def collect_input_stats(
     Layers reading the same activation the same way share one accumulator. ``gram``
     asks for ``XᵀX`` (for layers where :attr:`Layer.has_gram`). For a ConvTranspose the
     gram is over input channels, exact for the output error when strides cover the kernel.
-    The layer inputs stream through :func:`onnxopt.streaming.stream_tensors`: exposed in
+    ``spread`` (with ``gram``) also accumulates :class:`GramSpread`, one more ``k×k`` array
+    per layer input. The layer inputs stream through :func:`onnxopt.streaming.stream_tensors`: exposed in
     groups under ``memory_budget`` bytes per sample, so memory stays bounded however many
     layers there are.
     """
@@ -106,13 +136,22 @@ def collect_input_stats(
                 )
                 if gram and layer.has_gram:
                     acc.gram = np.zeros((rows.shape[1], rows.shape[2], rows.shape[2]), dtype=np.float64)
+                    if spread:
+                        acc.spread = GramSpread(np.zeros_like(acc.gram), np.zeros(rows.shape[1]))
                 accumulators[signature] = acc
             acc.rows += rows.shape[0]
             acc.sq_sum += np.einsum("pgi,pgi->gi", rows, rows, dtype=np.float64)
             acc.total += rows.sum(axis=0, dtype=np.float64)
             if acc.gram is not None:
                 grouped = np.ascontiguousarray(rows.transpose(1, 0, 2))
-                acc.gram += np.matmul(grouped.transpose(0, 2, 1), grouped).astype(np.float64)
+                sample_gram = np.matmul(grouped.transpose(0, 2, 1), grouped).astype(np.float64)
+                acc.gram += sample_gram
+                if acc.spread is not None:  # one call per sample and group of exposed tensors
+                    diagonal = np.diagonal(sample_gram, axis1=1, axis2=2)
+                    acc.spread.weighted += rows.shape[0] * sample_gram
+                    acc.spread.off_squares += np.sum(sample_gram**2, axis=(1, 2)) - np.sum(diagonal**2, axis=1)
+                    acc.spread.rows_squared += rows.shape[0] ** 2
+                    acc.spread.samples += 1
 
     read = list(dict.fromkeys(group[0].activation for group in by_signature.values()))
     stream_tensors(

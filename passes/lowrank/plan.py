@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,7 +22,7 @@ from onnxopt.passes.common.budget import (
 )
 from onnxopt.passes.common.graphs import opset_version
 from onnxopt.passes.common.layers import Layer, find_layers
-from onnxopt.passes.common.stats import InputStats, collect_input_stats
+from onnxopt.passes.common.stats import GramSpread, InputStats, collect_input_stats
 from onnxopt.passes.lowrank.heads import (
     HeadPair,
     apply_head_ranks,
@@ -31,13 +32,13 @@ from onnxopt.passes.lowrank.heads import (
     set_statistics,
 )
 from onnxopt.passes.lowrank.ranks import (
-    SHRINKAGE,
     Factorization,
     RankCandidate,
     WidthCandidate,
     factorize,
     held_out_error,
     max_rank,
+    shrinkage_intensity,
     split_factors,
 )
 
@@ -148,7 +149,7 @@ def _fold_stats(
         {
             key: s
             for key, s in collect_input_stats(
-                model, layers, fold, gram=True, seed=ctx.seed, progress=ctx.progress
+                model, layers, fold, gram=True, spread=True, seed=ctx.seed, progress=ctx.progress
             ).items()
             if s.gram is not None
         }
@@ -164,7 +165,24 @@ def _merged(parts: list[InputStats]) -> InputStats:
         sum(p.sq_sum for p in parts),
         sum(p.gram for p in parts),
         sum(p.total for p in parts) if first.total is not None else None,
+        _summed_spread(parts),
     )
+
+
+def _summed_spread(parts: list[InputStats]) -> GramSpread | None:
+    """Return the gram spread of the union of ``parts``, or None when one lacks it."""
+    spreads = [p.spread for p in parts]
+    if any(s is None for s in spreads):
+        return None
+    return functools.reduce(operator.add, spreads)
+
+
+def _whitening(stats: InputStats, shrinkage: float | None) -> tuple[np.ndarray, float]:
+    """Return the layer's mean gram and the shrinkage to apply (estimated when ``shrinkage`` is None)."""
+    assert stats.gram is not None
+    rows = max(stats.rows, 1)
+    s = shrinkage_intensity(stats.gram, rows, stats.spread) if shrinkage is None else shrinkage
+    return stats.gram[0] / rows, s
 
 
 def _pair_limit(pair: HeadPair, min_saving: float) -> int:
@@ -200,12 +218,14 @@ def plan_lowrank(
     include_conv1x1: bool,
     min_saving: float,
     samples: list | None,
-    shrinkage: float = SHRINKAGE,
+    shrinkage: float | None = None,
     heads: bool = False,
 ) -> SplitPlan:
     """Find the splittable layers and factorize them (whitened when ``samples`` are given).
 
-    With four or more samples the whitened error curves are also cross-validated
+    The whitening gram is shrunk towards its diagonal by ``shrinkage``, or, when None, by
+    each layer's own :func:`shrinkage_intensity`. With four or more samples the whitened
+    error curves are also cross-validated
     between two halves of them (:attr:`SplitPlan.expected_errors`). With ``heads`` and
     ``samples``, matched attention query/key pairs become :attr:`SplitPlan.pairs` (their
     score-error curves cross-validated likewise) and their projections are not layers.
@@ -236,13 +256,12 @@ def plan_lowrank(
         if not parts:
             factorizations.append(factorize(w))
             continue
-        rows = sum(p.rows for p in parts)
-        factorizations.append(factorize(w, sum(p.gram[0] for p in parts) / max(rows, 1), shrinkage))
+        factorizations.append(factorize(w, *_whitening(_merged(parts), shrinkage)))
         if len(parts) == 2:
-            g_a, g_b = (p.gram[0] / max(p.rows, 1) for p in parts)
+            (g_a, s_a), (g_b, s_b) = (_whitening(p, shrinkage) for p in parts)
             curves = [
-                held_out_error(w, factorize(w, g_a, shrinkage), g_b),
-                held_out_error(w, factorize(w, g_b, shrinkage), g_a),
+                held_out_error(w, factorize(w, g_a, s_a), g_b),
+                held_out_error(w, factorize(w, g_b, s_b), g_a),
             ]
             expected.append((curves[0] + curves[1]) / 2)
     plan = SplitPlan(layers, weights, factorizations, limits, notes)
