@@ -104,9 +104,15 @@ def run(samples: tuple[int, ...] = SAMPLES) -> list[dict[str, Any]]:
 
 
 def main() -> None:
-    """Print calibration's own peak memory at each sample count."""
-    counts = tuple(int(a) for a in sys.argv[1:]) or SAMPLES
-    for row in run(counts):
+    """Print calibration's own peak memory at each sample count (``--save``: merge into int8.json)."""
+    save = "--save" in sys.argv[1:]
+    counts = tuple(int(a) for a in sys.argv[1:] if a != "--save") or SAMPLES
+    rows = run(counts)
+    if save:
+        from benchmarks.common import merge_saved_rows
+
+        merge_saved_rows("int8", rows, "python -m benchmarks.calibration_memory --save")
+    for row in rows:
         print(
             f"{row['samples']:5d} samples: own peak {row['own_mib']:7.1f} MiB (RSS {row['rss_before_mib']:.0f} -> "
             f"{row['rss_peak_mib']:.0f} MiB), tracemalloc {row['tracemalloc_mib']:.1f} MiB, "

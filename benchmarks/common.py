@@ -145,9 +145,11 @@ def merge_saved_rows(preset: str, rows: list[dict[str, Any]], command: str) -> P
     saved = json.loads(path.read_text()) if path.exists() else {"preset": preset, "command": command, "rows": []}
     if isinstance(saved, list):
         saved = {"preset": preset, "command": f"python -m benchmarks.{preset}", "rows": saved}
+    stamp = f"{command} ({datetime.date.today().isoformat()})"
+    rows = [{**r, "measured": r.get("measured", stamp)} for r in rows]  # each row says where it came from
     fresh = {(r.get("model"), r.get("method")) for r in rows}
     kept = [r for r in saved["rows"] if (r.get("model"), r.get("method")) not in fresh]
     saved["rows"] = kept + rows
-    saved.setdefault("remeasured", []).append(f"{command} ({datetime.date.today().isoformat()})")
+    saved.setdefault("remeasured", []).append(stamp)
     path.write_text(json.dumps(saved, indent=1, default=str))
     return path

@@ -15,6 +15,7 @@ Run: ``python -m benchmarks.gate [--only doclayout_yolo,ppocr_rec] [--calibratio
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import tempfile
 import time
@@ -25,6 +26,7 @@ import numpy as np
 import onnx
 
 from benchmarks import inputs as real_inputs
+from benchmarks.common import interleaved_latency
 from benchmarks.documents import layout_pages, rec_lines
 from benchmarks.models import fetch
 from benchmarks.quantize import quantize_ours
@@ -115,10 +117,20 @@ def run(keys: list[str], calibration: int, held_out: int) -> list[dict[str, Any]
             info = quantize_ours(model, calib, ours)
             if ours.exists():
                 candidates["onnxopt int8"] = ours
+            timed = {"float": model, **candidates}  # interleaved on one unseen input, one thread
+            seconds = dict(
+                zip(timed, interleaved_latency(list(timed.values()), held[0], threads=1, rounds=20), strict=True)
+            )
             for label, path in candidates.items():
                 row = {"model": key, "candidate": label, **judge_candidate(key, model, path, held, reference)}
+                row["latency_ratio"] = seconds[label] / seconds["float"]
                 if label == "onnxopt int8":
-                    row["notes"] = [n for n in info["notes"] if "task metric" in n or "cross-fitted" in n]
+                    row["pass_seconds"] = round(info["seconds"], 1)
+                    row["notes"] = [
+                        n
+                        for n in info["notes"]
+                        if any(k in n for k in ("task metric", "cross-fitted", "latency", "bits"))
+                    ]
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             rows.append({"model": key, "seconds": time.perf_counter() - started})
@@ -131,7 +143,11 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=32)
     parser.add_argument("--held-out", type=int, default=64)
     args = parser.parse_args()
-    rows = run([k for k in args.only.split(",") if k], args.calibration, args.held_out)
+    stamp = f"python -m benchmarks.gate --only {args.only} ({datetime.date.today().isoformat()})"
+    rows = [
+        {**row, "measured": stamp}
+        for row in run([k for k in args.only.split(",") if k], args.calibration, args.held_out)
+    ]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
     measured = {row["model"] for row in rows}

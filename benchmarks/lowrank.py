@@ -304,6 +304,14 @@ if __name__ == "__main__":
     import sys
 
     logging.basicConfig(level=logging.WARNING)
+    if sys.argv[1:2] == ["--preset"]:  # only the preset rows, merged into benchmarks/results/lowrank.json
+        from benchmarks.common import merge_saved_rows
+
+        for key in sys.argv[2:] or ["encoder"]:
+            row = preset_row(key)
+            print(row)
+            merge_saved_rows("lowrank", [row], f"python -m benchmarks.lowrank --preset {key}")
+        sys.exit(0)
     rows = run(tuple(sys.argv[1:]) or ("encoder", "ppocr_cls"))
     print(_table(rows))
     for row in rows:

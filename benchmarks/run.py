@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from benchmarks.common import REPO, machine
+from benchmarks.readme import update_readme
 
 __all__ = ["PRESETS", "Preset", "main", "write_results"]
 
@@ -83,7 +84,7 @@ def _prune_channels(quick: bool) -> list[dict[str, Any]]:
 
     if quick:  # needs PP-OCR det: a model with channel groups worth removing and a task metric
         return [{"model": "-", "method": "-", "note": "no quick mode: run without --quick"}]
-    return prune_channels.run()
+    return [*prune_channels.run(), prune_channels.pass_row()]  # the searched rows, then what the preset gives
 
 
 def _lowrank(quick: bool) -> list[dict[str, Any]]:
@@ -328,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = {name: _saved_run(raw / f"{name}.json", name) for name in PRESETS if (raw / f"{name}.json").exists()}
     target = write_results(runs, args.out / "RESULTS.md")
     console.print(f"wrote {target.relative_to(REPO) if target.is_relative_to(REPO) else target}")
+    if args.out == HERE and update_readme(REPO / "README.md", raw):  # the README's table follows the saved rows
+        console.print("updated the Measured table in README.md")
     return 0
 
 

@@ -37,3 +37,26 @@ def test_runner_quick_writes_results_and_charts(tmp_path):
     else:
         assert ours["size_ratio"] < 0.35
     assert {r["method"] for r in int8} == {"float", "onnxopt", "onnxruntime"}
+
+
+def test_readme_measured_table_is_the_one_the_saved_rows_give():
+    from benchmarks.common import REPO
+    from benchmarks.readme import BEGIN, END, measured_table
+
+    text = (REPO / "README.md").read_text()
+    quoted = text.split(BEGIN, 1)[1].split(END, 1)[0].strip()
+    assert quoted == measured_table(REPO / "benchmarks" / "results")  # regenerate: python -m benchmarks --only ''
+
+
+def test_measured_table_quotes_preset_rows_never_ceilings(tmp_path):
+    from benchmarks.readme import measured_table
+
+    rows = [
+        {"model": "encoder", "method": "ours (one-shot)", "sparsity": 0.9, "agreement": 0.99},
+        {"model": "encoder", "method": "uniform per-layer L1", "sparsity": 0.1, "agreement": 0.99},
+        {"model": "encoder", "method": "preset `prune` (CLI defaults)", "sparsity": 0.25, "agreement": 0.995},
+    ]
+    (tmp_path / "prune.json").write_text(json.dumps({"command": "python -m benchmarks", "date": "d", "rows": rows}))
+    table = measured_table(tmp_path)
+    assert "25.0 % sparsity at pooled cosine 0.9950" in table and "(a ceiling): 10.0 %" in table
+    assert "90.0" not in table  # the searched row is never quoted
