@@ -357,6 +357,33 @@ def test_matmul_kept_float_by_fallback_stores_an_int8_weight():
     assert_equivalent(model, q, profile="int8", data=data)
 
 
+def test_fallback_gives_float_weights_back_when_float_compute_is_not_enough():
+    # w2 sits on its int8 grid (exact when stored as int8), w1 does not: with every node
+    # computing in float the int8 w1 still misses the target, so the fallback goes on and
+    # gives w1 its float weight back, and only w1.
+    w1 = RNG.normal(size=(16, 32)).astype(np.float32)
+    grid = RNG.integers(-127, 128, size=(32, 8)).astype(np.float32)
+    grid[0] = 127  # every column's largest magnitude is 127 steps
+    w2 = grid / 127
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2"),
+    ]
+    model = make_model(nodes, [vi("x", [2, 4, 16])], [vi("y", [2, 4, 8])], [init("w1", w1), init("w2", w2)])
+    data = _data([2, 4, 16], n=8)
+
+    def close(reference, candidate):  # what int8 activations or int8 w1 cannot reach
+        return all(np.abs(r["y"] - c["y"]).max() < 1e-4 for r, c in zip(reference, candidate, strict=True))
+
+    result = _quantize(model, data, exclude=[], weight_only=True, op_types=["MatMul", "Relu"], target=close)
+    assert result.stats["target_met"] == 1, result.notes
+    assert any("gives float weights back" in note for note in result.notes)
+    stored = {t.name: t.data_type for t in result.model.graph.initializer}
+    assert stored.get("w1") == onnx.TensorProto.FLOAT  # given back
+    assert any(dtype == onnx.TensorProto.INT8 for dtype in stored.values())  # w2 still stored as int8
+
+
 def _residual_model():
     """x -> Tanh -> t; y = MatMul(t, w) + t: the residual Add computes in float."""
     nodes = [

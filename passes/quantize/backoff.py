@@ -126,44 +126,31 @@ def accuracy_fallback(
     stored_int8 = set(start.placement.weight_only)
     candidates = [n for n, node in start.placement.nodes.items() if node.op_type in ANCHOR_OPS] + sorted(stored_int8)
     limit = len(candidates) if max_fallback is None else max_fallback
+    stopped = False  # by the latency budget
+    # as many samples as the ranking's runs allow (short inputs rank noisily on two)
+    count = int(np.clip(RANKING_RUNS // max(len(candidates), 1), 2, len(ranking_data)))
+    ranking = ranking_data.spaced(count)
     if not met and limit > 0:
-        base = start.variant
-
-        def probe_model(extra: set[str]) -> onnx.ModelProto:
-            probe = dict.fromkeys(extra - stored_int8, "sensitivity probe")
-            return build(base.with_float(probe, extra & stored_int8)).model
-
-        # as many samples as the ranking's runs allow (short inputs rank noisily on two)
-        count = int(np.clip(RANKING_RUNS // max(len(candidates), 1), 2, len(ranking_data)))
-        ranking = ranking_data.spaced(count)
         with Session(work, label="input model") as session:
             reference = [session.run(s) for s in ranking]
-        with progress.task("ranking node sensitivity", len(candidates)) as task:
-            gains = rank_by_removal(probe_model, candidates, ranking, target.scoped(reference), task.advance)
-        order = sorted(gains, key=gains.__getitem__, reverse=True)
+        scoped = target.scoped(reference)
+
+    def walk(order: list[str], trial: Callable[[list[str]], Built], taken: list[str], limit: int) -> None:
+        """Take ``order`` into ``taken`` in doubling steps until the target holds, the budget stops it or ``limit``."""
+        nonlocal current, met, summary, stopped
         step = 1
-
-        def trial(names: list[str]) -> Built:
-            reasons = {
-                name: (
-                    f"accuracy fallback: alone in float it removes {gains[name]:.2e} of the output noise ({summary})"
-                )
-                for name in names
-                if name not in stored_int8
-            }
-            return build(current.variant.with_float(reasons, set(names) & stored_int8))
-
-        while not met and order and len(returned) < limit:
+        while not met and order and len(taken) < limit:
             batch, order = order[:step], order[step:]
-            batch = batch[: limit - len(returned)]
+            batch = batch[: limit - len(taken)]
             candidate = trial(batch)
             too_slow = budget(candidate.model) if budget is not None else None
             if too_slow:
                 notes.append(
-                    f"accuracy fallback stopped at {len(returned)} node(s): {len(batch)} more would make "
+                    f"accuracy fallback stopped at {len(taken)} node(s): {len(batch)} more would make "
                     f"the model {too_slow}"
                 )
-                break
+                stopped = True
+                return
             met, batch_summary = judged(candidate.variant)
             if met and len(batch) > 1:  # the shortest prefix of this batch that still meets the target
                 tried: Tried = {len(batch): (candidate, batch_summary)}
@@ -176,10 +163,53 @@ def accuracy_fallback(
 
                 length = search_smallest(prefix_passes, 0, len(batch))
                 batch, (candidate, batch_summary) = batch[:length], tried[length]
-            returned += batch
+            taken.extend(batch)
             current = candidate
             summary = batch_summary
             step *= 2
+
+    if not met and limit > 0:
+        base = start.variant
+
+        def probe_model(extra: set[str]) -> onnx.ModelProto:
+            probe = dict.fromkeys(extra - stored_int8, "sensitivity probe")
+            return build(base.with_float(probe, extra & stored_int8)).model
+
+        with progress.task("ranking node sensitivity", len(candidates)) as task:
+            gains = rank_by_removal(probe_model, candidates, ranking, scoped, task.advance)
+
+        def trial(names: list[str]) -> Built:
+            reasons = {
+                name: (
+                    f"accuracy fallback: alone in float it removes {gains[name]:.2e} of the output noise ({summary})"
+                )
+                for name in names
+                if name not in stored_int8
+            }
+            return build(current.variant.with_float(reasons, set(names) & stored_int8))
+
+        walk(sorted(gains, key=gains.__getitem__, reverse=True), trial, returned, limit)
+    # Every node computes in float and the target still fails: what is left is the weights
+    # stored as int8, so the same walk gives float weights back, most sensitive first.
+    rounded = [n for n in returned if n not in current.variant.float_weights]
+    if not met and not stopped and rounded and not [n for n in candidates if n not in returned]:
+        after = current.variant
+
+        def weight_probe(extra: set[str]) -> onnx.ModelProto:
+            return build(after.with_float(None, extra)).model
+
+        with progress.task("ranking weight sensitivity", len(rounded)) as task:
+            weight_gains = rank_by_removal(weight_probe, rounded, ranking, scoped, task.advance)
+        notes.append(
+            f"every candidate computes in float and the target is still not met: the fallback gives float weights "
+            f"back too ({len(rounded)} candidates, ranked by the output noise their int8 weights add)"
+        )
+        walk(
+            sorted(weight_gains, key=weight_gains.__getitem__, reverse=True),
+            lambda names: build(current.variant.with_float(None, names)),
+            [],
+            len(rounded),
+        )
     float_weights = current.variant.float_weights
     notes.append(f"accuracy ({check.label}): {summary} (target {target.text}: {'met' if met else 'NOT met'})")
     judged(current.variant)  # the final verdict, for its metrics and intervals

@@ -327,10 +327,13 @@ class QuantizeInt8(Pass):
             if not fallback.met:
                 # an int8 model outside its accuracy target is not a result: keep the float model
                 stats["fallback_nodes"] = len(returned)
-                notes.append(
-                    "kept the float model: the accuracy target was not met within the fallback's limits "
-                    "(latency budget or max_fallback); loosen --target or set check_latency=false"
-                )
+                if any(n.startswith("accuracy fallback stopped") for n in fallback.notes):
+                    why = "the latency budget stopped the fallback; loosen --target or set check_latency=false"
+                elif self.max_fallback is not None and len(returned) >= self.max_fallback:
+                    why = f"max_fallback={self.max_fallback} reached; raise it or loosen --target"
+                else:
+                    why = "not even with every candidate node and weight back in float; loosen --target"
+                notes.append(f"kept the float model: the accuracy target was not met ({why})")
                 reason = f"accuracy target {self.target} not met within the fallback's limits; the float model is kept"
                 return PassResult(model, False, stats, float_model_notes(notes, model), NOT_APPLIED, reason)
 
