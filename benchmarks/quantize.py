@@ -208,7 +208,8 @@ def main() -> None:
     if args.save:
         from benchmarks.common import merge_saved_rows
 
-        command = f"python -m benchmarks.quantize {' '.join(args.models)} --threads {args.threads} --save"
+        memory = " --no-memory" if args.no_memory else ""
+        command = f"python -m benchmarks.quantize {' '.join(args.models)} --threads {args.threads}{memory} --save"
         merge_saved_rows("int8", rows, command)
     header = f"{'model':10s} {'method':12s} {'agree':>7s} {'size':>6s} {'latency':>10s} {'ratio':>6s} {'time s':>7s}"
     print(header)

@@ -123,8 +123,11 @@ def _pruned(kind: str, share: str, label: str, alternative: str) -> Callable[[li
                 if reported and row.get("reported_agreement") is not None
                 else ""
             )
+            speed = (
+                f", {_x(1 / row['speedup'])} latency, {_x(row['size_ratio'])} parameters" if row.get("speedup") else ""
+            )
             cell = (
-                f"{amount:.1f} % {label} at {TASKS.get(key, 'agreement')} {row['agreement']:.4f} on "
+                f"{amount:.1f} % {label}{speed} at {TASKS.get(key, 'agreement')} {row['agreement']:.4f} on "
                 f"{row.get('unseen_samples', '?')} unseen inputs{told} ({_source(row, source)})"
             )
             other = ""
