@@ -86,6 +86,18 @@ def _quality(row: Row, key: str) -> str:
 
 
 def _int8(rows: list[Row], source: str) -> Iterator[Line]:
+    memory = [r for r in rows if str(r.get("method", "")).startswith("onnxopt calibration")]
+    if memory:
+        yield (
+            "`int8`",
+            f"{_model(memory[0]['model'])}, calibration's own memory",
+            " / ".join(f"{r['own_mib']:.1f}" for r in memory)
+            + " MiB at "
+            + " / ".join(str(r["samples"]) for r in memory)
+            + f" samples (peak RSS during calibration minus before it, fresh process, model loaded; "
+            f"{_source(memory[0], source)})",
+            "",
+        )
     for row in rows:
         if row.get("method") != "onnxopt":
             continue

@@ -215,6 +215,15 @@ def test_int8_noise_ranking_measures_each_scale_group_apart():
     out = np.concatenate([rng.uniform(0, 640, (1, 4, 40)), rng.uniform(0, 1, (1, 3, 40)) ** 3], axis=1)
     assert scale_groups([out]) == [(slice(None), slice(0, 4)), (slice(None), slice(4, 7))]
     assert scale_groups([out[:, 4:]]) == [(slice(None),)]
+    # a probability map whose near-zero background rows sit elsewhere in each image: no
+    # group (its rows' scales follow the content, not the layout); boxes/scores still split
+    maps = []
+    for start in (0, 8, 16):
+        m = np.full((1, 1, 24, 32), 1e-8)
+        m[:, :, start : start + 6] = rng.uniform(0.5, 1.0, (1, 1, 6, 32))
+        maps.append(m)
+    assert scale_groups(maps) == [(slice(None),)]
+    assert len(scale_groups([out, out * 1.5])) == 2
 
 
 def test_plan_check_cross_fits_with_enough_samples_and_falls_back_to_the_held_out_quarter():
